@@ -1,0 +1,177 @@
+"""Train the reference model (small WanTransformer3DModel) on procedural moving shapes.
+
+Flow matching as Wan / SD3 train it: x_t = (1 - sigma) * x0 + sigma * noise, target
+velocity = noise - x0, timestep = 1000 * sigma, sigma drawn logit-normal (mixed with a
+little uniform), so that diffusers' FlowMatchEulerDiscreteScheduler samples the model.
+Prompts are dropped (all <pad>) 10% of the time for classifier-free guidance.
+
+Seeded and reproducible for a fixed --steps (the learning-rate schedule depends on the step
+count only); --minutes is a safety limit that stops early and still saves. Runs on one CPU
+thread by default. Logs to <out>/train_log.jsonl, checkpoints every --ckpt-every steps.
+
+    python examples/train_reference.py --steps 3000 --minutes 65 --out examples/weights
+    python examples/train_reference.py --bench 5        # steps/s of the configuration
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.reference.data import MovingShapes  # noqa: E402
+from examples.reference.model import (DEFAULT_TRANSFORMER_CONFIG, build_reference_model,  # noqa: E402
+                                      state_dict_for_saving)
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--minutes", type=float, default=65.0, help="wall-time limit (stops early, still saves)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--min-lr-frac", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--p-uncond", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dim", type=int, default=None, help="inner dim (heads x 64)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--ffn", type=int, default=None)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=ROOT / "examples" / "weights")
+    ap.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
+    return ap.parse_args()
+
+
+def sample_sigmas(n, g):
+    """Logit-normal(0, 1) sigmas (SD3 / Wan), 10% uniform to cover the ends."""
+    s = torch.sigmoid(torch.randn(n, generator=g))
+    u = torch.rand(n, generator=g)
+    pick = torch.rand(n, generator=g) < 0.1
+    return torch.where(pick, u, s).clamp(1e-3, 1.0)
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save(path: Path, transformer, tokenizer, meta):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "reference_model.safetensors.tmp"
+    save_file(state_dict_for_saving(transformer, tokenizer), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "reference_model.safetensors")
+    (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def main():
+    a = parse()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    cfg = dict(DEFAULT_TRANSFORMER_CONFIG)
+    if a.dim:
+        cfg["num_attention_heads"] = a.dim // 64
+    if a.layers:
+        cfg["num_layers"] = a.layers
+    if a.ffn:
+        cfg["ffn_dim"] = a.ffn
+    transformer, tokenizer = build_reference_model(cfg, seed=a.seed)
+    transformer.train()
+    params = list(transformer.parameters()) + list(tokenizer.parameters())
+    n_params = sum(p.numel() for p in params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.99))
+    ema_t = copy.deepcopy(transformer).eval().requires_grad_(False)
+    ema_k = copy.deepcopy(tokenizer).eval().requires_grad_(False)
+    ema_params = list(ema_t.parameters()) + list(ema_k.parameters())
+
+    data = MovingShapes(seed=a.seed)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    print(f"params {n_params} config {cfg}", flush=True)
+    meta = {
+        "transformer": {**cfg, "patch_size": list(cfg["patch_size"])},
+        "tokenizer": {"max_tokens": 8},
+        "video_shape": [3, 8, 32, 32],
+        "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
+        "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "num_parameters": n_params,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    log = None if a.bench else open(a.out / "train_log.jsonl", "w")
+    t0 = time.time()
+    run_loss, n_loss = 0.0, 0
+    step = 0
+    stopped = "steps"
+    for step in range(a.steps if not a.bench else a.bench):
+        lr = lr_at(step, a)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        x0, prompts, _ = data.batch(a.batch)
+        ids = tokenizer.ids(prompts)
+        drop = torch.rand(a.batch, generator=g) < a.p_uncond
+        ids[drop] = 0
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = sample_sigmas(a.batch, g)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000.0,
+                           encoder_hidden_states=tokenizer.embed_ids(ids), return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(a.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        run_loss += loss.item()
+        n_loss += 1
+        elapsed = time.time() - t0
+        if a.bench:
+            print(f"step {step} {elapsed:.2f}s loss {loss.item():.4f}", flush=True)
+            continue
+        if (step + 1) % a.log_every == 0:
+            rec = {"step": step + 1, "loss": run_loss / n_loss, "lr": lr, "elapsed_s": round(elapsed, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(rec, flush=True)
+            run_loss, n_loss = 0.0, 0
+        if (step + 1) % a.ckpt_every == 0:
+            meta["training_result"] = {"steps": step + 1, "elapsed_s": round(elapsed, 1), "stopped": "checkpoint"}
+            save(a.out, ema_t, ema_k, meta)
+        if elapsed > a.minutes * 60:
+            stopped = "time limit"
+            break
+    elapsed = time.time() - t0
+    if a.bench:
+        print(f"{a.bench} steps in {elapsed:.1f}s: {a.bench / elapsed:.3f} steps/s; params {n_params}")
+        return
+    meta["training_result"] = {"steps": step + 1, "elapsed_s": round(elapsed, 1), "stopped": stopped}
+    save(a.out, ema_t, ema_k, meta)
+    print(f"done: {step + 1} steps in {elapsed / 60:.1f} min ({stopped})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
