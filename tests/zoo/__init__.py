@@ -16,6 +16,8 @@ Every entry is a :class:`ModelCase`:
   execution order of their first block (``("blocks",)``, ``("spatial_blocks", "temporal_blocks")``);
 * ``core``: True only for the five reference cases (``ref_dit``, ``ref_stdit``, ``dit``,
   ``pixart``, ``latte``) that the core test suite runs;
+* ``t_max``: the timestep scale the model is used with (1000 for DDPM-style timesteps, 1 for
+  flow-matching models that take sigma in [0, 1]); any float works for a forward pass;
 * ``one_graph``: whether ``torch.compile(fullgraph=True)`` captures the model in one Dynamo
   graph (checked in tests/test_zoo_models.py for core cases; see COVERAGE.md for the rest),
   ``graph_break``: the reason when it does not.
@@ -73,6 +75,7 @@ class ModelCase:
     is_audio: bool = False
     one_graph: bool | None = True
     graph_break: str = ""
+    t_max: float = 1000.0
 
     @staticmethod
     def output(out: Any) -> torch.Tensor:

@@ -1,0 +1,441 @@
+"""Part 2 of the zoo: every transformer class in ``diffusers.models.transformers`` that denoises
+images, video or audio with a stack of residual blocks, as a tiny, randomly initialised
+:class:`~zoo.ModelCase` (non-core). Classes that are not DiT denoisers are listed in
+:data:`NOT_DIT` with the reason. ``one_graph`` / ``graph_break`` record the result of
+``python -m zoo.check`` (torch 2.13, diffusers 0.42.1, CPU); see COVERAGE.md.
+
+Configs were chosen here by reading each class's constructor and forward (no copied test
+configs): 1-2 blocks per list, hidden sizes 16-64, 8x8 latents (video: 2-4 frames)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import ModelCase, _finish, _gen, _randn, register, timestep_tensor
+
+#: diffusers classes (in diffusers.models.transformers) that are not DiT denoisers, with the reason.
+NOT_DIT: dict[str, str] = {
+    "PriorTransformer": "unCLIP prior: denoises a CLIP image embedding (one vector), not image/video/audio latents",
+    "T5FilmDecoder": "spectrogram diffusion decoder with T5-style FiLM layers over note encodings (MIDI->audio "
+                     "spectrogram), a T5 encoder-decoder, not a DiT over latents",
+    "DualTransformer2DModel": "wrapper holding two Transformer2DModel for UNet cross-attention mixing (Versatile "
+                              "Diffusion); not a standalone denoiser",
+    "TransformerTemporalModel": "temporal attention layer inside video UNets (e.g. AnimateDiff/Text2Video); input and "
+                                "output are UNet feature maps, not a denoiser",
+    "MiniMaxMusic3RVQDepthDecoder": "autoregressive RVQ depth decoder (code tokens, no timestep); not a diffusion "
+                                    "denoiser",
+    "RFD4ProteinaTransformer": "protein structure generator (atom coordinates and pair representations), not "
+                               "image/video/audio",
+    "Cosmos3OmniTransformer": "unified LLM-style omni model (text token ids, packed multi-modal sequences with "
+                              "per-item lists of shapes); not a DiT-latent denoiser interface",
+}
+
+
+def _cls(name: str):
+    return getattr(importlib.import_module("diffusers"), name)
+
+
+def _dcase(name: str, cls_name: str, config: dict, inputs, *, is_video: bool = False, is_audio: bool = False,
+           num_blocks: int, block_lists: tuple[str, ...], notes: str = "", one_graph: bool | None = None,
+           graph_break: str = "", t_max: float = 1000.0, seed: int = 0, prepare=None) -> ModelCase:
+    def build():
+        model = _cls(cls_name)(**config)
+        model = _finish(model, seed=seed)
+        if prepare is not None:
+            prepare(model)
+        return model
+
+    def make_inputs(batch: int, t, seed: int = 0):
+        return inputs(_gen(seed, name), batch, timestep_tensor(batch, t))
+
+    build.__name__ = f"build_{name}"
+    make_inputs.__name__ = f"inputs_{name}"
+    return register(ModelCase(name=name, build=build, make_inputs=make_inputs, is_video=is_video,
+                              is_audio=is_audio, num_blocks=num_blocks, notes=notes, core=False,
+                              block_lists=block_lists, model_class=f"diffusers.{cls_name}",
+                              one_graph=one_graph, graph_break=graph_break, t_max=t_max))
+
+
+def _ones(b, n):
+    return torch.ones(b, n, dtype=torch.long)
+
+
+# =============================================================================================
+# Image models
+# =============================================================================================
+
+_dcase(
+    "sd3", "SD3Transformer2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+         joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+         pos_embed_max_size=16),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8),),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 32), pooled_projections=_randn(g, b, 16),
+                          timestep=t, return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+    notes="MMDiT joint blocks (image + text streams); the last block is context_pre_only.",
+)
+
+_dcase(
+    "sd35_dual", "SD3Transformer2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+         joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8),),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 32), pooled_projections=_randn(g, b, 16),
+                          timestep=t, return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+    notes="SD3.5-style: qk rms_norm and a dual-attention (MMDiT-X) first block.",
+)
+
+_dcase(
+    "auraflow", "AuraFlowTransformer2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
+         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+         out_channels=4, pos_embed_max_size=64),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8),),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 32), timestep=t, return_dict=False)),
+    num_blocks=3, block_lists=("joint_transformer_blocks", "single_transformer_blocks"),
+    notes="1 joint (MMDiT) block then 2 single blocks over the concatenated text+image sequence.",
+)
+
+
+def _flux_ids(h: int, w: int, n_txt: int):
+    img = torch.zeros(h, w, 3)
+    img[..., 1] = torch.arange(h)[:, None]
+    img[..., 2] = torch.arange(w)[None, :]
+    return img.reshape(h * w, 3), torch.zeros(n_txt, 3)
+
+
+def _flux_inputs(in_ch: int, ctx_dim: int, pooled: int | None, guidance: bool = False, n_txt: int = 6):
+    def f(g, b, t):
+        img_ids, txt_ids = _flux_ids(4, 4, n_txt)
+        kw = dict(encoder_hidden_states=_randn(g, b, n_txt, ctx_dim), timestep=t, img_ids=img_ids,
+                  txt_ids=txt_ids, return_dict=False)
+        if pooled:
+            kw["pooled_projections"] = _randn(g, b, pooled)
+        if guidance:
+            kw["guidance"] = torch.full((b,), 3.5)
+        return (_randn(g, b, 16, in_ch),), kw
+    return f
+
+
+_dcase(
+    "flux", "FluxTransformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+         axes_dims_rope=(4, 6, 6)),
+    _flux_inputs(16, 32, 16, guidance=True),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="packed latents (B, 16 tokens = 4x4 grid of 2x2 patches, 16 ch); img_ids (N, 3), txt_ids (L, 3); "
+          "timestep in [0, 1] (the model multiplies by 1000); guidance-distilled (guidance=3.5).",
+)
+
+_dcase(
+    "chroma", "ChromaTransformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+         approximator_hidden_dim=32, approximator_layers=1),
+    _flux_inputs(16, 32, None),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux-like with a distilled modulation approximator (no per-block adaLN linears).",
+)
+
+_dcase(
+    "longcat_image", "LongCatImageTransformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]),
+    _flux_inputs(16, 32, None),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux-like double + single stream blocks.",
+)
+
+_dcase(
+    "ovis_image", "OvisImageTransformer2DModel",
+    dict(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+    _flux_inputs(16, 32, None),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux-like double + single stream blocks.",
+)
+
+_dcase(
+    "bria", "BriaTransformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]),
+    _flux_inputs(16, 32, 16),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux-like double + single stream blocks.",
+)
+
+_dcase(
+    "sana", "SanaTransformer2DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+         mlp_ratio=2.5, sample_size=8, patch_size=1),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8),),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 24), timestep=t, return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+    notes="Sana: linear attention + GLUMBConv mixed FFN; PixArt-style adaln_single.",
+)
+
+_dcase(
+    "hunyuan_dit", "HunyuanDiT2DModel",
+    dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+         num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32, cross_attention_dim_t5=24,
+         pooled_projection_dim=16, text_len=6, text_len_t5=6, use_style_cond_and_image_meta_size=True),
+    None,  # set below
+    num_blocks=4, block_lists=("blocks",),
+    notes="U-ViT-style long skips: the second half of the blocks concatenates the output of the mirrored "
+          "first-half block (skip_linear); image_rotary_emb precomputed like the pipeline.",
+)
+
+
+def _hunyuan_dit_inputs(g, b, t):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    return (_randn(g, b, 4, 8, 8), t), dict(
+        encoder_hidden_states=_randn(g, b, 6, 32), text_embedding_mask=_ones(b, 6),
+        encoder_hidden_states_t5=_randn(g, b, 6, 24), text_embedding_mask_t5=_ones(b, 6),
+        image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]).repeat(b, 1),
+        style=torch.zeros(b, dtype=torch.long), image_rotary_emb=rope, return_dict=False)
+
+
+from . import ZOO as _ZOO  # noqa: E402
+
+_ZOO["hunyuan_dit"].make_inputs = (lambda batch, t, seed=0: _hunyuan_dit_inputs(_gen(seed, "hunyuan_dit"), batch,
+                                                                                timestep_tensor(batch, t)))
+
+_dcase(
+    "lumina2", "Lumina2Transformer2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+         num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32),
+         cap_feat_dim=24),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 24), torch.ones(b, 6, dtype=torch.bool)),
+                     dict(return_dict=False)),
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="Lumina-Image 2.0: noise/context refiners, then `layers` over the joint sequence; timestep counts UP "
+          "(t = 1 - sigma).",
+)
+
+_dcase(
+    "lumina_next", "LuminaNextDiT2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+         num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=24),
+    None,
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="image_rotary_emb precomputed with get_2d_rotary_pos_embed_lumina like the pipeline; timestep counts UP.",
+)
+
+
+def _lumina_next_inputs(g, b, t):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    rope = get_2d_rotary_pos_embed_lumina(16, 32, 32)
+    return (_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 24), torch.ones(b, 6, dtype=torch.bool), rope), dict(
+        cross_attention_kwargs={}, return_dict=False)
+
+
+_ZOO["lumina_next"].make_inputs = (lambda batch, t, seed=0: _lumina_next_inputs(_gen(seed, "lumina_next"), batch,
+                                                                                timestep_tensor(batch, t)))
+
+_dcase(
+    "cogview3plus", "CogView3PlusTransformer2DModel",
+    dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+         text_embed_dim=32, time_embed_dim=16, condition_dim=2, pos_embed_max_size=8, sample_size=8),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), _randn(g, b, 6, 32), t,
+                      torch.full((b, 2), 64.0), torch.full((b, 2), 64.0), torch.zeros(b, 2)),
+                     dict(return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+    notes="original_size / target_size / crop_coords conditioning (B, 2) each.",
+)
+
+_dcase(
+    "cogview4", "CogView4Transformer2DModel",
+    dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+         text_embed_dim=32, time_embed_dim=16, condition_dim=2, pos_embed_max_size=8, sample_size=8,
+         rope_axes_dim=(8, 8)),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), _randn(g, b, 6, 32), t,
+                      torch.full((b, 2), 64.0), torch.full((b, 2), 64.0), torch.zeros(b, 2)),
+                     dict(return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+)
+
+_dcase(
+    "qwenimage", "QwenImageTransformer2DModel",
+    dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 16, 16),),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 32), encoder_hidden_states_mask=_ones(b, 6),
+                          timestep=t, img_shapes=[(1, 4, 4)] * b, return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="packed latents (B, 16 tokens, 4ch*2*2); img_shapes list of (frames, h, w) per sample.",
+)
+
+_dcase(
+    "omnigen", "OmniGenTransformer2DModel",
+    dict(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+         intermediate_size=64, num_layers=2, pad_token_id=0, vocab_size=64, max_position_embeddings=256,
+         original_max_position_embeddings=256, pos_embed_max_size=16, time_step_dim=16,
+         rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8}),
+    None,
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="LLM (Phi-3 style) over [text tokens, time token, image tokens]; input_ids, attention_mask "
+          "(B, N, N) and position_ids built here like the OmniGen processor for a text-only prompt.",
+)
+
+
+def _omnigen_inputs(g, b, t):
+    L = 6
+    n_img = 16
+    total = L + 1 + n_img
+    ids = torch.randint(1, 64, (b, L), generator=g)
+    mask = torch.tril(torch.ones(total, total)).bool()
+    mask[L + 1:, L + 1:] = True  # image tokens attend bidirectionally
+    mask = mask[None].repeat(b, 1, 1).float()
+    pos = torch.arange(total)[None].repeat(b, 1)
+    return (_randn(g, b, 4, 8, 8), t, ids, [], {}, mask, pos), dict(return_dict=False)
+
+
+_ZOO["omnigen"].make_inputs = (lambda batch, t, seed=0: _omnigen_inputs(_gen(seed, "omnigen"), batch,
+                                                                        timestep_tensor(batch, t)))
+
+# =============================================================================================
+# Video models
+# =============================================================================================
+
+
+def _wan_inputs(in_ch: int = 4, text_dim: int = 32, frames: int = 2, extra=None):
+    def f(g, b, t):
+        kw = dict(encoder_hidden_states=_randn(g, b, 6, text_dim), return_dict=False)
+        if extra:
+            kw.update(extra(g, b))
+        return (_randn(g, b, in_ch, frames, 8, 8), t), kw
+    return f
+
+
+_WAN_CFG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+
+_dcase("wan", "WanTransformer3DModel", dict(_WAN_CFG), _wan_inputs(), is_video=True, num_blocks=2,
+       block_lists=("blocks",), notes="Wan 2.1 T2V: (B, C, F, H, W) latents; self-attn over all F*S tokens, "
+                                      "cross-attn to text, FFN; scale_shift_table adaLN.")
+
+_dcase("skyreels_v2", "SkyReelsV2Transformer3DModel", dict(_WAN_CFG), _wan_inputs(), is_video=True, num_blocks=2,
+       block_lists=("blocks",), notes="Wan-like; diffusion forcing off (one timestep per sample).")
+
+_dcase("chronoedit", "ChronoEditTransformer3DModel", dict(_WAN_CFG), _wan_inputs(), is_video=True, num_blocks=2,
+       block_lists=("blocks",), notes="Wan-like image-editing-as-video model.")
+
+_dcase("wan_vace", "WanVACETransformer3DModel", dict(_WAN_CFG, vace_layers=[0], vace_in_channels=8),
+       _wan_inputs(extra=lambda g, b: dict(control_hidden_states=_randn(g, b, 8, 2, 8, 8))),
+       is_video=True, num_blocks=2, block_lists=("blocks",),
+       notes="Wan + VACE control blocks (vace_blocks) whose hints are added after chosen main blocks.")
+
+_CV_CFG = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+               text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+               max_text_seq_length=6, temporal_compression_ratio=4)
+
+_dcase(
+    "cogvideox", "CogVideoXTransformer3DModel", dict(_CV_CFG),
+    lambda g, b, t: ((_randn(g, b, 3, 4, 8, 8), _randn(g, b, 6, 32), t), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="CogVideoX: latents are (B, F, C, H, W) (frames before channels); 3 latent frames; text of "
+          "max_text_seq_length tokens; sincos positional embedding (no RoPE in this config).",
+)
+
+_dcase(
+    "allegro", "AllegroTransformer3DModel",
+    dict(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+         num_layers=2, cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=2, caption_channels=24),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), _randn(g, b, 6, 24), t), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+)
+
+_dcase(
+    "hunyuan_video", "HunyuanVideoTransformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+         num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+         guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32), _ones(b, 6), _randn(g, b, 16)),
+                     dict(guidance=torch.full((b,), 6000.0), return_dict=False)),
+    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    notes="double-stream then single-stream blocks; token refiner on the text; guidance-distilled.",
+)
+
+_dcase(
+    "mochi", "MochiTransformer3DModel",
+    dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+         in_channels=4, text_embed_dim=32, time_embed_dim=16, max_sequence_length=6),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), _randn(g, b, 6, 32), t, _ones(b, 6)), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="asymmetric joint attention (visual + text streams).",
+)
+
+_dcase(
+    "ltx_video", "LTXVideoTransformer3DModel",
+    dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+         cross_attention_dim=32, num_layers=2, caption_channels=24),
+    lambda g, b, t: ((_randn(g, b, 2 * 4 * 4, 8), _randn(g, b, 6, 24), t, _ones(b, 6)),
+                     dict(num_frames=2, height=4, width=4, return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="packed tokens (B, F*H*W, C) with num_frames/height/width passed as ints.",
+)
+
+_dcase(
+    "easyanimate", "EasyAnimateTransformer3DModel",
+    dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=8,
+         sample_height=8, time_embed_dim=16, num_layers=2, mmdit_layers=2, text_embed_dim=32),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t), dict(encoder_hidden_states=_randn(g, b, 6, 32),
+                                                      return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+)
+
+_dcase(
+    "cosmos", "CosmosTransformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+         text_embed_dim=32, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
+         concat_padding_mask=False, extra_pos_embed_type="learnable"),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32)), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="Cosmos 1.0 predict2-style; concat_padding_mask=False (the padding-mask path needs torchvision).",
+)
+
+_dcase(
+    "sana_video", "SanaVideoTransformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+         sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), _randn(g, b, 6, 24), t), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+)
+
+# =============================================================================================
+# Audio models
+# =============================================================================================
+
+_dcase(
+    "stable_audio", "StableAudioDiTModel",
+    dict(sample_size=8, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+         num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=16,
+         global_states_input_dim=16, cross_attention_input_dim=16),
+    None, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="(B, C, T) audio latents; one global token is prepended; rotary embedding precomputed like the "
+          "pipeline (get_1d_rotary_pos_embed(head_dim // 2, T + 1)).",
+)
+
+
+def _stable_audio_inputs(g, b, t):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    rope = get_1d_rotary_pos_embed(4, 8 + 1, use_real=True, repeat_interleave_real=False)
+    return (_randn(g, b, 4, 8), t), dict(encoder_hidden_states=_randn(g, b, 6, 16),
+                                         global_hidden_states=_randn(g, b, 1, 16), rotary_embedding=rope,
+                                         return_dict=False)
+
+
+_ZOO["stable_audio"].make_inputs = (lambda batch, t, seed=0: _stable_audio_inputs(_gen(seed, "stable_audio"), batch,
+                                                                                  timestep_tensor(batch, t)))
