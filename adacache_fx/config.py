@@ -1,0 +1,186 @@
+"""AdaCacheConfig: every knob of AdaCache + MoReg, with the paper's defaults.
+
+Reference: Kahatapitiya et al., "Adaptive Caching for Faster Video Generation with
+Diffusion Transformers", arXiv 2411.02397 (https://arxiv.org/abs/2411.02397).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# Official codebooks ({distance threshold: cache rate}), from the public AdaCache code.
+CODEBOOK_30_FAST = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}
+CODEBOOK_30_SLOW = {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1}
+CODEBOOK_100 = {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}
+# Official MoReg windows (1-indexed steps, inclusive).
+MOREG_WINDOWS = {30: (4, 26), 100: (10, 90)}
+
+
+def scale_codebook(codebook: dict, from_steps: int, to_steps: int) -> dict:
+    """The documented rule for step counts without an official codebook.
+
+    The distance is normalised per step (divided by the steps since the last
+    computed one), and per-step changes shrink roughly as 1/N, so thresholds scale by
+    ``from_steps / to_steps`` while cache rates (in steps) scale by
+    ``to_steps / from_steps`` (rounded, at least 1).
+    """
+    ratio = to_steps / from_steps
+    return {thr / ratio: max(1, int(round(rate * ratio))) for thr, rate in codebook.items()}
+
+
+def preset_codebook(speed: str, num_steps: int) -> dict:
+    """Codebook for ``speed`` in {"fast", "slow"} at ``num_steps``.
+
+    30 steps: the official fast/slow codebooks. 100 steps, fast: the official
+    100-step codebook. Any other count: the nearer reference (30 or 100 steps, on a log
+    scale, split at 55 steps; slow always scales from 30) scaled by ``scale_codebook``.
+    """
+    if speed not in ("fast", "slow"):
+        raise ValueError(f"speed must be 'fast' or 'slow', got {speed!r}")
+    if speed == "fast":
+        if num_steps == 30:
+            return dict(CODEBOOK_30_FAST)
+        if num_steps == 100:
+            return dict(CODEBOOK_100)
+        if num_steps >= 55:
+            return scale_codebook(CODEBOOK_100, 100, num_steps)
+        return scale_codebook(CODEBOOK_30_FAST, 30, num_steps)
+    if num_steps == 30:
+        return dict(CODEBOOK_30_SLOW)
+    return scale_codebook(CODEBOOK_30_SLOW, 30, num_steps)
+
+
+def default_moreg_window(num_steps: int) -> tuple[int, int]:
+    """Official windows at 30 and 100 steps; otherwise the middle 80% of the steps."""
+    if num_steps in MOREG_WINDOWS:
+        return MOREG_WINDOWS[num_steps]
+    return (max(1, round(0.1 * num_steps)), max(1, round(0.9 * num_steps)))
+
+
+@dataclass
+class AdaCacheConfig:
+    """Configuration of the AdaCache backend.
+
+    Attributes:
+        codebook: ``{distance threshold: cache rate}``, thresholds ascending. The rate
+            of the first threshold with ``distance < threshold`` is taken, else the
+            last rate. ``{float('inf'): 1}`` computes every step (caching off).
+            Default: the official 30-step slow codebook.
+        num_steps: steps per generation, if known. Enables the forced last two steps
+            and the default MoReg window; required when the model has no timestep input.
+        moreg: apply motion regularisation (MoReg) when a frame axis is found.
+        moreg_window: 1-indexed inclusive steps where MoReg scales the distance.
+            ``None``: the official window for ``num_steps`` (4..26 of 30, 10..90 of
+            100, else 10%..90%); with ``num_steps`` unknown, every step.
+        moreg_stride: frame stride of the motion score (official: 1).
+        moreg_normalizer, moreg_power, moreg_divisor: ``m' = ((m / normalizer) ** power) / divisor``
+            (official: 0.385, 8, 1).
+        moreg_gradient_scale: ``mg = scale * (m' - m'_prev) / k`` (official: 10).
+        probe_block: which block's residual is the probe: an index into the blocks of
+            the first cached region in graph order (negative counts from the end), or a
+            module path such as ``"transformer_blocks.13"``. ``None``: the middle block.
+        probe_branch: which residual branch of that block (0: the first, usually
+            self-attention).
+        timestep_arg: name of the forward argument that carries the timestep, when it
+            cannot be found from the graph. ``None``: found automatically.
+        video_frame_dim: the frame dimension of the 5-D video input. ``None``:
+            inferred from the graph (dim 2 for ``(B, C, F, H, W)``, dim 1 for
+            ``(B, F, C, H, W)``).
+        first_computed_steps: steps always computed at the start (official: 1).
+        last_computed_steps: steps always computed at the end when ``num_steps`` is
+            known (official: 2).
+    """
+
+    codebook: dict = field(default_factory=lambda: dict(CODEBOOK_30_SLOW))
+    num_steps: Optional[int] = None
+    moreg: bool = True
+    moreg_window: Optional[tuple] = None
+    moreg_stride: int = 1
+    moreg_normalizer: float = 0.385
+    moreg_power: float = 8.0
+    moreg_divisor: float = 1.0
+    moreg_gradient_scale: float = 10.0
+    probe_block: Optional[Union[int, str]] = None
+    probe_branch: int = 0
+    timestep_arg: Optional[str] = None
+    video_frame_dim: Optional[int] = None
+    first_computed_steps: int = 1
+    last_computed_steps: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.codebook, dict) or not self.codebook:
+            raise ValueError(f"codebook must be a non-empty dict {{threshold: rate}}, got {self.codebook!r}")
+        thresholds = list(self.codebook.keys())
+        for thr in thresholds:
+            if not isinstance(thr, (int, float)) or isinstance(thr, bool) or math.isnan(thr) or thr <= 0:
+                raise ValueError(f"codebook thresholds must be positive numbers, got {thr!r}")
+        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+            raise ValueError(f"codebook thresholds must be strictly ascending, got {thresholds}")
+        for rate in self.codebook.values():
+            if not isinstance(rate, int) or isinstance(rate, bool) or rate < 1:
+                raise ValueError(f"codebook rates must be positive integers, got {rate!r}")
+        self.codebook = {float(k): int(v) for k, v in self.codebook.items()}
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1):
+            raise ValueError(f"num_steps must be a positive integer or None, got {self.num_steps!r}")
+        if self.moreg_window is not None:
+            w = tuple(self.moreg_window)
+            if len(w) != 2 or not all(isinstance(s, int) for s in w) or w[0] < 1 or w[1] < w[0]:
+                raise ValueError(f"moreg_window must be (first, last) 1-indexed steps with first <= last, got {self.moreg_window!r}")
+            if self.num_steps is not None and w[1] > self.num_steps:
+                raise ValueError(f"moreg_window {w} must lie inside the {self.num_steps} steps")
+            self.moreg_window = w
+        if not isinstance(self.moreg_stride, int) or self.moreg_stride < 1:
+            raise ValueError(f"moreg_stride must be a positive integer, got {self.moreg_stride!r}")
+        for name in ("moreg_normalizer", "moreg_divisor"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        for name in ("moreg_power", "moreg_gradient_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+        if self.probe_block is not None and not isinstance(self.probe_block, (int, str)):
+            raise ValueError(f"probe_block must be a block index, a module path or None, got {self.probe_block!r}")
+        if not isinstance(self.probe_branch, int) or self.probe_branch < 0:
+            raise ValueError(f"probe_branch must be a non-negative integer, got {self.probe_branch!r}")
+        if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
+            raise ValueError(f"timestep_arg must be an argument name or None, got {self.timestep_arg!r}")
+        if self.video_frame_dim is not None and self.video_frame_dim not in (1, 2, -3, -4):
+            raise ValueError(f"video_frame_dim must be 1 or 2 (dim of a 5-D video input), got {self.video_frame_dim!r}")
+        for name in ("first_computed_steps", "last_computed_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.first_computed_steps < 1:
+            raise ValueError("first_computed_steps must be at least 1: the first step fills the cache")
+
+    # ----- presets -------------------------------------------------------------
+    @classmethod
+    def fast(cls, num_steps: int = 30, **overrides) -> "AdaCacheConfig":
+        """AdaCache-fast: the official fast codebook for ``num_steps`` (see ``preset_codebook``)."""
+        return cls(codebook=preset_codebook("fast", _check_steps(num_steps)), num_steps=num_steps, **overrides)
+
+    @classmethod
+    def slow(cls, num_steps: int = 30, **overrides) -> "AdaCacheConfig":
+        """AdaCache-slow: the official slow codebook for ``num_steps`` (see ``preset_codebook``)."""
+        return cls(codebook=preset_codebook("slow", _check_steps(num_steps)), num_steps=num_steps, **overrides)
+
+    @classmethod
+    def no_cache(cls, num_steps: Optional[int] = None, **overrides) -> "AdaCacheConfig":
+        """Every step computed: the output equals the uncached model."""
+        return cls(codebook={math.inf: 1}, num_steps=num_steps, **overrides)
+
+    def window_for(self, num_steps: Optional[int]) -> Optional[tuple]:
+        """The MoReg window in force for a generation of ``num_steps`` (None: every step)."""
+        if self.moreg_window is not None:
+            return self.moreg_window
+        if num_steps is None:
+            return None
+        return default_moreg_window(num_steps)
+
+
+def _check_steps(num_steps) -> int:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return num_steps

@@ -1,0 +1,52 @@
+"""``explain(model, *args, **kwargs)``: what the pass would cache, without caching anything."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .config import AdaCacheConfig
+from .passes import analyze
+
+
+@dataclass
+class Explanation:
+    graphs: list = field(default_factory=list)   # [GraphAnalysis], one per Dynamo graph
+
+    @property
+    def regions(self) -> list:
+        return [r for g in self.graphs for r in g.regions]
+
+    @property
+    def probe(self):
+        return next((g.probe for g in self.graphs if g.probe is not None), None)
+
+    @property
+    def timestep(self):
+        return next((g.timestep for g in self.graphs if g.timestep is not None), None)
+
+    @property
+    def frame_layout(self):
+        return next((g.frame_layout for g in self.graphs if g.frame_layout is not None), None)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.graphs)} graph(s)"]
+        for i, g in enumerate(self.graphs):
+            parts.append(f"-- graph {i} ({len(g.graph.nodes)} nodes)\n{g.describe()}")
+        return "\n".join(parts)
+
+
+def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, **kwargs) -> Explanation:
+    """Trace ``model(*args, **kwargs)`` with Dynamo and run the analysis passes on each graph."""
+    config = config or AdaCacheConfig()
+    result = Explanation()
+
+    def capture(gm: fx.GraphModule, example_inputs):
+        result.graphs.append(analyze(gm.graph, config))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False):
+        compiled(*args, **kwargs)
+    return result

@@ -1,0 +1,109 @@
+"""The analysis pipeline: an ordered list of passes over a Dynamo FX graph.
+
+Each pass reads and fills one ``GraphAnalysis`` and appends what it did to
+``analysis.log`` (also sent to the ``adacache_fx`` logger at DEBUG level).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from ..config import AdaCacheConfig
+from .choose_probe import Probe, choose_probe
+from .find_blocks import find_blocks
+from .find_regions import find_regions
+from .find_timestep import find_timestep
+from .graph_utils import user_placeholder_name
+from .infer_frame_layout import FrameLayout, infer_frame_layout
+
+logger = logging.getLogger("adacache_fx")
+
+
+@dataclass
+class GraphAnalysis:
+    graph: fx.Graph
+    config: AdaCacheConfig
+    blocks: list = field(default_factory=list)
+    regions: list = field(default_factory=list)
+    timestep: Optional[fx.Node] = None
+    probe: Optional[Probe] = None
+    frame_layout: Optional[FrameLayout] = None
+    log: list = field(default_factory=list)
+
+    @property
+    def cacheable(self) -> bool:
+        return bool(self.regions) and self.probe is not None
+
+    def note(self, message: str) -> None:
+        self.log.append(message)
+        logger.debug("adacache: %s", message)
+
+    def describe(self) -> str:
+        lines = []
+        lines.append(f"blocks: {len(self.blocks)}" + (f" ({self.blocks[0].cls_name}, lists: "
+                     f"{sorted({b.list_path for b in self.blocks})})" if self.blocks else ""))
+        for r, region in enumerate(self.regions):
+            paths = region.block_paths
+            span = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+            lines.append(f"region {r}: {len(paths)} blocks ({span}), {len(region.nodes)} nodes")
+            for s, stream in enumerate(region.streams):
+                lines.append(f"  stream {s}: {stream.input.name} -> {stream.output.name} shape "
+                             f"{tuple(stream.shape)}, {len(stream.adds)} residual adds")
+        ts = user_placeholder_name(self.timestep) if self.timestep is not None else None
+        lines.append(f"timestep input: {ts!r}" if ts else "timestep input: none found (each call is a step)")
+        if self.probe is not None:
+            lines.append(f"probe: block {self.probe.block}, residual branch {self.probe.branch_index} "
+                         f"({self.probe.node.name})")
+        else:
+            lines.append("probe: none")
+        lines.append(f"MoReg frame layout: {self.frame_layout.describe()}" if self.frame_layout
+                     else "MoReg frame layout: none (" + next((m for m in self.log if "MoReg" in m), "not inferred") + ")")
+        return "\n".join(lines)
+
+
+def _pass_find_blocks(a: GraphAnalysis) -> None:
+    a.blocks = find_blocks(a.graph)
+    a.note(f"find_blocks: {len(a.blocks)} blocks")
+
+
+def _pass_find_regions(a: GraphAnalysis) -> None:
+    a.regions = find_regions(a.graph, a.blocks, a.log)
+    a.note(f"find_regions: {len(a.regions)} regions, streams per region "
+           f"{[len(r.streams) for r in a.regions]}")
+
+
+def _pass_find_timestep(a: GraphAnalysis) -> None:
+    a.timestep = find_timestep(a.graph, a.config.timestep_arg)
+    a.note(f"find_timestep: {a.timestep.name if a.timestep is not None else None}")
+
+
+def _pass_choose_probe(a: GraphAnalysis) -> None:
+    if a.regions:
+        a.probe = choose_probe(a.regions, a.config.probe_block, a.config.probe_branch)
+        a.note(f"choose_probe: {a.probe.block} branch {a.probe.branch_index} -> {a.probe.node.name}")
+
+
+def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
+    if a.probe is not None:
+        a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log)
+        a.note(f"infer_frame_layout: {a.frame_layout.describe() if a.frame_layout else None}")
+
+
+# The ordered pass list: each pass may rely on the fields its predecessors filled.
+ANALYSIS_PASSES = (
+    _pass_find_blocks,
+    _pass_find_regions,
+    _pass_find_timestep,
+    _pass_choose_probe,
+    _pass_infer_frame_layout,
+)
+
+
+def analyze(graph: fx.Graph, config: AdaCacheConfig) -> GraphAnalysis:
+    analysis = GraphAnalysis(graph=graph, config=config)
+    for run_pass in ANALYSIS_PASSES:
+        run_pass(analysis)
+    return analysis

@@ -1,0 +1,77 @@
+"""Build a region's reuse path from its compute piece.
+
+The reuse piece takes the compute piece's inputs plus one cached delta per stream and
+returns outputs of the same arity: each stream becomes ``skeleton(input) + delta``,
+each delta output passes the cached delta through, the probe is ``None``. Dead-code
+elimination then drops every block: no attention, no MLP remains, which this pass
+checks (an unexpected leftover raises, and the caller keeps the region uncached).
+
+Before (compute piece)::
+
+    def forward(x_0, w_q, ..., temb):
+        ...blocks...
+        x_12 = add(x_11, mlp_5)
+        delta = sub(x_12, x_0)
+        return (x_12, delta, attn_3)
+
+After (reuse piece)::
+
+    def forward(x_0, w_q, ..., temb, cached_delta_0):
+        add = x_0 + cached_delta_0
+        return (add, cached_delta_0, None)
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import example_value, is_glue
+
+
+def _is_light(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return True
+    if is_glue(node):
+        return True
+    if node.meta.get("adacache_reuse_add"):
+        return True
+    return not isinstance(example_value(node), torch.Tensor) and node.meta.get("example_value") is not None
+
+
+def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) -> fx.GraphModule:
+    """``delta_positions[j]``: where stream j's delta is in ``compute``'s output tuple (its
+    node is ``sub(stream_output, skeleton)``); ``probe_position``: the probe's, or None."""
+    graph = fx.Graph()
+    out_val = graph.graph_copy(compute.graph, {})
+    outputs = list(out_val) if isinstance(out_val, (tuple, list)) else [out_val]
+    deltas = [outputs[p] for p in delta_positions]
+    streams = [d.args[0] for d in deltas]
+    skeletons = [d.args[1] for d in deltas]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    cached = []
+    with graph.inserting_after(placeholders[-1]):
+        for j in reversed(range(len(deltas))):
+            cached.insert(0, graph.placeholder(f"cached_delta_{j}"))
+    new_outputs = []
+    anchor = next(n for n in reversed(graph.nodes))
+    for position, value in enumerate(outputs):
+        if position in delta_positions:
+            new_outputs.append(cached[delta_positions.index(position)])
+        elif position == probe_position:
+            new_outputs.append(None)
+        elif isinstance(value, fx.Node) and value in streams:
+            j = streams.index(value)
+            with graph.inserting_after(anchor):
+                new = graph.call_function(torch.add, (skeletons[j], cached[j]))
+            new.meta["adacache_reuse_add"] = True
+            anchor = new
+            new_outputs.append(new)
+        else:
+            raise ValueError(f"region output {value} is neither a stream, a delta nor the probe")
+    graph.output(tuple(new_outputs) if isinstance(out_val, (tuple, list)) else new_outputs[0])
+    graph.eliminate_dead_code()
+    heavy = [n for n in graph.nodes if not _is_light(n)]
+    if heavy:
+        raise ValueError(f"the reuse path still computes {[n.name for n in heavy][:5]}: region left uncached")
+    graph.lint()
+    return fx.GraphModule(compute, graph)

@@ -1,0 +1,204 @@
+"""Merge consecutive blocks into cacheable regions and find their residual streams.
+
+A region is a maximal run of blocks linked through the values they pass on (allowing
+cheap glue between blocks, such as Latte's spatial/temporal rearranges), such that
+everything leaving the region is a *stream*: a value reached from a region input
+through a trunk of residual adds and reshapes/casts::
+
+    i ──(+ attn)──(+ mlp)──reshape──(+ attn)──(+ mlp)── o      # o is a stream of i
+
+The branches of those adds are the residual branches (probe candidates). A model
+whose layout changes between block groups (Flux: double-stream blocks, a concat,
+single-stream blocks) gets one region per group, since a concat is not a trunk op.
+
+Before: ``[Block(blocks.0), Block(blocks.1), ...]``. After:
+``[Region(blocks=[...], streams=[Stream(input=x, output=x_12, ...)], nodes={...})]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from .find_blocks import Block
+from .graph_utils import (example_value, is_glue, is_parameter_placeholder, is_residual_add,
+                          is_tensor_node, sizes_equal, topo_index)
+
+
+@dataclass
+class ResidualAdd:
+    """One ``trunk + branch`` on a stream's trunk."""
+
+    add: fx.Node
+    trunk: fx.Node
+    branch: fx.Node
+    block: Optional[str]   # path of the block holding it (None: glue between blocks)
+
+
+@dataclass
+class Stream:
+    """A residual stream through a region: ``output = skeleton(input) + delta``."""
+
+    input: fx.Node
+    output: fx.Node
+    path: list                     # trunk nodes from input (exclusive) to output (inclusive)
+    adds: list                     # [ResidualAdd], in trunk order
+
+    @property
+    def shape(self):
+        return tuple(example_value(self.output).shape)
+
+
+@dataclass
+class Region:
+    """A run of blocks that is cached as one unit."""
+
+    blocks: list                   # [Block]
+    nodes: set                     # every fx node computed inside the region
+    streams: list = field(default_factory=list)   # [Stream], largest first
+
+    @property
+    def block_paths(self) -> list:
+        return [b.path for b in self.blocks]
+
+
+def _trace_trunk(node: fx.Node, region_nodes: set, memo: dict):
+    """Trunk path from a region input to ``node`` (list of nodes, input first), or None."""
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # guards against cycles through odd graphs
+    if node not in region_nodes:
+        ok = node.op != "get_attr" and is_tensor_node(node) and not is_parameter_placeholder(node)
+        memo[node] = [node] if ok else None
+        return memo[node]
+    result = None
+    if is_residual_add(node):
+        best = None
+        for operand in node.args[:2]:
+            sub = _trace_trunk(operand, region_nodes, memo)
+            if sub is None:
+                continue
+            # Prefer the operand that already has the add's shape (the trunk, not a
+            # broadcast bias such as a positional embedding), then the longer trunk.
+            score = (sizes_equal(example_value(operand).shape, example_value(node).shape), len(sub))
+            if best is None or score > best[0]:
+                best = (score, sub)
+        if best is not None:
+            result = best[1] + [node]
+    elif is_glue(node):
+        sub = _trace_trunk(node.args[0], region_nodes, memo)
+        if sub is not None:
+            result = sub + [node]
+    memo[node] = result
+    return result
+
+
+def _stream_of(output: fx.Node, region_nodes: set, block_of: dict) -> Optional[Stream]:
+    path = _trace_trunk(output, region_nodes, {})
+    if path is None or len(path) < 2:
+        return None
+    adds = []
+    for prev, node in zip(path, path[1:]):
+        if is_residual_add(node):
+            a, b = node.args[0], node.args[1]
+            branch = b if a is prev else a
+            adds.append(ResidualAdd(node, prev, branch, block_of.get(node)))
+    if not adds:
+        return None
+    return Stream(input=path[0], output=output, path=path[1:], adds=adds)
+
+
+def _outputs(nodes: set) -> list:
+    outs = [n for n in nodes if any(u not in nodes for u in n.users)]
+    return outs
+
+
+def _between(region_nodes: set, block: Block, order: dict, graph_nodes: list) -> set:
+    """Nodes outside any block that carry region values into ``block`` (glue)."""
+    start = max(order[n] for n in region_nodes) + 1
+    stop = order[block.first]
+    tainted = set()
+    for node in graph_nodes[start:stop]:
+        if any(isinstance(a, fx.Node) and (a in region_nodes or a in tainted) for a in node.all_input_nodes):
+            tainted.add(node)
+    # keep the tainted nodes that feed the block
+    needed, stack = set(), [a for n in block.nodes for a in n.all_input_nodes if a in tainted]
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in tainted)
+    return needed
+
+
+def _make_region(blocks: list, nodes: set, block_of: dict) -> Optional[Region]:
+    outs = _outputs(nodes)
+    if not outs:
+        return None
+    streams = []
+    for out in outs:
+        stream = _stream_of(out, nodes, block_of)
+        if stream is None:
+            return None
+        streams.append(stream)
+    if len({s.input for s in streams}) != len(streams):
+        return None
+    streams.sort(key=lambda s: -_numel(s.output))
+    return Region(blocks=list(blocks), nodes=set(nodes), streams=streams)
+
+
+def _numel(node: fx.Node) -> int:
+    v = example_value(node)
+    try:
+        return int(v.numel())
+    except Exception:  # symbolic sizes: order is a heuristic only
+        return 0
+
+
+def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> list:
+    """Group ``blocks`` (graph order) into valid regions."""
+    if not blocks:
+        return []
+    order = topo_index(graph)
+    graph_nodes = list(graph.nodes)
+    block_of = {n: b.path for b in blocks for n in b.nodes}
+    # 1. chains of linked blocks (each with the glue that links it to the previous one)
+    chains, current, glue = [], [blocks[0]], [set()]
+    nodes = set(blocks[0].nodes)
+    for block in blocks[1:]:
+        between = _between(nodes, block, order, graph_nodes)
+        feeds = any(a in nodes or a in between for n in block.nodes for a in n.all_input_nodes)
+        if feeds:
+            current.append(block)
+            glue.append(between)
+            nodes |= between | set(block.nodes)
+        else:
+            chains.append((current, glue))
+            current, glue, nodes = [block], [set()], set(block.nodes)
+    chains.append((current, glue))
+    # 2. each chain: the longest valid prefix becomes a region, the rest is retried
+    regions = []
+    for chain_blocks, chain_glue in chains:
+        start = 0
+        while start < len(chain_blocks):
+            found = None
+            for stop in range(len(chain_blocks), start, -1):
+                nodes = set()
+                for i in range(start, stop):
+                    nodes |= set(chain_blocks[i].nodes)
+                    if i > start:
+                        nodes |= chain_glue[i]
+                region = _make_region(chain_blocks[start:stop], nodes, block_of)
+                if region is not None:
+                    found = (region, stop)
+                    break
+            if found is None:
+                if log is not None:
+                    log.append(f"block {chain_blocks[start].path}: its outputs are not residual streams; left uncached")
+                start += 1
+            else:
+                regions.append(found[0])
+                start = found[1]
+    return regions

@@ -1,0 +1,137 @@
+"""Small helpers shared by the passes: what an FX node is, in the terms the passes need."""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+# Residual adds: ``x = x + branch`` in any spelling Dynamo (or symbolic_trace) records.
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+
+# Ops that only re-view or re-type a tensor: they can sit on the residual trunk
+# (Latte's spatial/temporal rearranges, Wan's float()/type_as casts). Their first
+# argument is the trunk.
+_GLUE_METHODS = {
+    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "to", "float", "half", "bfloat16", "type", "type_as",
+    "clone", "movedim", "view_as", "reshape_as",
+}
+_GLUE_FUNCTIONS = {
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten,
+    torch.squeeze, torch.unsqueeze, torch.clone, torch.movedim,
+    torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.permute, torch.Tensor.transpose,
+    torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as,
+    torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.squeeze, torch.Tensor.unsqueeze,
+}
+
+
+def is_residual_add(node: fx.Node) -> bool:
+    """``a + b`` with two tensor operands."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return False
+    if len(node.args) < 2 or "alpha" in node.kwargs:
+        return False
+    return all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
+
+
+def is_glue(node: fx.Node) -> bool:
+    """A view/reshape/cast whose first argument is the only tensor that flows through."""
+    if node.op == "call_method":
+        ok = node.target in _GLUE_METHODS
+    elif node.op == "call_function":
+        ok = node.target in _GLUE_FUNCTIONS
+    else:
+        ok = False
+    return ok and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
+def example_value(node: fx.Node):
+    """The fake tensor (or other value) Dynamo recorded for ``node``."""
+    meta = node.meta
+    if "example_value" in meta:
+        return meta["example_value"]
+    return meta.get("val")
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    return isinstance(example_value(node), torch.Tensor)
+
+
+def shape_of(node: fx.Node) -> Optional[tuple]:
+    v = example_value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = example_value(a), example_value(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return va.dtype == vb.dtype and sizes_equal(va.shape, vb.shape)
+
+
+def sizes_equal(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif str(x) != str(y):  # SymInts: compare their expressions
+            return False
+    return True
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+_ROOT = re.compile(r"^L\[[^\]]*\]\.?|^L__self__\.?|^self\.?")
+
+
+def module_path(raw: str) -> str:
+    """Normalise a Dynamo ``nn_module_stack`` path: ``L['self'].blocks[3].attn`` -> ``blocks.3.attn``."""
+    path = _ROOT.sub("", raw)
+    path = _INDEX.sub(r".\1", path)
+    path = path.replace("._modules.", ".").replace("['", ".").replace("']", "")
+    return path.strip(".")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, type]]:
+    """The (normalised path, module class) pairs enclosing ``node``, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        raw, cls = value[0], value[1]
+        path = module_path(raw)
+        if path:
+            out.append((path, cls))
+    return out
+
+
+def user_placeholder_name(node: fx.Node) -> str:
+    """``L_timestep_`` -> ``timestep``; ``L_kwargs_timestep_`` -> ``timestep``."""
+    name = str(node.target)
+    for prefix in ("L_kwargs_", "L_", "l_kwargs_", "l_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.rstrip("_") if name.endswith("_") else name
+
+
+def is_parameter_placeholder(node: fx.Node) -> bool:
+    if node.op != "placeholder":
+        return False
+    v = example_value(node)
+    if isinstance(v, torch.nn.Parameter):
+        return True
+    name = str(node.target)
+    return "_parameters_" in name or "_buffers_" in name
+
+
+def topo_index(graph: fx.Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}

@@ -1,0 +1,257 @@
+"""Infer where the frame axis of a video lives inside an intermediate tensor (for MoReg).
+
+The frame axis of the 5-D video input is followed through the graph: a layout
+``FrameAxis(dim, inner, frames)`` says that element ``i`` along ``dim`` belongs to frame
+``(i // inner) % frames``. Reshapes preserve the logical element order, so the frame
+atom keeps its flat stride; permutes move it; convolutions keep it on batch and spatial
+dims (a temporal patch shrinks ``frames``) and lose it on channels; linears and
+attention keep it off the last dim; anything else keeps it when the dim survives
+(right-aligned broadcasting). Sizes are sympy expressions, so the inference holds
+under dynamic shapes.
+
+Example (Open-Sora-style, ``x: (B, C, T, H, W)``)::
+
+    conv3d -> (B, C', T, h, w)      FrameAxis(dim=2, inner=1,   frames=T)
+    flatten(2) -> (B, C', T*h*w)    FrameAxis(dim=2, inner=h*w, frames=T)
+    transpose(1, 2) -> (B, T*h*w, C') FrameAxis(dim=1, inner=h*w, frames=T)
+
+The probe residual then views as ``(-1, frames, inner * prod(trailing dims))``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import example_value, is_parameter_placeholder, user_placeholder_name
+
+
+@dataclass(frozen=True)
+class FrameAxis:
+    dim: int
+    inner: sympy.Expr
+    frames: sympy.Expr
+
+
+@dataclass
+class FrameLayout:
+    """The frame axis of the probe, and where it came from."""
+
+    video_input: str           # graph input name
+    video_frame_dim: int       # frame dim of the 5-D input
+    probe_axis: FrameAxis      # layout of the probe residual
+
+    def describe(self) -> str:
+        a = self.probe_axis
+        return (f"frames from input {self.video_input!r} dim {self.video_frame_dim}; probe dim {a.dim}, "
+                f"inner stride {a.inner}, {a.frames} frames")
+
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous"}
+_RESHAPE_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
+_PERMUTE_NAMES = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t"}
+_PERMUTE_FUNCS = {torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t}
+_CONV_FUNCS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
+_LAST_DIM_FUNCS = {torch._C._nn.linear, F.linear, torch.matmul, torch.bmm, operator.matmul,
+                   F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def _expr(size) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def _shape(value):
+    return [_expr(s) for s in value.shape]
+
+
+def _prod(sizes) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for s in sizes:
+        out = out * s
+    return out
+
+
+def _div(a: sympy.Expr, b: sympy.Expr) -> Optional[sympy.Expr]:
+    """``a / b`` if it is exactly an integer expression, else None."""
+    if b == 0:
+        return None
+    q = sympy.simplify(a / b)
+    if q.is_integer:
+        return q
+    return None
+
+
+def _reshape(axis: FrameAxis, in_shape, out_shape) -> Optional[FrameAxis]:
+    flat_inner = axis.inner * _prod(in_shape[axis.dim + 1:])
+    for j in range(len(out_shape)):
+        rest = _prod(out_shape[j + 1:])
+        sub = _div(flat_inner, rest)
+        if sub is None:
+            continue
+        if _div(out_shape[j], sub * axis.frames) is not None:
+            return FrameAxis(j, sub, axis.frames)
+    return None
+
+
+def _permutation(node: fx.Node, ndim: int) -> Optional[list]:
+    """new dim i <- old dim perm[i]"""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = list(node.args[1:])
+    try:
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            return [int(d) % ndim for d in dims]
+        if name in ("transpose", "swapaxes", "swapdims"):
+            a, b = int(args[0]) % ndim, int(args[1]) % ndim
+            perm = list(range(ndim))
+            perm[a], perm[b] = perm[b], perm[a]
+            return perm
+        if name == "t":
+            return list(range(ndim))[::-1]
+        if name == "movedim":
+            src, dst = args[0], args[1]
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            src = [s % ndim for s in src]
+            dst = [d % ndim for d in dst]
+            perm = [None] * ndim
+            for s, d in zip(src, dst):
+                perm[d] = s
+            rest = iter([i for i in range(ndim) if i not in src])
+            return [p if p is not None else next(rest) for p in perm]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _is(node: fx.Node, funcs: set, names: set) -> bool:
+    if node.op == "call_method":
+        return node.target in names
+    if node.op == "call_function":
+        return node.target in funcs
+    return False
+
+
+def _propagate(node: fx.Node, axis: FrameAxis, source: fx.Node) -> Optional[FrameAxis]:
+    in_val, out_val = example_value(source), example_value(node)
+    if not isinstance(out_val, torch.Tensor) or not isinstance(in_val, torch.Tensor):
+        return None
+    in_shape, out_shape = _shape(in_val), _shape(out_val)
+    if _is(node, _RESHAPE_FUNCS, _RESHAPE_METHODS) and node.args and node.args[0] is source:
+        return _reshape(axis, in_shape, out_shape)
+    if _is(node, _PERMUTE_FUNCS, _PERMUTE_NAMES) and node.args and node.args[0] is source:
+        perm = _permutation(node, len(in_shape))
+        if perm is None or axis.dim not in perm:
+            return None
+        return FrameAxis(perm.index(axis.dim), axis.inner, axis.frames)
+    if node.op == "call_function" and node.target in _CONV_FUNCS:
+        if axis.dim == 0:
+            return axis
+        if axis.dim >= 2 and axis.inner == 1 and axis.frames == in_shape[axis.dim]:
+            return FrameAxis(axis.dim, axis.inner, out_shape[axis.dim])
+        return None
+    if node.op == "call_function" and node.target in _LAST_DIM_FUNCS:
+        if node.args and node.args[0] is not source:
+            return None
+    # generic: the dim survives under right-aligned broadcasting
+    dim = axis.dim + len(out_shape) - len(in_shape)
+    if dim < 0 or dim >= len(out_shape) - (1 if node.op == "call_function" and node.target in _LAST_DIM_FUNCS else 0):
+        return None
+    if sympy.simplify(out_shape[dim] - in_shape[axis.dim]) != 0:
+        return None
+    return FrameAxis(dim, axis.inner, axis.frames)
+
+
+def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
+    """Layouts of every node that the frame axis of ``video`` reaches."""
+    value = example_value(video)
+    layouts = {video: FrameAxis(frame_dim, sympy.Integer(1), _expr(value.shape[frame_dim]))}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node in layouts:
+            continue
+        for arg in node.all_input_nodes:
+            if arg in layouts:
+                source_axis = layouts[arg]
+                src_val = example_value(arg)
+                if isinstance(src_val, (tuple, list)):  # chunk/split: the getitem inherits
+                    continue
+                if node.op == "call_function" and node.target is operator.getitem and isinstance(example_value(node), torch.Tensor) and isinstance(src_val, torch.Tensor):
+                    new = _propagate(node, source_axis, arg)
+                elif isinstance(example_value(node), (tuple, list)):
+                    new = source_axis if _chunk_keeps(node, source_axis, src_val) else None
+                else:
+                    new = _propagate(node, source_axis, arg)
+                if new is not None and _fits(example_value(node), new):
+                    layouts[node] = new
+                break
+        if node not in layouts and node.op == "call_function" and node.target is operator.getitem:
+            parent = node.args[0]
+            if isinstance(parent, fx.Node) and parent in layouts and isinstance(example_value(parent), (tuple, list)):
+                layouts[node] = layouts[parent]
+    return layouts
+
+
+def _fits(value, axis: FrameAxis) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return True
+    return _div(_expr(value.shape[axis.dim]), axis.inner * axis.frames) is not None
+
+
+def _chunk_keeps(node: fx.Node, axis: FrameAxis, src_val) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name not in ("chunk", "split", "unbind", "tensor_split"):
+        return False
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if name == "unbind":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    try:
+        return int(dim) % src_val.dim() != axis.dim and name != "unbind"
+    except TypeError:
+        return False
+
+
+def find_video_input(graph: fx.Graph) -> Optional[fx.Node]:
+    videos = [n for n in graph.nodes if n.op == "placeholder" and not is_parameter_placeholder(n)
+              and isinstance(example_value(n), torch.Tensor) and example_value(n).dim() == 5]
+    if not videos:
+        return None
+    return max(videos, key=lambda n: _numel_guess(example_value(n)))
+
+
+def _numel_guess(v) -> int:
+    try:
+        return int(math.prod(int(s) for s in v.shape))
+    except Exception:
+        return 0
+
+
+def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int] = None,
+                       log: Optional[list] = None) -> Optional[FrameLayout]:
+    """Frame layout of ``probe``, or None (image model, or the axis was lost on the way)."""
+    video = find_video_input(graph)
+    if video is None:
+        if log is not None:
+            log.append("no 5-D video input: image model, MoReg off")
+        return None
+    dims = [frame_dim % 5] if frame_dim is not None else [2, 1]
+    found = []
+    for dim in dims:
+        layouts = follow_frame_axis(graph, video, dim)
+        axis = layouts.get(probe)
+        if axis is not None and axis.frames != 1:
+            found.append(FrameLayout(user_placeholder_name(video), dim, axis))
+    if not found:
+        if log is not None:
+            log.append(f"frame axis of input {user_placeholder_name(video)!r} does not reach the probe: MoReg off")
+        return None
+    if len(found) > 1 and log is not None:
+        log.append("frame axis ambiguous between input dims 2 and 1; took dim 2 (set video_frame_dim to override)")
+    return found[0]

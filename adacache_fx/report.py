@@ -1,0 +1,47 @@
+"""What a generation did: the computed steps, the metric at each, and the cache's size."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RegionInfo:
+    graph: int
+    region: int
+    blocks: list            # module paths of the region's blocks
+    streams: list           # shape of each stream
+    probe: Optional[str]    # the probe's block, if the probe is in this region
+
+
+@dataclass
+class Report:
+    computed_steps: list            # 1-indexed steps of the last generation that ran the blocks
+    num_steps: int                  # steps seen in the last generation
+    metrics: list                   # [StepMetric], one per computed step that had a previous probe
+    cache_bytes: int                # bytes the cache holds now (deltas + probes, all branches)
+    regions: list = field(default_factory=list)          # [RegionInfo]
+    uncached_graphs: list = field(default_factory=list)  # why graphs run uncached
+    block_executions: int = 0       # how often region blocks ran, over the backend's life
+    compile_seconds: float = 0.0    # time spent in the backend (analysis + inner compiles)
+
+    @property
+    def computed_fraction(self) -> float:
+        return len(self.computed_steps) / self.num_steps if self.num_steps else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"AdaCache report: {len(self.computed_steps)}/{self.num_steps} steps computed "
+                 f"({self.computed_fraction:.0%}), cache {self.cache_bytes / 2**20:.2f} MiB"]
+        lines.append(f"computed steps: {self.computed_steps}")
+        for info in self.regions:
+            span = info.blocks[0] if len(info.blocks) == 1 else f"{info.blocks[0]} .. {info.blocks[-1]}"
+            lines.append(f"region {info.graph}.{info.region}: {len(info.blocks)} blocks ({span}), "
+                         f"streams {info.streams}" + (f", probe {info.probe}" if info.probe else ""))
+        if self.metrics:
+            lines.append(f"{'step':>5} {'distance':>9} {'motion':>8} {'reg.dist':>9} {'rate':>5} {'next':>5}")
+            for m in self.metrics:
+                motion = f"{m.motion:8.4f}" if m.motion is not None else f"{'-':>8}"
+                lines.append(f"{m.step:>5} {m.distance:9.4f} {motion} {m.reg_distance:9.4f} {m.rate:>5} {m.next_step:>5}")
+        for reason in self.uncached_graphs:
+            lines.append(f"uncached graph: {reason}")
+        return "\n".join(lines)
