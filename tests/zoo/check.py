@@ -78,13 +78,12 @@ def check_case(name: str, compile_check: bool = True) -> dict:
                 oc = get_output(torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs))
             res["one_graph"] = len(graphs) == 1
             res["compiled_max_abs_err"] = float((oc - o1).abs().max())
-            seen = set()
+            paths = set()
             for n in graphs[0].graph.nodes:
                 for path, _ in (n.meta.get("nn_module_stack") or {}).values():
-                    parts = normalize_module_path(path).split(".")
-                    if len(parts) >= 2 and parts[1].isdigit():
-                        seen.add(parts[0])
-            res["block_lists_in_stack"] = all(p.split(".")[0] in seen for p in case.block_lists)
+                    paths.add(normalize_module_path(path))
+            res["block_lists_in_stack"] = all(
+                any(re.match(re.escape(lst) + r"\.\d+(\.|$)", p) for p in paths) for lst in case.block_lists)
         except Exception as e:  # noqa: BLE001
             res["one_graph"] = False
             res["graph_break"] = _short_reason(e)

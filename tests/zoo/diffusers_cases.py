@@ -439,3 +439,201 @@ def _stable_audio_inputs(g, b, t):
 
 _ZOO["stable_audio"].make_inputs = (lambda batch, t, seed=0: _stable_audio_inputs(_gen(seed, "stable_audio"), batch,
                                                                                   timestep_tensor(batch, t)))
+
+# =============================================================================================
+# Batch 2: more image / video / audio DiTs
+# =============================================================================================
+
+
+def _flux_ids_n(h: int, w: int, n_txt: int, n_axes: int):
+    img = torch.zeros(h, w, n_axes)
+    img[..., 1] = torch.arange(h)[:, None]
+    img[..., 2] = torch.arange(w)[None, :]
+    txt = torch.zeros(n_txt, n_axes)
+    if n_axes > 3:
+        txt[:, 3] = torch.arange(n_txt)
+    return img.reshape(h * w, n_axes), txt
+
+
+def _flux2_inputs(g, b, t):
+    img_ids, txt_ids = _flux_ids_n(4, 4, 6, 4)
+    return (_randn(g, b, 16, 16),), dict(encoder_hidden_states=_randn(g, b, 6, 32), timestep=t, img_ids=img_ids,
+                                         txt_ids=txt_ids, guidance=torch.full((b,), 4.0), return_dict=False)
+
+
+_dcase(
+    "flux2", "Flux2Transformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, mlp_ratio=2.0,
+         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
+    _flux2_inputs, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux.2: shared modulation (computed once from temb, passed to every block); 4-axis RoPE ids.",
+)
+
+
+def _flux3_inputs(g, b, t):
+    img_ids, txt_ids = _flux_ids_n(4, 4, 6, 4)
+    return (_randn(g, b, 16, 16), _randn(g, b, 6, 32), t, img_ids, txt_ids), dict(return_dict=False)
+
+
+_dcase(
+    "flux3", "Flux3Transformer2DModel",
+    dict(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, timestep_channels=16, mlp_ratio=2.0,
+         axes_dims_rope=(4, 4, 4, 4)),
+    _flux3_inputs, num_blocks=4, block_lists=("mode_blocks.image", "txt_mode_blocks", "single_transformer_blocks"),
+    t_max=1.0,
+    notes="Flux.3: the double-stream stage keeps separate per-stream block lists (mode_blocks['image'] for "
+          "image tokens, txt_mode_blocks for text; mode_blocks['image_cond'] for conditioning images), then "
+          "single-stream blocks. num_blocks counts the stream lists separately (1 + 1 + 2).",
+)
+
+_dcase(
+    "transformer2d_dit", "Transformer2DModel",
+    dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+         patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero", norm_elementwise_affine=False,
+         activation_fn="gelu-approximate", attention_bias=True, norm_num_groups=4),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8),), dict(timestep=t, class_labels=torch.randint(0, 10, (b,), generator=g),
+                                                  return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+    notes="the legacy generic Transformer2DModel configured as a patched DiT (ada_norm_zero); the same class "
+          "without patch_size is a UNet attention layer (not a denoiser).",
+)
+
+_dcase(
+    "hunyuan_image", "HunyuanImageTransformer2DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+         num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=32,
+         rope_axes_dim=(8, 8)),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 32), _ones(b, 6)), dict(return_dict=False)),
+    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    notes="HunyuanImage 2.1: double + single stream blocks; token refiner on the text.",
+)
+
+_dcase(
+    "hunyuan_video15", "HunyuanVideo15Transformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=24,
+         image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v"),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 4, 4), t, _randn(g, b, 6, 32), _ones(b, 6)),
+                     dict(encoder_hidden_states_2=_randn(g, b, 4, 24), encoder_attention_mask_2=_ones(b, 4),
+                          image_embeds=torch.zeros(b, 3, 16), return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="HunyuanVideo 1.5 (t2v: image_embeds all zero); masks over text / byT5 / image tokens.",
+)
+
+_dcase(
+    "hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+         num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+         guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+         has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32), _ones(b, 6), _randn(g, b, 16),
+                      _randn(g, b, 3, 16), torch.arange(7, 9)),
+                     dict(guidance=torch.full((b,), 6000.0), latents_clean=_randn(g, b, 4, 1, 8, 8),
+                          indices_latents_clean=torch.arange(0, 1), latents_history_2x=_randn(g, b, 4, 2, 8, 8),
+                          indices_latents_history_2x=torch.arange(1, 3),
+                          latents_history_4x=_randn(g, b, 4, 4, 8, 8),
+                          indices_latents_history_4x=torch.arange(3, 7), return_dict=False)),
+    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    notes="FramePack: the clean / 2x / 4x history latents (1, 2, 4 frames) are packed before the noisy "
+          "tokens; frame indices 1-D.",
+)
+
+_dcase(
+    "consisid", "ConsisIDTransformer3DModel",
+    dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+         text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+         max_text_seq_length=6, is_train_face=False),
+    lambda g, b, t: ((_randn(g, b, 3, 4, 8, 8), _randn(g, b, 6, 32), t), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="CogVideoX-derived; identity (face) path disabled (is_train_face=False); (B, F, C, H, W) latents.",
+)
+
+_dcase(
+    "kandinsky5", "Kandinsky5Transformer3DModel",
+    dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+         model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 2, 8, 8, 4), _randn(g, b, 6, 32), t, _randn(g, b, 16)),
+                     dict(visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                          text_rope_pos=torch.arange(6), return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("visual_transformer_blocks",),
+    notes="channels-last latents (B, F, H, W, C); text_transformer_blocks encode the prompt first (not "
+          "denoising blocks).",
+)
+
+_dcase(
+    "prx", "PRXTransformer2DModel",
+    dict(in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=2,
+         axes_dim=[8, 8]),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 24)), dict(return_dict=False)),
+    num_blocks=2, block_lists=("blocks",), t_max=1.0,
+)
+
+_dcase(
+    "dreamlite", "DreamLiteTransformer2DModel",
+    dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, out_channels=32, num_layers=2,
+         cross_attention_dim=32, norm_num_groups=8),
+    lambda g, b, t: ((_randn(g, b, 32, 8, 8),), dict(encoder_hidden_states=_randn(g, b, 6, 32), timestep=t,
+                                                    return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",),
+)
+
+_dcase(
+    "ltx2", "LTX2VideoTransformer3DModel",
+    dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+         cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+         audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=24),
+    lambda g, b, t: ((_randn(g, b, 2 * 4 * 4, 8), _randn(g, b, 4, 8), _randn(g, b, 6, 24), _randn(g, b, 6, 24), t),
+                     dict(encoder_attention_mask=_ones(b, 6), audio_encoder_attention_mask=_ones(b, 6),
+                          num_frames=2, height=4, width=4, audio_num_frames=4, return_dict=False)),
+    is_video=True, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="LTX-2 joint audio+video: each block updates the video and the audio stream (a2v / v2a cross-attn); "
+          "output is (video, audio) - get_output returns the video.",
+)
+
+_dcase(
+    "wan_animate", "WanAnimateTransformer3DModel",
+    dict(_WAN_CFG, in_channels=12, latent_channels=4, out_channels=4, image_dim=16, motion_encoder_size=32,
+         motion_style_dim=16, motion_dim=8, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+         face_encoder_num_heads=2, inject_face_latents_blocks=1,
+         motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8, "32": 8}),
+    lambda g, b, t: ((_randn(g, b, 12, 2, 8, 8), t, _randn(g, b, 6, 32)),
+                     dict(encoder_hidden_states_image=_randn(g, b, 4, 16),
+                          pose_hidden_states=_randn(g, b, 4, 1, 8, 8),
+                          face_pixel_values=_randn(g, b, 3, 1, 32, 32), return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("blocks",),
+)
+
+_dcase(
+    "ace_step", "AceStepTransformer1DModel",
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+         head_dim=16, in_channels=12, audio_acoustic_hidden_dim=4, patch_size=2, sliding_window=8,
+         encoder_hidden_size=24),
+    lambda g, b, t: ((_randn(g, b, 16, 4), t, t, _randn(g, b, 6, 24), _randn(g, b, 16, 8)), dict(return_dict=False)),
+    is_audio=True, num_blocks=2, block_lists=("layers",), t_max=1.0,
+)
+
+_dcase(
+    "stable_audio3", "StableAudio3DiTModel",
+    dict(io_channels=4, patch_size=1, embed_dim=32, depth=2, num_heads=2, cond_token_dim=16, global_cond_dim=16,
+         local_add_cond_dim=4, timestep_features_dim=16, ff_mult=2.0, num_memory_tokens=2),
+    lambda g, b, t: ((_randn(g, b, 4, 16), t, _randn(g, b, 6, 16), _randn(g, b, 16)), dict(return_dict=False)),
+    is_audio=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+)
+
+_dcase(
+    "longcat_audio", "LongCatAudioDiTTransformer",
+    dict(dit_dim=32, dit_depth=2, dit_heads=2, dit_text_dim=24, latent_dim=4, ff_mult=2.0),
+    lambda g, b, t: ((_randn(g, b, 16, 4), _randn(g, b, 6, 24), torch.ones(b, 6, dtype=torch.bool), t),
+                     dict(return_dict=False)),
+    is_audio=True, num_blocks=2, block_lists=("blocks",), t_max=1.0,
+)
+
+_dcase(
+    "minimax_music3", "MiniMaxMusic3Transformer1DModel",
+    dict(in_channels=8, condition_dim=24, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+         ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16),
+    lambda g, b, t: ((_randn(g, b, 8, 16), t, _randn(g, b, 16, 24)), dict(return_dict=False)),
+    is_audio=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+)
