@@ -154,6 +154,8 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     for name, p in model.named_parameters():
+        if p.numel() == 0:
+            continue
         if p.ndim >= 2:
             fan_in = max(p[0].numel(), 1)
             s = min(std, 1.0 / math.sqrt(fan_in))

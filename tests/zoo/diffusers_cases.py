@@ -637,3 +637,215 @@ _dcase(
     lambda g, b, t: ((_randn(g, b, 8, 16), t, _randn(g, b, 16, 24)), dict(return_dict=False)),
     is_audio=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
 )
+
+# =============================================================================================
+# Batch 3: newer families
+# =============================================================================================
+
+_dcase(
+    "ernie_image", "ErnieImageTransformer2DModel",
+    dict(hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=4, out_channels=4,
+         patch_size=1, text_in_dim=24, rope_axes_dim=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 24), torch.full((b,), 6)), dict(return_dict=False)),
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="text_bth (B, T, D) with text_lens (B,); image and text tokens in one sequence.",
+)
+
+
+def _ideogram4_inputs(g, b, t):
+    n_txt, n_img = 6, 16
+    L = n_txt + n_img
+    pos = torch.zeros(b, L, 3, dtype=torch.long)
+    pos[:, :n_txt] = torch.arange(n_txt)[None, :, None]
+    hh, ww = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos[:, n_txt:, 0] = n_txt
+    pos[:, n_txt:, 1] = hh.reshape(-1)
+    pos[:, n_txt:, 2] = ww.reshape(-1)
+    indicator = torch.cat([torch.full((b, n_txt), 3), torch.full((b, n_img), 2)], dim=1)
+    return (_randn(g, b, L, 16), t, _randn(g, b, L, 24), pos, torch.zeros(b, L, dtype=torch.long), indicator), dict(
+        return_dict=False)
+
+
+_dcase(
+    "ideogram4", "Ideogram4Transformer2DModel",
+    dict(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
+         adaln_dim=16, llm_features_dim=24, mrope_section=(2, 1, 1)),
+    _ideogram4_inputs, num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="one packed sequence of LLM-feature tokens (indicator 3) and image tokens (indicator 2); MRoPE "
+          "position_ids (B, L, 3), segment_ids for block-diagonal attention.",
+)
+
+
+def _krea2_inputs(g, b, t):
+    pos = torch.zeros(6 + 16, 3)
+    hh, ww = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos[6:, 1] = hh.reshape(-1)
+    pos[6:, 2] = ww.reshape(-1)
+    return (_randn(g, b, 16, 16), _randn(g, b, 6, 2, 24), t, pos), dict(return_dict=False)
+
+
+_dcase(
+    "krea2", "Krea2Transformer2DModel",
+    dict(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+         intermediate_size=64, timestep_embed_dim=16, text_hidden_dim=24, num_text_layers=2,
+         text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=32,
+         num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6)),
+    _krea2_inputs, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="text features (B, L, num_text_layers, D) fused by a small text transformer first; packed image tokens.",
+)
+
+
+def _glm_image_inputs(g, b, t):
+    return (_randn(g, b, 4, 8, 8), _randn(g, b, 6, 24), torch.randint(0, 32, (b, 16), generator=g),
+            torch.zeros(b, dtype=torch.bool), t, torch.full((b, 2), 64.0), torch.zeros(b, 2)), dict(return_dict=False)
+
+
+_dcase(
+    "glm_image", "GlmImageTransformer2DModel",
+    dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+         text_embed_dim=24, time_embed_dim=16, condition_dim=2, prior_vq_quantizer_codebook_size=32),
+    _glm_image_inputs, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="prior_token_id (B, N image tokens) from the AR prior; prior_token_drop (B,) bool.",
+)
+
+
+def _bria_fibo_inputs(g, b, t):
+    img_ids, txt_ids = _flux_ids(4, 4, 6)
+    return (_randn(g, b, 16, 16),), dict(encoder_hidden_states=_randn(g, b, 6, 32),
+                                         text_encoder_layers=[_randn(g, b, 6, 24) for _ in range(3)],
+                                         timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+
+
+_dcase(
+    "bria_fibo", "BriaFiboTransformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6], text_encoder_dim=24),
+    _bria_fibo_inputs, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    notes="Flux-like; every block gets a different text-encoder layer (text_encoder_layers list).",
+)
+
+_dcase(
+    "joyimage_edit", "JoyImageEditTransformer3DModel",
+    dict(patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=24,
+         mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6]),
+    lambda g, b, t: ((_randn(g, b, 4, 1, 8, 8), t, _randn(g, b, 6, 24)), dict(return_dict=False)),
+    num_blocks=2, block_lists=("double_blocks",),
+    notes="image as a 1-frame video (B, C, 1, H, W); double-stream blocks.",
+)
+
+_dcase(
+    "joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel",
+    dict(patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=24,
+         mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6]),
+    lambda g, b, t: ((_randn(g, b, 16, 4, 1, 2, 2), t, _randn(g, b, 6, 24)),
+                     dict(shape_list=[[(1, 4, 4)]] * b, return_dict=False)),
+    num_blocks=2, block_lists=("double_blocks",),
+    notes="pre-patchified input (B, N patches, C, pt, ph, pw) with shape_list[i] = [(t, h, w), ...] per item "
+          "(edit image(s) + target).",
+)
+
+_dcase(
+    "helios", "HeliosTransformer3DModel",
+    dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32)), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("blocks",),
+    notes="Wan-derived autoregressive video model; no history latents here.",
+)
+
+_dcase(
+    "anyflow", "AnyFlowTransformer3DModel",
+    dict(_WAN_CFG),
+    lambda g, b, t: ((_randn(g, b, 2, 4, 8, 8), t[:, None].expand(b, 2), t[:, None].expand(b, 2) * 0.5,
+                      _randn(g, b, 6, 32)), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("blocks",),
+    notes="Wan-derived flow-map model: latents (B, F, C, H, W); per-frame timestep and r_timestep (B, F).",
+)
+
+_dcase(
+    "kandinsky6_sr", "Kandinsky6SRTransformer3DModel",
+    dict(in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=32, ff_dim=64,
+         num_visual_blocks=2, axes_dims=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 2, 8, 8, 9), t), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("visual_transformer_blocks",),
+    notes="super-resolution DiT (no text); channels-last input = noisy (4) + low-res condition (4) + mask (1).",
+)
+
+_dcase(
+    "kandinsky6", "Kandinsky6Transformer3DModel",
+    dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=16, patch_size=(1, 2, 2),
+         model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False,
+         in_audio_dim=4, out_audio_dim=4),
+    lambda g, b, t: ((_randn(g, b, 2, 8, 8, 4), _randn(g, b, 6, 32), _randn(g, b, 16), t),
+                     dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("visual_transformer_blocks",),
+)
+
+_dcase(
+    "motif_video", "MotifVideoTransformer3DModel",
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+         num_single_layers=2, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
+         rope_axes_dim=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32)),
+                     dict(encoder_attention_mask=_ones(b, 6), return_dict=False)),
+    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+)
+
+_dcase(
+    "nucleus_moe_image", "NucleusMoEImageTransformer2DModel",
+    dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+         joint_attention_dim=32, axes_dims_rope=(4, 6, 6), mlp_ratio=2.0, moe_enabled=True,
+         dense_moe_strategy="leave_first_block_dense", num_experts=4, moe_intermediate_dim=16,
+         capacity_factors=2.0),
+    lambda g, b, t: ((_randn(g, b, 16, 16), [(1, 4, 4)] * b),
+                     dict(encoder_hidden_states=_randn(g, b, 6, 32), encoder_hidden_states_mask=_ones(b, 6),
+                          timestep=t, return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="Qwen-Image-like MMDiT with mixture-of-experts FFNs (token routing).",
+)
+
+_dcase(
+    "qwenimage21", "QwenImage21Transformer2DModel",
+    dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+         context_in_dim=32, mlp_ratio=2, axes_dims_rope=(4, 6, 6)),
+    lambda g, b, t: ((_randn(g, b, 16, 16), _randn(g, b, 6, 32), t, [[(1, 4, 4)]] * b,
+                      torch.cat([torch.zeros(b, 6, dtype=torch.bool), torch.ones(b, 4, dtype=torch.bool)], 1)),
+                     dict(encoder_hidden_states_mask=_ones(b, 6), return_dict=False)),
+    num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="VLM-conditioned: img_mask (B, text + slots) marks the image slots (4 target tokens per slot) inside "
+          "the joint sequence; img_shapes nested per sample.",
+)
+
+
+def _zimage_inputs(g, b, t):
+    return ([_randn(g, 4, 1, 8, 8) for _ in range(b)], t, [_randn(g, 6, 24) for _ in range(b)]), dict(
+        return_dict=False)
+
+
+_dcase(
+    "z_image", "ZImageTransformer2DModel",
+    dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+         n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]),
+    _zimage_inputs, num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="inputs are LISTS of per-sample tensors x[i] (C, F, H, W) and cap_feats[i] (L, D); noise_refiner and "
+          "context_refiner precede the main `layers`; timestep counts UP (t = 1 - sigma). Output is a list "
+          "(get_output returns the first sample).",
+)
+
+
+def _hidream_inputs(g, b, t):
+    return (_randn(g, b, 4, 8, 8), t), dict(
+        encoder_hidden_states_t5=_randn(g, b, 6, 24),
+        encoder_hidden_states_llama3=_randn(g, 3, b, 6, 32),
+        pooled_embeds=_randn(g, b, 16), return_dict=False)
+
+
+_dcase(
+    "hidream_image", "HiDreamImageTransformer2DModel",
+    dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, caption_channels=[24, 32], text_emb_dim=16, num_routed_experts=2,
+         num_activated_experts=1, axes_dims_rope=(8, 4, 4), max_resolution=(16, 16), llama_layers=[0, 1, 2]),
+    _hidream_inputs, num_blocks=3, block_lists=("double_stream_blocks", "single_stream_blocks"),
+    notes="double + single stream blocks with MoE FFNs; each block gets a different Llama-3 layer's states "
+          "(encoder_hidden_states_llama3 is (num_llama_layers, B, L, D)).",
+)
