@@ -68,8 +68,12 @@ def load_reference_model(device="cpu", dtype=torch.float32, weights: str | Path 
     t_sd = {k[len("transformer."):]: v.float() for k, v in sd.items() if k.startswith("transformer.")}
     transformer.load_state_dict(t_sd, strict=True)
     tokenizer.prompt_embedding.weight.data.copy_(sd["tokenizer.prompt_embedding.weight"].float())
-    transformer.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    tokenizer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # (.to(dtype) only when asked: diffusers warns about casting its float32-sensitive modules)
+    for m in (transformer, tokenizer):
+        m.to(device=device)
+        if dtype != torch.float32:
+            m.to(dtype=dtype)
+        m.eval().requires_grad_(False)
     return transformer, tokenizer
 
 
@@ -91,7 +95,7 @@ def sample(transformer, prompt_embeds: torch.Tensor, num_steps: int = 30, seed: 
     or one int per video. ``model_fn`` replaces ``transformer`` for the calls (e.g. a
     torch.compile'd transformer); ``progress`` wraps the timestep iterator (e.g. tqdm).
     """
-    model_fn = model_fn or transformer
+    model_fn = transformer if model_fn is None else model_fn
     p = next(transformer.parameters())
     device, dtype = p.device, p.dtype
     b = prompt_embeds.shape[0]
