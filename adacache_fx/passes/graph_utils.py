@@ -97,8 +97,9 @@ def module_path(raw: str) -> str:
     """Normalise a Dynamo ``nn_module_stack`` path: ``L['self'].blocks[3].attn`` -> ``blocks.3.attn``."""
     path = _ROOT.sub("", raw)
     path = _INDEX.sub(r".\1", path)
-    path = path.replace("._modules.", ".").replace("['", ".").replace("']", "")
-    return path.strip(".")
+    path = path.replace("['", ".").replace("']", "")
+    parts = [p for p in path.split(".") if p and p not in ("__dict__", "_modules")]
+    return ".".join(parts)
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, type]]:

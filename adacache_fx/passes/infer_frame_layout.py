@@ -186,7 +186,7 @@ def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
                 if node.op == "call_function" and node.target is operator.getitem and isinstance(example_value(node), torch.Tensor) and isinstance(src_val, torch.Tensor):
                     new = _propagate(node, source_axis, arg)
                 elif isinstance(example_value(node), (tuple, list)):
-                    new = source_axis if _chunk_keeps(node, source_axis, src_val) else None
+                    new = _split_element_axis(node, source_axis, src_val)
                 else:
                     new = _propagate(node, source_axis, arg)
                 if new is not None and _fits(example_value(node), new):
@@ -205,17 +205,22 @@ def _fits(value, axis: FrameAxis) -> bool:
     return _div(_expr(value.shape[axis.dim]), axis.inner * axis.frames) is not None
 
 
-def _chunk_keeps(node: fx.Node, axis: FrameAxis, src_val) -> bool:
+def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[FrameAxis]:
+    """Layout of each element of chunk/split/unbind outputs (None: split along frames)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name not in ("chunk", "split", "unbind", "tensor_split"):
-        return False
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    if name == "unbind":
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return None
+    default_pos = 1 if name == "unbind" else 2
+    dim = node.kwargs.get("dim", node.args[default_pos] if len(node.args) > default_pos else 0)
     try:
-        return int(dim) % src_val.dim() != axis.dim and name != "unbind"
+        dim = int(dim) % src_val.dim()
     except TypeError:
-        return False
+        return None
+    if dim == axis.dim:
+        return None
+    if name == "unbind" and dim < axis.dim:
+        return FrameAxis(axis.dim - 1, axis.inner, axis.frames)
+    return axis
 
 
 def find_video_input(graph: fx.Graph) -> Optional[fx.Node]:
