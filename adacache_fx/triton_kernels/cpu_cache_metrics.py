@@ -76,59 +76,160 @@ typedef struct {
     int64_t begin, end;           /* item range of one thread */
 } job_t;
 
+/* Vector helpers (GCC/Clang vector extensions: AVX2 with -march=native, SSE otherwise). */
+typedef float vf __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+#define VL 8          /* floats per vector */
+#define W (2 * VL)    /* elements per strip: two vectors per accumulator */
+#define PF_BYTES 512  /* software prefetch distance along a frame row */
+
+static inline vf vabs(vf x) {
+    vu u; memcpy(&u, &x, sizeof u);
+    u &= (vu){0x7fffffffu, 0x7fffffffu, 0x7fffffffu, 0x7fffffffu,
+              0x7fffffffu, 0x7fffffffu, 0x7fffffffu, 0x7fffffffu};
+    memcpy(&x, &u, sizeof x); return x;
+}
+static inline vf ldv_f32(const float *q) { vf v; memcpy(&v, q, sizeof v); return v; }
+static inline vf ldv_bf16(const uint16_t *q) {
+    vh h; memcpy(&h, q, sizeof h); vu u = __builtin_convertvector(h, vu) << 16;
+    vf v; memcpy(&v, &u, sizeof v); return v;
+}
+#ifdef __FLT16_MAX__
+typedef _Float16 vhf __attribute__((vector_size(16)));
+static inline vf ldv_f16(const _Float16 *q) { vhf h; memcpy(&h, q, sizeof h); return __builtin_convertvector(h, vf); }
+#else
+static inline vf ldv_f16(const uint16_t *q) {
+    float t[VL]; for (int k = 0; k < VL; k++) t[k] = ld_f16(q + k);
+    vf v; memcpy(&v, t, sizeof v); return v;
+}
+#endif
+
 /* One work item = (sample b, frame phase j, element row i1, block of BLK elements).
-   Loop 1 reads r and p (the only loads from memory) into per-element float32
-   accumulators and an L1 copy of the r row; loop 2 does the motion terms from the L1
-   copies of this frame and the previous frame of the same phase. Splitting keeps the
-   arrays each loop touches inside L1; both loops vectorise. */
-#define DEFINE_ITEM(NAME, T, LD)                                                       \
-static void item_##NAME(const job_t *J, int64_t item) {                                \
-    int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                         \
-    int64_t i1 = t %% J->N1; t /= J->N1;                                                \
-    int64_t j = t %% J->s, b = t / J->s;                                                \
-    int64_t n0 = nb * BLK, len = J->N2 - n0 < BLK ? J->N2 - n0 : BLK;                  \
-    float ad[BLK], ap[BLK], am[BLK], ah[BLK], al[BLK], buf0[BLK], buf1[BLK];           \
-    float *cur = buf0, *prev = buf1, *tmp;                                              \
-    for (int64_t i = 0; i < len; i++) { ad[i] = 0.f; ap[i] = 0.f; am[i] = 0.f; ah[i] = 0.f; al[i] = 0.f; } \
-    const T *rb = (const T *)J->r + b * J->sr_b + i1 * J->sr_1 + n0 * J->sr_2;         \
-    const T *pb = (const T *)J->p + b * J->sp_b + i1 * J->sp_1 + n0 * J->sp_2;         \
-    const int64_t s = J->s, F = J->F, sr2 = J->sr_2, sp2 = J->sp_2;                     \
-    for (int64_t f = j; f < F; f += s) {                                                \
-        const T *rr = rb + f * J->sr_f, *pp = pb + f * J->sp_f;                         \
-        if (sr2 == 1 && sp2 == 1) {                                                     \
-            for (int64_t i = 0; i < len; i++) {                                         \
-                float rv = LD(rr + i), pv = LD(pp + i);                                 \
-                ad[i] += fabsf(rv - pv); ap[i] += fabsf(pv); cur[i] = rv;               \
-            }                                                                           \
-        } else {                                                                        \
-            for (int64_t i = 0; i < len; i++) {                                         \
-                float rv = LD(rr + i * sr2), pv = LD(pp + i * sp2);                     \
-                ad[i] += fabsf(rv - pv); ap[i] += fabsf(pv); cur[i] = rv;               \
-            }                                                                           \
-        }                                                                               \
-        if (f >= s) {                                                                   \
-            for (int64_t i = 0; i < len; i++) {                                         \
-                am[i] += fabsf(cur[i] - prev[i]); ah[i] += fabsf(cur[i]);               \
-            }                                                                           \
-        }                                                                               \
-        if (f < F - s) {                                                                \
-            for (int64_t i = 0; i < len; i++) al[i] += fabsf(cur[i]);                   \
-        }                                                                               \
-        tmp = prev; prev = cur; cur = tmp;                                              \
+   The block is walked in strips of W elements; for each strip the frames j, j+s, ...
+   are walked in order with all five accumulators and the previous frame in registers,
+   so each element of r and p is loaded exactly once and nothing else touches memory.
+   Per element the frame sums are float32 (in frame order); the strip results are added
+   into W float64 lanes in strip order and the lanes are combined in a fixed tree, so
+   the result depends on nothing but the shapes (not on threads, not on timing). */
+#define STEP(HAS_PREV, HAS_NEXT)                                                        \
+    if (contig) {                                                                       \
+        __builtin_prefetch((const char *)rq + PF_BYTES);                                \
+        __builtin_prefetch((const char *)pq + PF_BYTES);                                \
+        r0 = LDV(rq); r1 = LDV(rq + VL); p0 = LDV(pq); p1 = LDV(pq + VL);              \
+    } else {                                                                            \
+        r0 = LDVS(rq, sr2); r1 = LDVS(rq + VL * sr2, sr2);                              \
+        p0 = LDVS(pq, sp2); p1 = LDVS(pq + VL * sp2, sp2);                              \
     }                                                                                   \
-    double sd = 0, sp = 0, sm = 0, sh = 0, sl = 0;                                      \
-    for (int64_t i = 0; i < len; i++) { sd += ad[i]; sp += ap[i]; sm += am[i]; sh += ah[i]; sl += al[i]; } \
+    ad0 += vabs(r0 - p0); ad1 += vabs(r1 - p1); ap0 += vabs(p0); ap1 += vabs(p1);       \
+    if (HAS_PREV) {                                                                     \
+        am0 += vabs(r0 - pr0); am1 += vabs(r1 - pr1); ah0 += vabs(r0); ah1 += vabs(r1); \
+    }                                                                                   \
+    if (HAS_NEXT) { al0 += vabs(r0); al1 += vabs(r1); }                                 \
+    pr0 = r0; pr1 = r1;
+
+#define SCALAR_STEP(HAS_PREV, HAS_NEXT)                                                 \
+    rv = LD1(rq); pv = LD1(pq);                                                         \
+    ad += fabsf(rv - pv); ap += fabsf(pv);                                              \
+    if (HAS_PREV) { am += fabsf(rv - pr); ah += fabsf(rv); }                            \
+    if (HAS_NEXT) al += fabsf(rv);                                                      \
+    pr = rv;
+
+#define DEFINE_ITEM(NAME, T, LD, LDV)                                                   \
+static inline vf ldvs_##NAME(const T *q, int64_t st) {                                  \
+    float t[VL]; for (int k = 0; k < VL; k++) t[k] = LD(q + k * st);                    \
+    vf v; memcpy(&v, t, sizeof v); return v;                                            \
+}                                                                                       \
+static inline __attribute__((always_inline)) void strip_##NAME(                         \
+        const T *rq, const T *pq, int64_t srf, int64_t spf, int64_t sr2, int64_t sp2,   \
+        int64_t j, int64_t F, int64_t s, double lane[5][W], const int contig) {         \
+    const vf z = {0};                                                                   \
+    vf ad0 = z, ad1 = z, ap0 = z, ap1 = z, am0 = z, am1 = z, ah0 = z, ah1 = z;          \
+    vf al0 = z, al1 = z, pr0 = z, pr1 = z, r0, r1, p0, p1;                              \
+    const int64_t rstep = s * srf, pstep = s * spf;                                     \
+    int64_t f = j;                                                                      \
+    rq += f * srf; pq += f * spf;                                                       \
+    STEP(0, f < F - s)                                                                  \
+    for (f += s, rq += rstep, pq += pstep; f < F - s; f += s, rq += rstep, pq += pstep) { \
+        STEP(1, 1)                                                                      \
+    }                                                                                   \
+    for (; f < F; f += s, rq += rstep, pq += pstep) {                                   \
+        STEP(1, 0)                                                                      \
+    }                                                                                   \
+    for (int k = 0; k < VL; k++) {                                                      \
+        lane[0][k] += ad0[k]; lane[0][VL + k] += ad1[k];                                \
+        lane[1][k] += ap0[k]; lane[1][VL + k] += ap1[k];                                \
+        lane[2][k] += am0[k]; lane[2][VL + k] += am1[k];                                \
+        lane[3][k] += ah0[k]; lane[3][VL + k] += ah1[k];                                \
+        lane[4][k] += al0[k]; lane[4][VL + k] += al1[k];                                \
+    }                                                                                   \
+}                                                                                       \
+static void item_##NAME(const job_t *J, int64_t item) {                                 \
+    int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                          \
+    int64_t i1 = t %% J->N1; t /= J->N1;                                                 \
+    int64_t j = t %% J->s, b = t / J->s;                                                 \
+    int64_t n0 = nb * BLK, len = J->N2 - n0 < BLK ? J->N2 - n0 : BLK;                   \
+    const int64_t s = J->s, F = J->F, sr2 = J->sr_2, sp2 = J->sp_2;                     \
+    const int64_t srf = J->sr_f, spf = J->sp_f;                                         \
+    const T *rb = (const T *)J->r + b * J->sr_b + i1 * J->sr_1 + n0 * sr2;              \
+    const T *pb = (const T *)J->p + b * J->sp_b + i1 * J->sp_1 + n0 * sp2;              \
+    double lane[5][W];                                                                  \
+    memset(lane, 0, sizeof lane);                                                       \
+    int64_t i = 0;                                                                      \
+    if (j < F) {                                                                        \
+        if (sr2 == 1 && sp2 == 1) {                                                     \
+            for (; i + W <= len; i += W)                                                \
+                strip_##NAME(rb + i, pb + i, srf, spf, 1, 1, j, F, s, lane, 1);         \
+        } else {                                                                        \
+            for (; i + W <= len; i += W)                                                \
+                strip_##NAME(rb + i * sr2, pb + i * sp2, srf, spf, sr2, sp2, j, F, s, lane, 0); \
+        }                                                                               \
+        for (; i < len; i++) {    /* tail: same algorithm, one element at a time */     \
+            const T *rq = rb + i * sr2 + j * srf, *pq = pb + i * sp2 + j * spf;         \
+            float ad = 0, ap = 0, am = 0, ah = 0, al = 0, pr = 0, rv, pv;               \
+            int64_t f = j;                                                              \
+            SCALAR_STEP(0, f < F - s)                                                   \
+            for (f += s, rq += s * srf, pq += s * spf; f < F; f += s, rq += s * srf, pq += s * spf) { \
+                SCALAR_STEP(1, f < F - s)                                               \
+            }                                                                           \
+            lane[0][0] += ad; lane[1][0] += ap; lane[2][0] += am; lane[3][0] += ah; lane[4][0] += al; \
+        }                                                                               \
+    }                                                                                   \
     double *o = J->part + item * 5;                                                     \
-    o[0] = sd; o[1] = sp; o[2] = sm; o[3] = sh; o[4] = sl;                              \
+    for (int m = 0; m < 5; m++) {                                                       \
+        double a[W];                                                                    \
+        for (int k = 0; k < W; k++) a[k] = lane[m][k];                                  \
+        for (int w = W / 2; w >= 1; w /= 2)                                             \
+            for (int k = 0; k < w; k++) a[k] = a[k] + a[k + w];                         \
+        o[m] = a[0];                                                                    \
+    }                                                                                   \
 }
 
-DEFINE_ITEM(f32, float, ld_f32)
-DEFINE_ITEM(bf16, uint16_t, ld_bf16)
+#define LDV ldv_f32
+#define LD1 ld_f32
+#define LDVS ldvs_f32
+DEFINE_ITEM(f32, float, ld_f32, ldv_f32)
+#undef LDV
+#undef LDVS
+#undef LD1
+#define LDV ldv_bf16
+#define LD1 ld_bf16
+#define LDVS ldvs_bf16
+DEFINE_ITEM(bf16, uint16_t, ld_bf16, ldv_bf16)
+#undef LDV
+#undef LDVS
+#undef LD1
+#define LDV ldv_f16
+#define LD1 ld_f16
+#define LDVS ldvs_f16
 #ifdef __FLT16_MAX__
-DEFINE_ITEM(f16, _Float16, ld_f16)
+DEFINE_ITEM(f16, _Float16, ld_f16, ldv_f16)
 #else
-DEFINE_ITEM(f16, uint16_t, ld_f16)
+DEFINE_ITEM(f16, uint16_t, ld_f16, ldv_f16)
 #endif
+#undef LDV
+#undef LDVS
+#undef LD1
 
 typedef void (*item_fn)(const job_t *, int64_t);
 typedef struct { job_t job; item_fn fn; } thread_arg_t;
