@@ -32,6 +32,14 @@ NOT_DIT: dict[str, str] = {
                               "per-item lists of shapes); not a DiT-latent denoiser interface",
 }
 
+#: DiT denoisers that are not zoo cases, with the reason.
+NOT_COVERED: dict[str, str] = {
+    "WanAnimate2Transformer3DModel": "two-pass protocol: a reference pass (kv_cache_mode='extract') must fill a "
+                                     "WanAnimate2KVCache before each generation pass (kv_cache_mode='cached', "
+                                     "flex-attention block mask from origin_len/origin_area, list-of-tensor "
+                                     "inputs); it cannot be driven as one model(*args) call from make_inputs",
+}
+
 
 def _cls(name: str):
     return getattr(importlib.import_module("diffusers"), name)
@@ -848,4 +856,91 @@ _dcase(
     _hidream_inputs, num_blocks=3, block_lists=("double_stream_blocks", "single_stream_blocks"),
     notes="double + single stream blocks with MoE FFNs; each block gets a different Llama-3 layer's states "
           "(encoder_hidden_states_llama3 is (num_llama_layers, B, L, D)).",
+)
+
+_dcase(
+    "bria_fibo2", "BriaFibo2Transformer2DModel",
+    dict(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=24,
+         injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+         gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(32, 16, 16)),
+    lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 2, 6, 24)), dict(return_dict=False)),
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="encoder_hidden_states (B, 1 + len(injection_layer_ids), L, D): layer 0 feeds a perceiver that makes "
+          "'gist' tokens, the others are injected as cross-attention at injection_layer_ids; noise_refiner first.",
+)
+
+_SANA_WM_REFINER_CFG = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                            attention_head_dim=16, cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8,
+                            audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+                            num_layers=2, caption_channels=24)
+_ROPE_CACHE: dict = {}
+
+
+def _sana_wm_refiner_inputs(g, b, t):
+    key = ("sana_wm_refiner", b)
+    if key not in _ROPE_CACHE:
+        m = _cls("SanaWMLTX2RefinerTransformer3DModel")(**_SANA_WM_REFINER_CFG)
+        _ROPE_CACHE[key] = m.build_rotary_emb_for_absolute_positions(
+            batch_size=b, frame_positions=[0, 1], height=4, width=4, device=torch.device("cpu"), fps=24.0)
+    n = 2 * 4 * 4
+    return (_randn(g, b, n, 8), _randn(g, b, 6, 24), t[:, None].expand(b, n).contiguous(), _ROPE_CACHE[key]), dict(
+        encoder_attention_mask=_ones(b, 6), return_dict=False)
+
+
+_dcase(
+    "sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel", dict(_SANA_WM_REFINER_CFG), _sana_wm_refiner_inputs,
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="LTX-2-derived video refiner: packed tokens (B, F*H*W, C), per-token timestep (B, N), video_rotary_emb "
+          "built by model.build_rotary_emb_for_absolute_positions (cached here); no KV cache.",
+)
+
+
+def _minimax_h3_inputs(g, b, t):
+    n_txt, n_vid, n_aud = 6, 16, 4
+    L = n_txt + n_vid + n_aud
+    text_idx = torch.arange(0, n_txt)
+    video_idx = torch.arange(n_txt, n_txt + n_vid)
+    audio_idx = torch.arange(n_txt + n_vid, L)
+    tags = torch.cat([torch.ones(n_txt), torch.zeros(n_vid), torch.full((n_aud,), 2)]).long()
+    pos = torch.zeros(L, 3, dtype=torch.long)
+    pos[:n_txt, 0] = torch.arange(n_txt)
+    hh, ww = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos[video_idx, 1] = hh.reshape(-1)
+    pos[video_idx, 2] = ww.reshape(-1)
+    pos[audio_idx, 0] = torch.arange(n_aud)
+    return (_randn(g, b, n_vid, 16), _randn(g, b, n_aud, 8), _randn(g, b, n_txt, 24), t[:1],
+            torch.zeros(L, dtype=torch.long), tags, pos, video_idx, audio_idx, text_idx), dict(return_dict=False)
+
+
+_dcase(
+    "minimax_h3", "MiniMaxH3Transformer3DModel",
+    dict(num_attention_heads=2, attention_head_dim=24, hidden_size=48, num_layers=2, num_refiner_layers=1,
+         ffn_dim=64, in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=24, freq_dim=16,
+         time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=4),
+    _minimax_h3_inputs, is_video=True, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    notes="joint audio+video+text packed sequence; `timestep` holds the DISTINCT timestep values (shared by the "
+          "batch; make_inputs uses t[:1]) and timestep_indices/token_tags select the adaLN row per token; "
+          "output (video, audio) - get_output returns the video rows.",
+)
+
+_dcase(
+    "sana_wm", "SanaWMTransformer3DModel",
+    dict(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 1, 1), softmax_every_n=2,
+         linear_head_dim=16, use_chunk_plucker_post_attn=False, chunk_plucker_channels=8,
+         chunk_plucker_post_attn_blocks=0, image_size=8, caption_channels=24, mlp_ratio=2.0, fp32_attention=True,
+         mixed_precision="fp32"),
+    lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t[:, None, None].expand(b, 1, 2).contiguous(), _randn(g, b, 6, 24)),
+                     dict(encoder_attention_mask=_ones(b, 6), return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("blocks",),
+    notes="per-frame timestep (B, 1, F). SANA world model without camera conditioning: linear-attention blocks with a softmax block every "
+          "softmax_every_n; camera / Plucker inputs left out.",
+)
+
+_dcase(
+    "anyflow_far", "AnyFlowFARTransformer3DModel",
+    dict(_WAN_CFG, compressed_patch_size=(1, 4, 4), full_chunk_limit=3, chunk_partition=(1, 1)),
+    lambda g, b, t: ((_randn(g, b, 2, 4, 8, 8), t[:, None].expand(b, 2), t[:, None].expand(b, 2) * 0.5,
+                      _randn(g, b, 6, 32), [1, 1]), dict(return_dict=False)),
+    is_video=True, num_blocks=2, block_lists=("blocks",),
+    notes="frame-autoregressive AnyFlow: chunk_partition [1, 1] (two 1-frame chunks), no KV cache, default mask.",
 )
