@@ -109,8 +109,9 @@ static inline vf ldv_f16(const uint16_t *q) {
    The block is walked in strips of W elements; for each strip the frames j, j+s, ...
    are walked in order with all five accumulators and the previous frame in registers,
    so each element of r and p is loaded exactly once and nothing else touches memory.
-   Per element the frame sums are float32 (in frame order); the strip results are added
-   into W float64 lanes in strip order and the lanes are combined in a fixed tree, so
+   Per lane the sums are float32 over the frames of G consecutive strips (in order);
+   each group is added into W float64 lanes in order and the lanes are combined in a
+   fixed tree, so
    the result depends on nothing but the shapes (not on threads, not on timing). */
 #define STEP(HAS_PREV, HAS_NEXT)                                                        \
     if (contig) {                                                                       \
@@ -128,6 +129,10 @@ static inline vf ldv_f16(const uint16_t *q) {
     if (HAS_NEXT) { al0 += vabs(r0); al1 += vabs(r1); }                                 \
     pr0 = r0; pr1 = r1;
 
+/* float32 accumulators of a group of strips: [sum|r-p|, sum|p|, motion, hi, lo] x 2 */
+typedef struct { vf v[10]; } acc_t;
+#define G 16          /* strips per float32 accumulation group (<= 16 * F terms per lane) */
+
 #define SCALAR_STEP(HAS_PREV, HAS_NEXT)                                                 \
     rv = LD1(rq); pv = LD1(pq);                                                         \
     ad += fabsf(rv - pv); ap += fabsf(pv);                                              \
@@ -142,10 +147,11 @@ static inline vf ldvs_##NAME(const T *q, int64_t st) {                          
 }                                                                                       \
 static inline __attribute__((always_inline)) void strip_##NAME(                         \
         const T *rq, const T *pq, int64_t srf, int64_t spf, int64_t sr2, int64_t sp2,   \
-        int64_t j, int64_t F, int64_t s, double lane[5][W], const int contig) {         \
+        int64_t j, int64_t F, int64_t s, acc_t *A, const int contig) {                  \
     const vf z = {0};                                                                   \
-    vf ad0 = z, ad1 = z, ap0 = z, ap1 = z, am0 = z, am1 = z, ah0 = z, ah1 = z;          \
-    vf al0 = z, al1 = z, pr0 = z, pr1 = z, r0, r1, p0, p1;                              \
+    vf ad0 = A->v[0], ad1 = A->v[1], ap0 = A->v[2], ap1 = A->v[3], am0 = A->v[4];       \
+    vf am1 = A->v[5], ah0 = A->v[6], ah1 = A->v[7], al0 = A->v[8], al1 = A->v[9];       \
+    vf pr0 = z, pr1 = z, r0, r1, p0, p1;                                                \
     const int64_t rstep = s * srf, pstep = s * spf;                                     \
     int64_t f = j;                                                                      \
     rq += f * srf; pq += f * spf;                                                       \
@@ -156,13 +162,8 @@ static inline __attribute__((always_inline)) void strip_##NAME(                 
     for (; f < F; f += s, rq += rstep, pq += pstep) {                                   \
         STEP(1, 0)                                                                      \
     }                                                                                   \
-    for (int k = 0; k < VL; k++) {                                                      \
-        lane[0][k] += ad0[k]; lane[0][VL + k] += ad1[k];                                \
-        lane[1][k] += ap0[k]; lane[1][VL + k] += ap1[k];                                \
-        lane[2][k] += am0[k]; lane[2][VL + k] += am1[k];                                \
-        lane[3][k] += ah0[k]; lane[3][VL + k] += ah1[k];                                \
-        lane[4][k] += al0[k]; lane[4][VL + k] += al1[k];                                \
-    }                                                                                   \
+    A->v[0] = ad0; A->v[1] = ad1; A->v[2] = ap0; A->v[3] = ap1; A->v[4] = am0;         \
+    A->v[5] = am1; A->v[6] = ah0; A->v[7] = ah1; A->v[8] = al0; A->v[9] = al1;          \
 }                                                                                       \
 static void item_##NAME(const job_t *J, int64_t item) {                                 \
     int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                          \
@@ -177,12 +178,21 @@ static void item_##NAME(const job_t *J, int64_t item) {                         
     memset(lane, 0, sizeof lane);                                                       \
     int64_t i = 0;                                                                      \
     if (j < F) {                                                                        \
-        if (sr2 == 1 && sp2 == 1) {                                                     \
-            for (; i + W <= len; i += W)                                                \
-                strip_##NAME(rb + i, pb + i, srf, spf, 1, 1, j, F, s, lane, 1);         \
-        } else {                                                                        \
-            for (; i + W <= len; i += W)                                                \
-                strip_##NAME(rb + i * sr2, pb + i * sp2, srf, spf, sr2, sp2, j, F, s, lane, 0); \
+        const int contig = sr2 == 1 && sp2 == 1;                                        \
+        while (i + W <= len) {   /* groups of G strips share float32 accumulators */    \
+            acc_t A; memset(&A, 0, sizeof A);                                           \
+            int64_t end = i + G * W; if (end > len) end = len;                          \
+            if (contig) {                                                               \
+                for (; i + W <= end; i += W)                                            \
+                    strip_##NAME(rb + i, pb + i, srf, spf, 1, 1, j, F, s, &A, 1);       \
+            } else {                                                                    \
+                for (; i + W <= end; i += W)                                            \
+                    strip_##NAME(rb + i * sr2, pb + i * sp2, srf, spf, sr2, sp2, j, F, s, &A, 0); \
+            }                                                                           \
+            for (int m = 0; m < 5; m++)                                                 \
+                for (int k = 0; k < VL; k++) {                                          \
+                    lane[m][k] += A.v[2 * m][k]; lane[m][VL + k] += A.v[2 * m + 1][k];  \
+                }                                                                       \
         }                                                                               \
         for (; i < len; i++) {    /* tail: same algorithm, one element at a time */     \
             const T *rq = rb + i * sr2 + j * srf, *pq = pb + i * sp2 + j * spf;         \
