@@ -129,9 +129,10 @@ static inline vf ldv_f16(const uint16_t *q) {
     if (HAS_NEXT) { al0 += vabs(r0); al1 += vabs(r1); }                                 \
     pr0 = r0; pr1 = r1;
 
-/* float32 accumulators of a group of strips: [sum|r-p|, sum|p|, motion, hi, lo] x 2 */
-typedef struct { vf v[10]; } acc_t;
-#define G 16          /* strips per float32 accumulation group (<= 16 * F terms per lane) */
+/* state of one strip: float32 accumulators [sum|r-p|, sum|p|, motion, hi, lo] x 2 */
+typedef struct { vf v[12]; } acc_t;   /* + previous frame (2) */
+#define G 16          /* strips per float32 combination group */
+#define FC 4          /* frames per chunk: 2 * FC memory streams at a time */
 
 #define SCALAR_STEP(HAS_PREV, HAS_NEXT)                                                 \
     rv = LD1(rq); pv = LD1(pq);                                                         \
@@ -147,23 +148,27 @@ static inline vf ldvs_##NAME(const T *q, int64_t st) {                          
 }                                                                                       \
 static inline __attribute__((always_inline)) void strip_##NAME(                         \
         const T *rq, const T *pq, int64_t srf, int64_t spf, int64_t sr2, int64_t sp2,   \
-        int64_t j, int64_t F, int64_t s, acc_t *A, const int contig) {                  \
-    const vf z = {0};                                                                   \
+        int64_t fb, int64_t fe, int64_t F, int64_t s, acc_t *A, const int contig) {     \
     vf ad0 = A->v[0], ad1 = A->v[1], ap0 = A->v[2], ap1 = A->v[3], am0 = A->v[4];       \
     vf am1 = A->v[5], ah0 = A->v[6], ah1 = A->v[7], al0 = A->v[8], al1 = A->v[9];       \
-    vf pr0 = z, pr1 = z, r0, r1, p0, p1;                                                \
+    vf pr0 = A->v[10], pr1 = A->v[11], r0, r1, p0, p1;                                  \
     const int64_t rstep = s * srf, pstep = s * spf;                                     \
-    int64_t f = j;                                                                      \
+    int64_t f = fb;                                                                     \
     rq += f * srf; pq += f * spf;                                                       \
-    STEP(0, f < F - s)                                                                  \
-    for (f += s, rq += rstep, pq += pstep; f < F - s; f += s, rq += rstep, pq += pstep) { \
+    if (f < s) {          /* first frame of the phase: no previous frame */             \
+        STEP(0, f < F - s)                                                              \
+        f += s; rq += rstep; pq += pstep;                                               \
+    }                                                                                   \
+    const int64_t mid = fe < F - s ? fe : F - s;                                        \
+    for (; f < mid; f += s, rq += rstep, pq += pstep) {                                 \
         STEP(1, 1)                                                                      \
     }                                                                                   \
-    for (; f < F; f += s, rq += rstep, pq += pstep) {                                   \
+    for (; f < fe; f += s, rq += rstep, pq += pstep) {                                  \
         STEP(1, 0)                                                                      \
     }                                                                                   \
     A->v[0] = ad0; A->v[1] = ad1; A->v[2] = ap0; A->v[3] = ap1; A->v[4] = am0;         \
     A->v[5] = am1; A->v[6] = ah0; A->v[7] = ah1; A->v[8] = al0; A->v[9] = al1;          \
+    A->v[10] = pr0; A->v[11] = pr1;                                                     \
 }                                                                                       \
 static void item_##NAME(const job_t *J, int64_t item) {                                 \
     int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                          \
@@ -179,21 +184,33 @@ static void item_##NAME(const job_t *J, int64_t item) {                         
     int64_t i = 0;                                                                      \
     if (j < F) {                                                                        \
         const int contig = sr2 == 1 && sp2 == 1;                                        \
-        while (i + W <= len) {   /* groups of G strips share float32 accumulators */    \
-            acc_t A; memset(&A, 0, sizeof A);                                           \
-            int64_t end = i + G * W; if (end > len) end = len;                          \
+        const int64_t nstrips = len / W;                                                \
+        acc_t A[BLK / W];                                                               \
+        memset(A, 0, sizeof(acc_t) * (size_t)nstrips);                                  \
+        /* frames in chunks of FC (fewer concurrent memory streams); the strip state    \
+           (accumulators + previous frame) waits in A[] between chunks */               \
+        for (int64_t fb = j; fb < F; fb += FC * s) {                                    \
+            int64_t fe = fb + FC * s < F ? fb + FC * s : F;                             \
             if (contig) {                                                               \
-                for (; i + W <= end; i += W)                                            \
-                    strip_##NAME(rb + i, pb + i, srf, spf, 1, 1, j, F, s, &A, 1);       \
+                for (int64_t k = 0; k < nstrips; k++)                                   \
+                    strip_##NAME(rb + k * W, pb + k * W, srf, spf, 1, 1, fb, fe, F, s, &A[k], 1); \
             } else {                                                                    \
-                for (; i + W <= end; i += W)                                            \
-                    strip_##NAME(rb + i * sr2, pb + i * sp2, srf, spf, sr2, sp2, j, F, s, &A, 0); \
+                for (int64_t k = 0; k < nstrips; k++)                                   \
+                    strip_##NAME(rb + k * W * sr2, pb + k * W * sp2, srf, spf, sr2, sp2, \
+                                 fb, fe, F, s, &A[k], 0);                               \
             }                                                                           \
+        }                                                                               \
+        /* fixed order: float32 sums over groups of G strips, then float64 lanes */     \
+        for (int64_t k0 = 0; k0 < nstrips; k0 += G) {                                   \
+            vf g[10] = {0};                                                             \
+            for (int64_t k = k0; k < k0 + G && k < nstrips; k++)                        \
+                for (int m = 0; m < 10; m++) g[m] += A[k].v[m];                         \
             for (int m = 0; m < 5; m++)                                                 \
-                for (int k = 0; k < VL; k++) {                                          \
-                    lane[m][k] += A.v[2 * m][k]; lane[m][VL + k] += A.v[2 * m + 1][k];  \
+                for (int q = 0; q < VL; q++) {                                          \
+                    lane[m][q] += g[2 * m][q]; lane[m][VL + q] += g[2 * m + 1][q];      \
                 }                                                                       \
         }                                                                               \
+        i = nstrips * W;                                                                \
         for (; i < len; i++) {    /* tail: same algorithm, one element at a time */     \
             const T *rq = rb + i * sr2 + j * srf, *pq = pb + i * sp2 + j * spf;         \
             float ad = 0, ap = 0, am = 0, ah = 0, al = 0, pr = 0, rv, pv;               \
