@@ -1,0 +1,168 @@
+"""Small hand-written models for pass and runtime tests (shapes chosen odd on purpose)."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    e = t[:, None].float() * freqs[None]
+    return torch.cat([e.cos(), e.sin()], dim=-1)
+
+
+class Block(nn.Module):
+    """x + attn(x) + mlp(x); uses the time embedding only if ``use_t``."""
+
+    def __init__(self, c, use_t=True):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.use_t = use_t
+
+    def forward(self, x, temb):
+        h = self.norm1(x)
+        if self.use_t:
+            h = h * (1 + temb[:, None])
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class ToyDiT(nn.Module):
+    """Image-like DiT on (B, N, Cin) tokens; ``use_t=False`` keeps the time out of the blocks."""
+
+    def __init__(self, cin=5, c=24, depth=4, use_t=True):
+        super().__init__()
+        self.embed = nn.Linear(cin, c)
+        self.t_mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.blocks = nn.ModuleList([Block(c, use_t) for _ in range(depth)])
+        self.out = nn.Linear(c, cin)
+        self.c = c
+
+    def forward(self, x, timestep):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.out(h) * (1 + temb.mean(-1))[:, None, None]
+
+
+class ToyLatte(nn.Module):
+    """Latte-like video model: spatial and temporal blocks in two lists, rearranges between
+    them, a temporal position embedding added before the first temporal block, and the
+    region's output in the temporal layout. Input (B, C, F, H, W)."""
+
+    def __init__(self, cin=3, c=16, depth=2, frames=3, use_t=True):
+        super().__init__()
+        self.embed = nn.Conv2d(cin, c, 1)
+        self.t_mlp = nn.Linear(c, c)
+        self.spatial = nn.ModuleList([Block(c, use_t) for _ in range(depth)])
+        self.temporal = nn.ModuleList([Block(c, use_t) for _ in range(depth)])
+        self.temp_pos = nn.Parameter(torch.randn(1, frames, c) * 0.1)
+        self.out = nn.Linear(c, cin)
+        self.c = c
+
+    def forward(self, x, timestep):
+        b, cin, f, hh, ww = x.shape
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        h = self.embed(x.permute(0, 2, 1, 3, 4).reshape(b * f, cin, hh, ww))   # (B*F, C, H, W)
+        h = h.flatten(2).transpose(1, 2)                                        # (B*F, S, C)
+        s = hh * ww
+        t_sp = temb.repeat_interleave(f, dim=0)
+        t_tm = temb.repeat_interleave(s, dim=0)
+        for i, (sb, tb) in enumerate(zip(self.spatial, self.temporal)):
+            h = sb(h, t_sp)
+            h = h.reshape(b, f, s, self.c).permute(0, 2, 1, 3).reshape(b * s, f, self.c)
+            if i == 0:
+                h = h + self.temp_pos
+            h = tb(h, t_tm)
+            if i + 1 < len(self.spatial):
+                h = h.reshape(b, s, f, self.c).permute(0, 2, 1, 3).reshape(b * f, s, self.c)
+        h = h.reshape(b, s, f, self.c).permute(0, 2, 1, 3)   # (B, F, S, C)
+        out = self.out(h)                                     # (B, F, S, Cin)
+        return out.permute(0, 3, 1, 2).reshape(b, cin, f, hh, ww)
+
+
+class ToyDualStream(nn.Module):
+    """MMDiT/Flux-like: double-stream blocks update image and text tokens with joint
+    attention, then a concat, then single-stream blocks, then the text is dropped."""
+
+    def __init__(self, c=16, depth_double=2, depth_single=2):
+        super().__init__()
+        self.img_in, self.txt_in = nn.Linear(4, c), nn.Linear(6, c)
+        self.t_mlp = nn.Linear(c, c)
+        self.double_blocks = nn.ModuleList([DoubleBlock(c) for _ in range(depth_double)])
+        self.single_blocks = nn.ModuleList([Block(c) for _ in range(depth_single)])
+        self.out = nn.Linear(c, 4)
+        self.c = c
+
+    def forward(self, img, txt, timestep):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        x, ctx = self.img_in(img), self.txt_in(txt)
+        for block in self.double_blocks:
+            x, ctx = block(x, ctx, temb)
+        h = torch.cat([ctx, x], dim=1)
+        for block in self.single_blocks:
+            h = block(h, temb)
+        return self.out(h[:, ctx.shape[1]:])
+
+
+class DoubleBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_x, self.n_c = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.qkv_x, self.qkv_c = nn.Linear(c, 3 * c), nn.Linear(c, 3 * c)
+        self.o_x, self.o_c = nn.Linear(c, c), nn.Linear(c, c)
+        self.mlp_x, self.mlp_c = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x, ctx, temb):
+        n = ctx.shape[1]
+        qkv = torch.cat([self.qkv_c(self.n_c(ctx)), self.qkv_x(self.n_x(x) * (1 + temb[:, None]))], dim=1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(q, k, v)
+        ctx = ctx + self.o_c(a[:, :n])
+        x = x + self.o_x(a[:, n:])
+        return x + self.mlp_x(x), ctx + self.mlp_c(ctx)
+
+
+class ToySkipDiT(nn.Module):
+    """U-ViT / HunyuanDiT-like long skips: early block outputs feed late blocks, so the
+    early blocks' outputs leave any region that does not also hold the late blocks."""
+
+    def __init__(self, c=16, depth=4):
+        super().__init__()
+        self.embed = nn.Linear(5, c)
+        self.t_mlp = nn.Linear(c, c)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
+        self.skip = nn.Linear(2 * c, c)
+        self.out = nn.Linear(c, 5)
+        self.c = c
+
+    def forward(self, x, timestep):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        h = self.embed(x)
+        h0 = self.blocks[0](h, temb)
+        h1 = self.blocks[1](h0, temb)
+        h2 = self.blocks[2](h1, temb)
+        h3 = self.blocks[3](self.skip(torch.cat([h2, h0], -1)), temb)
+        return self.out(h3) + self.out(h0)
+
+
+class NoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 5)
+
+    def forward(self, x, timestep):
+        return self.b(torch.relu(self.a(x))) * timestep[:, None, None]
+
+
+def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
