@@ -1,0 +1,237 @@
+"""Pass unit tests on small hand-written models' Dynamo graphs."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from adacache_fx import AdaCacheConfig  # noqa: E402
+from adacache_fx.passes import analyze  # noqa: E402
+from adacache_fx.passes.add_cache_outputs import add_cache_outputs  # noqa: E402
+from adacache_fx.passes.find_blocks import find_blocks  # noqa: E402
+from adacache_fx.passes.graph_utils import module_path  # noqa: E402
+from adacache_fx.passes.infer_frame_layout import infer_frame_layout  # noqa: E402
+from helpers import INF, cached, sample_loop, timesteps  # noqa: E402
+from toy_models import Block, ToyDiT, ToyDualStream, ToyLatte, ToySkipDiT, seeded, sinusoid  # noqa: E402
+
+
+def graph_of(model, *args):
+    """The Dynamo graph of ``model(*args)`` (one graph expected)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def analysis_of(model, *args, **config):
+    gm = graph_of(model, *args)
+    return analyze(gm.graph, AdaCacheConfig(**config)), gm
+
+
+@pytest.mark.parametrize("raw, path", [
+    ("L['self'].blocks[3].attn", "blocks.3.attn"),
+    ("L['self'].blocks.3", "blocks.3"),
+    ("L['self'].__dict__['_modules']['transformer_blocks'].0.norm1", "transformer_blocks.0.norm1"),
+    ("L['s'].te", "te"),
+])
+def test_module_path(raw, path):
+    assert module_path(raw) == path
+
+
+def test_blocks_are_repeated_children_and_mixed_lists_are_not():
+    model = seeded(ToyDiT(depth=3))
+    gm = graph_of(model, torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    blocks = find_blocks(gm.graph)
+    assert [b.path for b in blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(b.cls_name == "Block" for b in blocks)
+    # nn.Sequential children of mixed classes (mlp.0 Linear, mlp.1 GELU) are not blocks
+    assert not any("mlp" in b.path for b in blocks)
+
+
+def test_single_stream_region_and_probe():
+    a, _ = analysis_of(seeded(ToyDiT(depth=5)), torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    (region,) = a.regions
+    assert region.block_paths == [f"blocks.{i}" for i in range(5)]
+    (stream,) = region.streams
+    assert len(stream.adds) == 10
+    assert a.probe.block == "blocks.2" and a.probe.branch_index == 0
+    assert a.timestep is not None and a.timestep.target.lower().startswith("l_timestep")
+    assert a.frame_layout is None
+
+
+def test_probe_override_by_index_path_and_branch():
+    args = (torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    a, _ = analysis_of(seeded(ToyDiT(depth=5)), *args, probe_block=-1, probe_branch=1)
+    assert a.probe.block == "blocks.4" and a.probe.branch_index == 1
+    a, _ = analysis_of(seeded(ToyDiT(depth=5)), *args, probe_block="blocks.1")
+    assert a.probe.block == "blocks.1"
+    with pytest.raises(ValueError, match="probe_block"):
+        analysis_of(seeded(ToyDiT(depth=5)), *args, probe_block="nope.7")
+    with pytest.raises(ValueError, match="probe_branch"):
+        analysis_of(seeded(ToyDiT(depth=5)), *args, probe_branch=5)
+
+
+def test_latte_layout_glue_between_two_block_lists():
+    a, _ = analysis_of(seeded(ToyLatte(depth=2, frames=3)), torch.randn(2, 3, 3, 4, 5), torch.full((2,), 3.0))
+    (region,) = a.regions
+    assert region.block_paths == ["spatial.0", "temporal.0", "spatial.1", "temporal.1"]
+    (stream,) = region.streams
+    # the region ends in the temporal layout (B*S, F, C); its input is (B*F, S, C)
+    assert tuple(stream.shape) == (2 * 20, 3, 16)
+    assert tuple(stream.input.meta["example_value"].shape) == (2 * 3, 20, 16)
+    # the temporal position embedding add sits on the trunk between blocks
+    assert any(add.block is None for add in stream.adds)
+    assert a.frame_layout is not None and a.frame_layout.video_frame_dim == 2
+
+
+def test_dual_stream_then_concat_gives_two_regions():
+    model = seeded(ToyDualStream())
+    a, _ = analysis_of(model, torch.randn(2, 6, 4), torch.randn(2, 5, 6), torch.full((2,), 3.0))
+    assert [r.block_paths for r in a.regions] == [["double_blocks.0", "double_blocks.1"],
+                                                  ["single_blocks.0", "single_blocks.1"]]
+    assert len(a.regions[0].streams) == 2          # image and text tokens
+    assert len(a.regions[1].streams) == 1
+    assert a.probe.region == 0
+
+
+def test_dual_stream_caching():
+    model = seeded(ToyDualStream())
+    img, txt = torch.randn(2, 6, 4), torch.randn(2, 5, 6)
+
+    def make(batch, t):
+        return (img, txt, torch.full((2,), t)), {}
+    steps = timesteps(12)
+    compiled, backend = cached(model, {INF: 1}, num_steps=12)
+    for a, b in zip(sample_loop(compiled, make, steps), sample_loop(model, make, steps)):
+        torch.testing.assert_close(a, b)
+    compiled, backend = cached(model, {INF: 3}, num_steps=12)
+    sample_loop(compiled, make, steps)
+    report = backend.report()
+    assert report.computed_steps == [1, 2, 5, 8, 11, 12]
+    assert len(report.regions) == 2 and len(report.regions[0].streams) == 2
+
+
+def test_long_skips_split_the_stack_into_closed_regions():
+    model = seeded(ToySkipDiT())
+    a, _ = analysis_of(model, torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    regions = [r.block_paths for r in a.regions]
+    assert regions == [["blocks.0"], ["blocks.1", "blocks.2"], ["blocks.3"]]
+    x = torch.randn(2, 7, 5)
+
+    def make(batch, t):
+        return (x, torch.full((2,), t)), {}
+    compiled, _ = cached(model, {INF: 1}, num_steps=6)
+    for a_, b_ in zip(sample_loop(compiled, make, timesteps(6)), sample_loop(model, make, timesteps(6))):
+        torch.testing.assert_close(a_, b_)
+
+
+class _NamedSigma(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(8) for _ in range(2)])
+        self.emb = nn.Linear(8, 8)
+
+    def forward(self, x, sigma, scale):
+        temb = self.emb(sinusoid(sigma, 8)) * scale[:, None]
+        for b in self.blocks:
+            x = b(x, temb)
+        return x
+
+
+def test_timestep_found_by_sinusoid_not_by_name():
+    model = seeded(_NamedSigma())
+    a, _ = analysis_of(model, torch.randn(2, 3, 8), torch.full((2,), 0.5), torch.ones(2))
+    assert "sigma" in a.timestep.target
+    a, _ = analysis_of(model, torch.randn(2, 3, 8), torch.full((2,), 0.5), torch.ones(2), timestep_arg="scale")
+    assert "scale" in a.timestep.target
+    with pytest.raises(ValueError, match="timestep_arg"):
+        analysis_of(model, torch.randn(2, 3, 8), torch.full((2,), 0.5), torch.ones(2), timestep_arg="nope")
+
+
+class _FramesSecond(nn.Module):
+    """Video input laid out (B, F, C, H, W), as CogVideoX takes it; tokens (B, F*S, C)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 1)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(2)])
+        self.t = nn.Linear(c, c)
+        self.c = c
+
+    def forward(self, x, timestep):
+        b, f, cin, h, w = x.shape
+        tok = self.patch(x.reshape(b * f, cin, h, w)).flatten(2).transpose(1, 2)   # (B*F, S, C)
+        tok = tok.reshape(b, f * h * w, self.c)
+        temb = self.t(sinusoid(timestep, self.c))
+        for blk in self.blocks:
+            tok = blk(tok, temb)
+        return tok
+
+
+def test_frame_layout_for_frames_second_inputs():
+    model = seeded(_FramesSecond())
+    a, _ = analysis_of(model, torch.randn(2, 5, 3, 2, 3), torch.full((2,), 3.0))
+    layout = a.frame_layout
+    assert layout.video_frame_dim == 1
+    assert (layout.probe_axis.dim, int(layout.probe_axis.inner), int(layout.probe_axis.frames)) == (1, 6, 5)
+
+
+def test_frame_layout_matches_a_hand_computed_view():
+    """The probe viewed as (-1, F, N) groups elements by their true frame."""
+    model = seeded(ToyLatte(depth=2, frames=3))
+    a, gm = analysis_of(model, torch.randn(2, 3, 3, 4, 5), torch.full((2,), 3.0))
+    axis = a.frame_layout.probe_axis
+    # the probe of the spatial block lives in (B*F, S, C): frame = row % F
+    assert (axis.dim, int(axis.inner), int(axis.frames)) == (0, 1, 3)
+
+
+def test_frame_layout_override_and_image_model():
+    a, gm = analysis_of(seeded(ToyLatte()), torch.randn(2, 3, 3, 4, 5), torch.full((2,), 3.0), video_frame_dim=2)
+    assert a.frame_layout.video_frame_dim == 2
+    a, _ = analysis_of(seeded(ToyDiT()), torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    log = []
+    assert infer_frame_layout(a.graph, a.probe.node, None, log) is None and "image model" in log[0]
+
+
+def test_add_cache_outputs_refuses_to_run_twice():
+    a, gm = analysis_of(seeded(ToyDiT()), torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    work = analyze(graph, AdaCacheConfig())
+    add_cache_outputs(graph, work.regions, work.probe)
+    with pytest.raises(RuntimeError, match="already applied"):
+        add_cache_outputs(graph, work.regions, work.probe)
+
+
+def test_symbolic_trace_graph_keeps_module_metadata():
+    gm = fx.symbolic_trace(seeded(ToyDiT(depth=3)))
+    assert [b.path for b in find_blocks(gm.graph)] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+class _AttributeBlocks(nn.Module):
+    """Blocks held as plain attributes, not in a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(8), Block(8)
+        self.emb = nn.Linear(8, 8)
+
+    def forward(self, x, timestep):
+        temb = self.emb(sinusoid(timestep, 8))
+        return self.second(self.first(x, temb), temb)
+
+
+def test_blocks_outside_module_lists_are_not_found():
+    gm = graph_of(seeded(_AttributeBlocks()), torch.randn(2, 3, 8), torch.full((2,), 1.0))
+    assert find_blocks(gm.graph) == []
