@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.reference import load_reference_model, sample  # noqa: E402
+from examples.reference import CONFIG_FILE, load_reference_model, sample  # noqa: E402
 
 DEFAULT_PROMPTS = ["red circle static", "green square moving right slow", "blue triangle bouncing fast"]
 
@@ -114,7 +114,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompts", nargs="*", help=f"default: {DEFAULT_PROMPTS}")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: sampling.guidance_scale of config.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", choices=["fast", "slow", "off"], default="fast",
                     help="AdaCache codebook: fast, slow, or off ({inf: 1}, computes every step)")
@@ -126,6 +127,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts = a.prompts or DEFAULT_PROMPTS
+    if a.guidance is None:
+        a.guidance = float(json.loads(CONFIG_FILE.read_text()).get("sampling", {}).get("guidance_scale", 3.0))
     a.out.mkdir(parents=True, exist_ok=True)
 
     transformer, tokenizer = load_reference_model()

@@ -129,8 +129,9 @@ def check_data(n: int = 234, seed: int = 0) -> dict:
     return score([measure(v) for v in vids], specs)
 
 
-def generate(transformer, tokenizer, specs, steps=30, guidance=3.0, seed=0, batch=16, model_fn=None, progress=None):
-    from .model import sample
+def generate(transformer, tokenizer, specs, steps=30, guidance=3.0, seed=0, batch=16, model_fn=None, progress=None,
+             shift=None):
+    from .model import make_scheduler, sample
 
     out = []
     for i in range(0, len(specs), batch):
@@ -139,7 +140,8 @@ def generate(transformer, tokenizer, specs, steps=30, guidance=3.0, seed=0, batc
         neg = tokenizer([""] * len(chunk))
         seeds = [seed + i + j for j in range(len(chunk))]
         out.append(sample(transformer, emb, num_steps=steps, seed=seeds, guidance_scale=guidance,
-                          negative_prompt_embeds=neg, model_fn=model_fn))
+                          negative_prompt_embeds=neg, model_fn=model_fn,
+                          scheduler=make_scheduler(shift)))
         if progress:
             progress(i + len(chunk), len(specs))
     return torch.cat(out)
@@ -172,6 +174,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift", type=float, default=None, help="scheduler shift (default: config.json)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--weights", type=str, default=None)
     ap.add_argument("--grid", type=str, default=None, help="also save a sample grid PNG of the first 13")
@@ -192,10 +195,10 @@ def main():
     transformer, tokenizer = load_reference_model(weights=a.weights)
     specs = eval_specs(a.n, a.seed)
     t0 = time.time()
-    vids = generate(transformer, tokenizer, specs, a.steps, a.guidance, a.seed,
+    vids = generate(transformer, tokenizer, specs, a.steps, a.guidance, a.seed, shift=a.shift,
                     progress=lambda i, n: print(f"  {i}/{n} videos, {time.time() - t0:.0f}s", file=sys.stderr))
     r = score([measure(v) for v in vids], specs)
-    r.update({"steps": a.steps, "guidance": a.guidance, "seed": a.seed, "seconds": round(time.time() - t0, 1)})
+    r.update({"steps": a.steps, "guidance": a.guidance, "shift": a.shift, "seed": a.seed, "seconds": round(time.time() - t0, 1)})
     summary = {k: v for k, v in r.items() if k != "rows"}
     print(json.dumps(summary, indent=1))
     for x in r["rows"]:

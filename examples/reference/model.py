@@ -77,8 +77,14 @@ def load_reference_model(device="cpu", dtype=torch.float32, weights: str | Path 
     return transformer, tokenizer
 
 
-def make_scheduler(meta_shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=meta_shift)
+def make_scheduler(shift: float | None = None) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' FlowMatchEulerDiscreteScheduler with the shift the model card recommends
+    (``sampling.shift`` in config.json, 1.0 when absent) unless ``shift`` is given."""
+    if shift is None:
+        shift = 1.0
+        if CONFIG_FILE.exists():
+            shift = float(json.loads(CONFIG_FILE.read_text()).get("sampling", {}).get("shift", 1.0))
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 @torch.no_grad()
