@@ -140,3 +140,31 @@ def test_graph_has_module_stack_with_block_lists(name):
         n = len(_model(name).get_submodule(lst))
         for i in range(n):
             assert (lst, i) in seen, f"{lst}.{i} not in the graph's nn_module_stack"
+
+
+def test_every_diffusers_transformer_class_is_accounted_for():
+    """Each ModelMixin class in diffusers.models.transformers is a zoo case, or listed (with a reason)
+    as not a DiT denoiser / not coverable."""
+    from zoo import diffusers_cases as dc
+
+    covered = dc.covered_classes()
+    missing = [c for c in dc.transformer_classes() if c not in covered and c not in dc.NOT_DIT
+               and c not in dc.NOT_COVERED]
+    assert not missing, f"diffusers transformer classes without a zoo case or a reason: {missing}"
+    assert not (set(covered) & set(dc.NOT_DIT)), "a class is both a case and listed as not a DiT"
+    assert {n for n, c in ZOO.items() if c.core} == set(CORE)
+
+
+_ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
+
+
+@pytest.mark.skipif(not _ALL, reason="set ADACACHE_ZOO_ALL=1 to run every zoo case eagerly (about 2 minutes)")
+@pytest.mark.parametrize("name", sorted(n for n in ZOO if n not in CORE))
+def test_noncore_case_runs_eagerly(name):
+    case = get_case(name)
+    model = case.build()
+    with torch.no_grad():
+        out1 = case.run(model, 2, 500.0 if case.t_max >= 10 else 0.5)
+        out2 = case.run(model, 2, 500.0 if case.t_max >= 10 else 0.5)
+    assert torch.isfinite(out1).all() and torch.equal(out1, out2)
+    assert sum(len(model.get_submodule(p)) for p in case.block_lists) == case.num_blocks

@@ -944,3 +944,55 @@ _dcase(
     is_video=True, num_blocks=2, block_lists=("blocks",),
     notes="frame-autoregressive AnyFlow: chunk_partition [1, 1] (two 1-frame chunks), no KV cache, default mask.",
 )
+
+# ---------------------------------------------------------------------------------------------
+# one_graph / graph_break from the last `python -m zoo.check --coverage` run (graph_status.json)
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_graph_status() -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("graph_status.json")
+    if not path.exists():
+        return
+    status = json.loads(path.read_text())
+    for name, case in _ZOO.items():
+        st = status.get(name)
+        if st is None or case.core:
+            continue
+        case.one_graph = st.get("one_graph")
+        case.graph_break = st.get("graph_break") or ""
+
+
+_apply_graph_status()
+
+
+def covered_classes() -> dict[str, list[str]]:
+    """diffusers class name -> zoo case names."""
+    out: dict[str, list[str]] = {}
+    for name, case in _ZOO.items():
+        if case.model_class.startswith("diffusers."):
+            out.setdefault(case.model_class.split(".", 1)[1], []).append(name)
+    return out
+
+
+def transformer_classes() -> list[str]:
+    """Every ModelMixin class defined in diffusers.models.transformers (the coverage universe)."""
+    import inspect
+    import pkgutil
+
+    import diffusers.models.transformers as T
+    from diffusers.models.modeling_utils import ModelMixin
+
+    names = set()
+    for m in pkgutil.iter_modules(T.__path__):
+        try:
+            mod = importlib.import_module(f"{T.__name__}.{m.name}")
+        except Exception:  # noqa: BLE001 - optional deps of exotic models
+            continue
+        for n, c in vars(mod).items():
+            if inspect.isclass(c) and issubclass(c, ModelMixin) and c.__module__ == mod.__name__:
+                names.add(n)
+    return sorted(names)
