@@ -232,6 +232,21 @@ class _AttributeBlocks(nn.Module):
         return self.second(self.first(x, temb), temb)
 
 
-def test_blocks_outside_module_lists_are_not_found():
-    gm = graph_of(seeded(_AttributeBlocks()), torch.randn(2, 3, 8), torch.full((2,), 1.0))
+def test_blocks_outside_module_lists_found_from_the_residual_chain():
+    model = seeded(_AttributeBlocks())
+    x = torch.randn(2, 3, 8)
+    gm = graph_of(model, x, torch.full((2,), 1.0))
     assert find_blocks(gm.graph) == []
+    a = analyze(gm.graph, AdaCacheConfig())
+    (region,) = a.regions
+    assert [b.path for b in region.blocks] == [f"residual_chain.{k}" for k in range(4)]
+    assert a.probe.block == "residual_chain.2"
+
+    def make(batch, t):
+        return (x, torch.full((2,), t)), {}
+    compiled, backend = cached(model, {INF: 1}, num_steps=6)
+    for a_, b_ in zip(sample_loop(compiled, make, timesteps(6)), sample_loop(model, make, timesteps(6))):
+        torch.testing.assert_close(a_, b_)
+    compiled, backend = cached(model, {INF: 3}, num_steps=6)
+    sample_loop(compiled, make, timesteps(6))
+    assert backend.report().computed_steps == [1, 2, 5, 6]

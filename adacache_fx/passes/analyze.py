@@ -15,6 +15,7 @@ from ..config import AdaCacheConfig
 from .choose_probe import Probe, choose_probe
 from .find_blocks import find_blocks
 from .find_regions import find_regions
+from .find_residual_chain import find_residual_chain
 from .find_timestep import find_timestep
 from .graph_utils import user_placeholder_name
 from .infer_frame_layout import FrameLayout, infer_frame_layout
@@ -67,6 +68,10 @@ class GraphAnalysis:
 def _pass_find_blocks(a: GraphAnalysis) -> None:
     a.blocks = find_blocks(a.graph)
     a.note(f"find_blocks: {len(a.blocks)} blocks")
+    if not a.blocks:
+        a.blocks = find_residual_chain(a.graph)
+        a.note(f"find_residual_chain: no block list in the module metadata; {len(a.blocks)} residual "
+               f"branches found from the graph's structure")
 
 
 def _pass_find_regions(a: GraphAnalysis) -> None:

@@ -1,0 +1,110 @@
+"""Find the block stack from the graph's structure when module metadata does not show it.
+
+Used when ``find_blocks`` finds no repeated module list (blocks held as plain attributes,
+a hand-unrolled stack, a graph whose ``nn_module_stack`` is missing). The longest trunk
+of residual adds (``x = x + f(x)``, reshapes and casts allowed between) is the stack;
+its nodes are those that depend on the trunk's first value and feed its last. Each
+residual add, with the nodes since the previous one, becomes a pseudo-block
+``residual_chain.<k>``, so that ``find_regions`` and the probe choice work unchanged.
+
+Before: a graph with no block lists. After::
+
+    [Block("residual_chain.0", nodes=[ln, q, ..., add_1]), Block("residual_chain.1", ...)]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from .find_blocks import Block
+from .graph_utils import is_glue, is_parameter_placeholder, is_residual_add, is_tensor_node, sizes_equal, example_value
+
+MIN_ADDS = 4   # two attention + MLP blocks at least; shorter chains are not worth a cache
+
+
+def _longest_chain(graph: fx.Graph):
+    """(adds on the longest trunk, its first value), over the whole graph."""
+    best_len: dict = {}
+    best_prev: dict = {}
+    for node in graph.nodes:
+        if is_residual_add(node):
+            cands = [a for a in node.args[:2] if sizes_equal(example_value(a).shape, example_value(node).shape)]
+            length, prev = 1, None
+            for a in cands:
+                if best_len.get(a, 0) + 1 > length:
+                    length, prev = best_len[a] + 1, a
+            best_len[node], best_prev[node] = length, prev
+        elif is_glue(node) and node.args[0] in best_len:
+            best_len[node], best_prev[node] = best_len[node.args[0]], node.args[0]
+    adds = [n for n in best_len if is_residual_add(n)]
+    if not adds:
+        return [], None
+    end = max(adds, key=lambda n: best_len[n])
+    chain, node = [], end
+    while node is not None and node in best_len:
+        if is_residual_add(node):
+            chain.append(node)
+        start = node
+        node = best_prev.get(node)
+    chain.reverse()
+    # the trunk's first value: the operand of the first add that is not in the chain
+    first = chain[0]
+    trunk_in = _trunk_operand(first, start)
+    return chain, trunk_in
+
+
+def _trunk_operand(add: fx.Node, start: fx.Node) -> Optional[fx.Node]:
+    """The trunk value entering the chain: in ``x + f(x)`` the operand the other depends on."""
+    if start is not add:
+        return start.args[0] if is_glue(start) else start
+    a, b = add.args[0], add.args[1]
+    if _is_ancestor(a, b):
+        return a
+    if _is_ancestor(b, a):
+        return b
+    return None
+
+
+def _is_ancestor(a: fx.Node, b: fx.Node, limit: int = 10000) -> bool:
+    seen, stack = set(), [b]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is a:
+            return True
+        for x in n.all_input_nodes:
+            if x not in seen:
+                seen.add(x)
+                stack.append(x)
+    return False
+
+
+def find_residual_chain(graph: fx.Graph) -> list:
+    chain, trunk_in = _longest_chain(graph)
+    if len(chain) < MIN_ADDS or trunk_in is None or not is_tensor_node(trunk_in) or is_parameter_placeholder(trunk_in):
+        return []
+    end = chain[-1]
+    descendants, stack = set(), [trunk_in]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user not in descendants:
+                descendants.add(user)
+                stack.append(user)
+    ancestors, stack = {end}, [end]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in ancestors:
+                ancestors.add(a)
+                stack.append(a)
+    region = descendants & ancestors
+    blocks, current, k = [], [], 0
+    chain_set = set(chain)
+    for node in graph.nodes:
+        if node in region:
+            current.append(node)
+            if node in chain_set:
+                blocks.append(Block(f"residual_chain.{k}", "residual_chain", k, "residual", current))
+                current, k = [], k + 1
+    return blocks
