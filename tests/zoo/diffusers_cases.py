@@ -13,13 +13,12 @@ import importlib
 
 import torch
 
+from . import ZOO as _ZOO
 from . import ModelCase, _finish, _gen, _randn, register, timestep_tensor
 
 #: diffusers classes (in diffusers.models.transformers) that are not DiT denoisers, with the reason.
 NOT_DIT: dict[str, str] = {
     "PriorTransformer": "unCLIP prior: denoises a CLIP image embedding (one vector), not image/video/audio latents",
-    "T5FilmDecoder": "spectrogram diffusion decoder with T5-style FiLM layers over note encodings (MIDI->audio "
-                     "spectrogram), a T5 encoder-decoder, not a DiT over latents",
     "DualTransformer2DModel": "wrapper holding two Transformer2DModel for UNet cross-attention mixing (Versatile "
                               "Diffusion); not a standalone denoiser",
     "TransformerTemporalModel": "temporal attention layer inside video UNets (e.g. AnimateDiff/Text2Video); input and "
@@ -28,12 +27,15 @@ NOT_DIT: dict[str, str] = {
                                     "denoiser",
     "RFD4ProteinaTransformer": "protein structure generator (atom coordinates and pair representations), not "
                                "image/video/audio",
-    "Cosmos3OmniTransformer": "unified LLM-style omni model (text token ids, packed multi-modal sequences with "
-                              "per-item lists of shapes); not a DiT-latent denoiser interface",
 }
 
 #: DiT denoisers that are not zoo cases, with the reason.
 NOT_COVERED: dict[str, str] = {
+    "Cosmos3OmniTransformer": "unified LLM + generation-expert (und/gen) transformer that denoises vision/sound/"
+                              "action tokens inside ONE unbatched packed sequence (hidden (seq, D), no batch axis; "
+                              "text ids, mRoPE position ids, per-item lists of latents/shapes/noisy-frame indexes "
+                              "built by the pipeline's packer); batch > 1 is not expressible as one call, so it does "
+                              "not fit make_inputs(batch, t); not attempted",
     "WanAnimate2Transformer3DModel": "two-pass protocol: a reference pass (kv_cache_mode='extract') must fill a "
                                      "WanAnimate2KVCache before each generation pass (kv_cache_mode='cached', "
                                      "flex-attention block mask from origin_len/origin_area, list-of-tensor "
@@ -189,17 +191,6 @@ _dcase(
     notes="Sana: linear attention + GLUMBConv mixed FFN; PixArt-style adaln_single.",
 )
 
-_dcase(
-    "hunyuan_dit", "HunyuanDiT2DModel",
-    dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
-         num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32, cross_attention_dim_t5=24,
-         pooled_projection_dim=16, text_len=6, text_len_t5=6, use_style_cond_and_image_meta_size=True),
-    None,  # set below
-    num_blocks=4, block_lists=("blocks",),
-    notes="U-ViT-style long skips: the second half of the blocks concatenates the output of the mirrored "
-          "first-half block (skip_linear); image_rotary_emb precomputed like the pipeline.",
-)
-
 
 def _hunyuan_dit_inputs(g, b, t):
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
@@ -212,10 +203,17 @@ def _hunyuan_dit_inputs(g, b, t):
         style=torch.zeros(b, dtype=torch.long), image_rotary_emb=rope, return_dict=False)
 
 
-from . import ZOO as _ZOO  # noqa: E402
+_dcase(
+    "hunyuan_dit", "HunyuanDiT2DModel",
+    dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+         num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32, cross_attention_dim_t5=24,
+         pooled_projection_dim=16, text_len=6, text_len_t5=6, use_style_cond_and_image_meta_size=True),
+    _hunyuan_dit_inputs,
+    num_blocks=4, block_lists=("blocks",),
+    notes="U-ViT-style long skips: the second half of the blocks concatenates the output of the mirrored "
+          "first-half block (skip_linear); image_rotary_emb precomputed like the pipeline.",
+)
 
-_ZOO["hunyuan_dit"].make_inputs = (lambda batch, t, seed=0: _hunyuan_dit_inputs(_gen(seed, "hunyuan_dit"), batch,
-                                                                                timestep_tensor(batch, t)))
 
 _dcase(
     "lumina2", "Lumina2Transformer2DModel",
@@ -229,15 +227,6 @@ _dcase(
           "(t = 1 - sigma).",
 )
 
-_dcase(
-    "lumina_next", "LuminaNextDiT2DModel",
-    dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
-         num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=24),
-    None,
-    num_blocks=2, block_lists=("layers",), t_max=1.0,
-    notes="image_rotary_emb precomputed with get_2d_rotary_pos_embed_lumina like the pipeline; timestep counts UP.",
-)
-
 
 def _lumina_next_inputs(g, b, t):
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
@@ -247,8 +236,15 @@ def _lumina_next_inputs(g, b, t):
         cross_attention_kwargs={}, return_dict=False)
 
 
-_ZOO["lumina_next"].make_inputs = (lambda batch, t, seed=0: _lumina_next_inputs(_gen(seed, "lumina_next"), batch,
-                                                                                timestep_tensor(batch, t)))
+_dcase(
+    "lumina_next", "LuminaNextDiT2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+         num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=24),
+    _lumina_next_inputs,
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="image_rotary_emb precomputed with get_2d_rotary_pos_embed_lumina like the pipeline; timestep counts UP.",
+)
+
 
 _dcase(
     "cogview3plus", "CogView3PlusTransformer2DModel",
@@ -283,18 +279,6 @@ _dcase(
     notes="packed latents (B, 16 tokens, 4ch*2*2); img_shapes list of (frames, h, w) per sample.",
 )
 
-_dcase(
-    "omnigen", "OmniGenTransformer2DModel",
-    dict(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
-         intermediate_size=64, num_layers=2, pad_token_id=0, vocab_size=64, max_position_embeddings=256,
-         original_max_position_embeddings=256, pos_embed_max_size=16, time_step_dim=16,
-         rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8}),
-    None,
-    num_blocks=2, block_lists=("layers",), t_max=1.0,
-    notes="LLM (Phi-3 style) over [text tokens, time token, image tokens]; input_ids, attention_mask "
-          "(B, N, N) and position_ids built here like the OmniGen processor for a text-only prompt.",
-)
-
 
 def _omnigen_inputs(g, b, t):
     L = 6
@@ -308,8 +292,18 @@ def _omnigen_inputs(g, b, t):
     return (_randn(g, b, 4, 8, 8), t, ids, [], {}, mask, pos), dict(return_dict=False)
 
 
-_ZOO["omnigen"].make_inputs = (lambda batch, t, seed=0: _omnigen_inputs(_gen(seed, "omnigen"), batch,
-                                                                        timestep_tensor(batch, t)))
+_dcase(
+    "omnigen", "OmniGenTransformer2DModel",
+    dict(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+         intermediate_size=64, num_layers=2, pad_token_id=0, vocab_size=64, max_position_embeddings=256,
+         original_max_position_embeddings=256, pos_embed_max_size=16, time_step_dim=16,
+         rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8}),
+    _omnigen_inputs,
+    num_blocks=2, block_lists=("layers",), t_max=1.0,
+    notes="LLM (Phi-3 style) over [text tokens, time token, image tokens]; input_ids, attention_mask "
+          "(B, N, N) and position_ids built here like the OmniGen processor for a text-only prompt.",
+)
+
 
 # =============================================================================================
 # Video models
@@ -425,17 +419,6 @@ _dcase(
 # Audio models
 # =============================================================================================
 
-_dcase(
-    "stable_audio", "StableAudioDiTModel",
-    dict(sample_size=8, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-         num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=16,
-         global_states_input_dim=16, cross_attention_input_dim=16),
-    None, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",),
-    notes="(B, C, T) audio latents; one global token is prepended; rotary embedding precomputed like the "
-          "pipeline (get_1d_rotary_pos_embed(head_dim // 2, T + 1)).",
-)
-
-
 def _stable_audio_inputs(g, b, t):
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
@@ -445,8 +428,16 @@ def _stable_audio_inputs(g, b, t):
                                          return_dict=False)
 
 
-_ZOO["stable_audio"].make_inputs = (lambda batch, t, seed=0: _stable_audio_inputs(_gen(seed, "stable_audio"), batch,
-                                                                                  timestep_tensor(batch, t)))
+_dcase(
+    "stable_audio", "StableAudioDiTModel",
+    dict(sample_size=8, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+         num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=16,
+         global_states_input_dim=16, cross_attention_input_dim=16),
+    _stable_audio_inputs, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",),
+    notes="(B, C, T) audio latents; one global token is prepended; rotary embedding precomputed like the "
+          "pipeline (get_1d_rotary_pos_embed(head_dim // 2, T + 1)).",
+)
+
 
 # =============================================================================================
 # Batch 2: more image / video / audio DiTs
@@ -966,9 +957,6 @@ def _apply_graph_status() -> None:
         case.graph_break = st.get("graph_break") or ""
 
 
-_apply_graph_status()
-
-
 def covered_classes() -> dict[str, list[str]]:
     """diffusers class name -> zoo case names."""
     out: dict[str, list[str]] = {}
@@ -996,3 +984,17 @@ def transformer_classes() -> list[str]:
             if inspect.isclass(c) and issubclass(c, ModelMixin) and c.__module__ == mod.__name__:
                 names.add(n)
     return sorted(names)
+
+
+_dcase(
+    "t5_film", "T5FilmDecoder",
+    dict(input_dims=8, targets_length=16, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64),
+    lambda g, b, t: (([(_randn(g, b, 6, 32), torch.ones(b, 6))], _randn(g, b, 16, 8), t), {}),
+    is_audio=True, num_blocks=2, block_lists=("decoders",), t_max=1.0,
+    notes="not a DiT proper: the T5-style FiLM decoder of spectrogram diffusion (MIDI -> spectrogram); kept "
+          "because it denoises audio frames with a timestep-conditioned residual stack. encodings_and_masks is a "
+          "list of (encoding (B, L, d_model), mask (B, L)); noise time in [0, 1).",
+)
+
+
+_apply_graph_status()  # keep last: applies to every case registered above
