@@ -23,6 +23,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .config import AdaCacheConfig
+from .distributed import resolve_process_group
 from .passes import analyze
 from .passes.add_cache_outputs import add_cache_outputs
 from .passes.build_reuse import build_reuse
@@ -150,6 +151,7 @@ class AdaCacheBackend:
         graph.output(graph.graph_copy(gm.graph, {}))
         work = fx.GraphModule(gm, graph)
         analysis = analyze(work.graph, self.config)
+        self.scheduler.process_group = resolve_process_group(self.config.process_group, work.graph)
         if not analysis.cacheable:
             reason = "no residual block stack found" if not analysis.blocks else "blocks found but no region whose outputs are residual streams"
             self._uncached(gm, reason + "; " + "; ".join(analysis.log[-3:]))

@@ -87,6 +87,9 @@ class AdaCacheConfig:
         video_frame_dim: the frame dimension of the 5-D video input. ``None``:
             inferred from the graph (dim 2 for ``(B, C, F, H, W)``, dim 1 for
             ``(B, F, C, H, W)``).
+        process_group: where the metric's partial sums are all-reduced so that every
+            rank takes the same decision: ``"auto"`` (the world, when torch.distributed
+            is initialised with several ranks), an explicit ``ProcessGroup``, or None.
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
@@ -105,6 +108,7 @@ class AdaCacheConfig:
     probe_branch: int = 0
     timestep_arg: Optional[str] = None
     video_frame_dim: Optional[int] = None
+    process_group: object = "auto"
     first_computed_steps: int = 1
     last_computed_steps: int = 2
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .config import AdaCacheConfig
+from .distributed import all_reduce_sums
 
 
 @dataclass
@@ -66,6 +67,7 @@ class AdaCacheScheduler:
     def __init__(self, config: AdaCacheConfig):
         self.config = config
         self.generation = 0
+        self.process_group = None   # set by the backend: sums are all-reduced over it
         self.reset()
 
     # ----- lifecycle ---------------------------------------------------------
@@ -147,6 +149,7 @@ class AdaCacheScheduler:
         if pending.sums is None:  # no previous probe: the rate stays 1
             self.next_compute_step = pending.step + 1
             return
+        pending.sums = all_reduce_sums(pending.sums, self.process_group)
         metric = self._metric(pending)
         self.metrics.append(metric)
         self.next_compute_step = metric.next_step
