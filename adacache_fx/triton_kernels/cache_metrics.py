@@ -42,10 +42,17 @@ Backends
 * CUDA + Triton: ``_cache_metrics_kernel`` (registered through
   :func:`torch.library.triton_op`, so inductor sees the kernel inside compiled graphs).
 * CPU: a one-pass C kernel compiled on first use when a C compiler is available (see
-  ``cpu_cache_metrics.py``), otherwise a chunked torch implementation; both are
-  wrapped in the opaque custom op ``adacache_fx::cache_metrics_cpu`` so eager and
-  compiled graphs produce the same bits.
-* CUDA without Triton: the torch implementation.
+  ``cpu_cache_metrics.py``), otherwise the multi-pass torch implementation
+  :func:`cache_metrics_torch`; both sit behind the opaque custom op
+  ``adacache_fx::cache_metrics_cpu``, so eager and compiled graphs produce the same bits.
+* CUDA without Triton: :func:`cache_metrics_torch`.
+
+The backends agree to float32 rounding, not bitwise (their summation orders differ):
+all ranks of one job must use the same backend (they do: same device type, same
+shapes), which is what the scheduler's "every rank takes the same decision" needs.
+Element-wise terms are accumulated in float32 per element over the frames; the Triton
+kernel then sums each block in float32 and the per-program partials in float32, the
+CPU kernel combines its per-strip float32 sums in float64.
 
 Triton is an optional import.
 """
@@ -403,6 +410,11 @@ def cache_metrics_triton(
     n_blocks = max(1, math.ceil(N / cfg_block))
     if B == 0:
         return torch.zeros(0, NUM_METRICS, dtype=torch.float32, device=r.device)
+    if B * s > 65535:
+        raise ValueError(
+            f"cache_metrics_triton: B * frame_stride = {B * s} exceeds the grid limit 65535; "
+            "split the batch"
+        )
     partials = torch.empty(B, s * n_blocks, NUM_METRICS, dtype=torch.float32, device=r.device)
     grid = (n_blocks, B * s)
     kernel = _kernel(interpret)
@@ -455,6 +467,10 @@ if HAS_TRITON:
     @torch.library.triton_op("adacache_fx::cache_metrics", mutates_args=())
     def _cache_metrics_op(r: Tensor, p: Tensor, frame_stride: int) -> Tensor:
         return _cache_metrics_body(r, p, frame_stride)
+
+    # Eager CPU calls go straight to the CPU kernel (one custom-op layer less, ~60 us);
+    # traced graphs still decompose the body into adacache_fx::cache_metrics_cpu.
+    _cache_metrics_op.register_kernel("cpu")(_cache_metrics_cpu_impl)
 
 else:  # pragma: no cover
 

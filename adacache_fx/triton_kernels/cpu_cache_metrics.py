@@ -3,7 +3,9 @@ kernel, written in C and compiled on first use.
 
 Why C and not the torch composite: the composite (``(r - p).abs().sum()`` and friends)
 reads r and p several times and materialises temporaries; on a CPU that is memory-bound
-work, so one pass is several times faster. The C source below is compiled once per
+work, so one pass is several times faster. (It is also more accurate: on CPU, torch's
+single-threaded ``norm(p=1)`` of 10^7-10^8 elements loses up to tens of percent in
+float32 and bfloat16 - see benchmarks/results/kernels_cpu.md.) The C source below is compiled once per
 machine with the system C compiler (``$CC``, else ``cc``/``gcc``) into a small shared
 library, cached under ``$ADACACHE_FX_CACHE_DIR`` (default
 ``~/.cache/adacache_fx/kernels``), and called through ``ctypes`` (the GIL is released
@@ -13,10 +15,17 @@ If no compiler is available (or compilation fails, or ``ADACACHE_FX_DISABLE_CPU_
 the torch implementation :func:`cache_metrics_torch` is used instead: same semantics,
 several passes.
 
-Same semantics as the Triton kernel: per (sample, frame phase, element block) work item,
-the frames of the phase are walked in order with the previous frame kept in an L1
-buffer; per-element float32 accumulators; per-item partials combined in a fixed order
-(float64, then rounded to float32). Work items are split across
+Same semantics as the Triton kernel. A work item is (sample, frame phase, element row,
+block of CPU_BLOCK elements); the block is walked in strips of 16 elements (two AVX2
+vectors) and, for each strip, the frames of the phase in order, with the five float32
+accumulators and the previous frame in registers: every element of r and p is loaded
+exactly once. Frames are taken in chunks of 4 (the strip state waits in a small
+L1/L2-resident array between chunks) so that at most 8 memory streams are live at a time,
+which the hardware prefetchers follow far better than one stream per frame (about 2x
+from DRAM for 15-21 frames). Per-strip float32 sums are combined in a fixed order
+(float32 over groups of 16 strips, then float64 lanes, then a fixed tree), and the
+per-item partials are summed per sample in item order (float64, rounded to float32 at
+the end). Work items are split across
 ``torch.get_num_threads()`` pthreads, but the combination order does not depend on the
 thread count, so the result is bit-identical for any number of threads. No -ffast-math:
 NaN and Inf propagate.
