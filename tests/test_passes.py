@@ -250,3 +250,17 @@ def test_blocks_outside_module_lists_found_from_the_residual_chain():
     compiled, backend = cached(model, {INF: 3}, num_steps=6)
     sample_loop(compiled, make, timesteps(6))
     assert backend.report().computed_steps == [1, 2, 5, 6]
+
+
+def test_impure_writes_inside_blocks_do_not_keep_them_in_the_reuse_path():
+    from toy_models import ToyRotaryDiT
+    model = seeded(ToyRotaryDiT())
+    x = torch.randn(2, 7, 5)
+
+    def make(batch, t):
+        return (x, torch.full((2,), t)), {}
+    compiled, backend = cached(model, {INF: 3}, num_steps=12)
+    sample_loop(compiled, make, timesteps(12))
+    report = backend.report()
+    assert not report.uncached_graphs
+    assert report.computed_steps == [1, 2, 5, 8, 11, 12] and report.block_executions == 6

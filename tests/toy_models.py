@@ -166,3 +166,23 @@ def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return model.eval()
+
+
+class RotaryBlock(Block):
+    """A block whose attention input goes through an in-place rotary-style write
+    (``out[..., 0::2] = ...``, as diffusers' Wan does): impure nodes inside the block."""
+
+    def forward(self, x, temb):
+        h = self.norm1(x)
+        rot = torch.empty_like(h)
+        rot[..., 0::2] = h[..., 0::2] * 0.8 - h[..., 1::2] * 0.6
+        rot[..., 1::2] = h[..., 0::2] * 0.6 + h[..., 1::2] * 0.8
+        q, k, v = self.qkv(rot * (1 + temb[:, None])).chunk(3, dim=-1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v))
+        return x + self.mlp(self.norm2(x))
+
+
+class ToyRotaryDiT(ToyDiT):
+    def __init__(self, depth=4):
+        super().__init__(depth=depth)
+        self.blocks = nn.ModuleList([RotaryBlock(self.c) for _ in range(depth)])

@@ -2,8 +2,8 @@
 
 The reuse piece takes the compute piece's inputs plus one cached delta per stream and
 returns outputs of the same arity: each stream becomes ``skeleton(input) + delta``,
-each delta output passes the cached delta through, the probe is ``None``. Dead-code
-elimination then drops every block: no attention, no MLP remains, which this pass
+each delta output passes the cached delta through, the probe is ``None``. Keeping only
+what the outputs need then drops every block: no attention, no MLP remains, which this pass
 checks (an unexpected leftover raises, and the caller keeps the region uncached).
 
 Before (compute piece)::
@@ -38,6 +38,24 @@ def _is_light(node: fx.Node) -> bool:
     return not isinstance(example_value(node), torch.Tensor) and node.meta.get("example_value") is not None
 
 
+def _keep_only_what_outputs_need(graph: fx.Graph) -> None:
+    """Dead-code elimination that also drops impure nodes: ``out[..., ::2] = ...`` in a
+    rotary embedding, or a functional collective's ``wait_tensor`` (registered as
+    side-effectful) of a sequence-parallel block. On a reused step the blocks' side
+    effects and communication are skipped along with the blocks, which is what caching
+    means; every rank skips the same blocks, since the decision is global."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = {output}, [output]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in live:
+                live.add(arg)
+                stack.append(arg)
+    for node in reversed(list(graph.nodes)):
+        if node not in live and node.op != "placeholder":
+            graph.erase_node(node)
+
+
 def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) -> fx.GraphModule:
     """``delta_positions[j]``: where stream j's delta is in ``compute``'s output tuple (its
     node is ``sub(stream_output, skeleton)``); ``probe_position``: the probe's, or None."""
@@ -69,7 +87,7 @@ def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) 
         else:
             raise ValueError(f"region output {value} is neither a stream, a delta nor the probe")
     graph.output(tuple(new_outputs) if isinstance(out_val, (tuple, list)) else new_outputs[0])
-    graph.eliminate_dead_code()
+    _keep_only_what_outputs_need(graph)
     heavy = [n for n in graph.nodes if not _is_light(n)]
     if heavy:
         raise ValueError(f"the reuse path still computes {[n.name for n in heavy][:5]}: region left uncached")
