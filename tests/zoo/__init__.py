@@ -22,6 +22,11 @@ Every entry is a :class:`ModelCase`:
   graph (checked in tests/test_zoo_models.py for core cases; see COVERAGE.md for the rest),
   ``graph_break``: the reason when it does not.
 
+Cases: ``zoo/core.py`` (the five core cases) and ``zoo/diffusers_cases.py`` (one or more tiny
+cases for every DiT-style class in ``diffusers.models.transformers``; ``NOT_DIT`` and
+``NOT_COVERED`` there list the other classes with the reason). ``python -m zoo.check`` (run from
+tests/) checks eager runs and one-graph capture and regenerates ``zoo/COVERAGE.md``.
+
 Usage::
 
     from zoo import ZOO, get_case, core_cases       # tests/ on sys.path (pytest default)
