@@ -351,7 +351,7 @@ def test_works_without_triton():
             "r, p = torch.randn(2, 3, 50), torch.randn(2, 3, 50)",
             "out = fused_cache_metrics(r, p, 1)",
             "torch.testing.assert_close(out.double(), cache_metrics_reference(r, p, 1), rtol=1e-5, atol=1e-5)",
-            "c = torch.compile(lambda r, p: fused_cache_metrics(r, p, 1), fullgraph=True, backend='aot_eager')",
+            "c = torch.compile(lambda r, p: fused_cache_metrics(r, p, 1), fullgraph=True, backend='eager')",
             "assert torch.equal(c(r, p), out)",
             "print('ok')",
         ]
