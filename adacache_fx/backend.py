@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .config import AdaCacheConfig
+from .config import AdaCacheConfig, AdaCacheConfigError
 from .distributed import resolve_process_group
 from .passes import analyze
 from .passes.add_cache_outputs import add_cache_outputs
@@ -131,6 +131,8 @@ class AdaCacheBackend:
         start = time.perf_counter()
         try:
             fn = self._rewrite(gm, example_inputs)
+        except AdaCacheConfigError:
+            raise  # the user's config does not fit the model: say so, do not silently run uncached
         except Exception as exc:  # never break the user's model: run it uncached
             reason = f"rewrite failed ({type(exc).__name__}: {exc})"
             logger.debug("adacache: %s", reason, exc_info=True)
@@ -156,6 +158,10 @@ class AdaCacheBackend:
             reason = "no residual block stack found" if not analysis.blocks else "blocks found but no region whose outputs are residual streams"
             self._uncached(gm, reason + "; " + "; ".join(analysis.log[-3:]))
             return None
+        if analysis.timestep is None and self.config.num_steps is None:
+            raise AdaCacheConfigError(
+                "adacache: no timestep input found in the graph, so every call is a step and "
+                "AdaCacheConfig(num_steps=...) is required (or name the input with timestep_arg=...)")
         placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
         cache_outputs = add_cache_outputs(work.graph, analysis.regions, analysis.probe)
         work.recompile()
@@ -187,9 +193,6 @@ class AdaCacheBackend:
         split.top.recompile()
 
         timestep_index = placeholders.index(analysis.timestep) if analysis.timestep is not None else None
-        if timestep_index is None and self.config.num_steps is None:
-            raise ValueError("no timestep input found and num_steps is not set: set AdaCacheConfig(num_steps=...) "
-                             "or timestep_arg=...")
         cached = CachedGraph(
             top=split.top, runners=runners, scheduler=self.scheduler, state=state,
             cache_outputs=cache_outputs, timestep_index=timestep_index,

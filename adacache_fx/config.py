@@ -58,6 +58,11 @@ def default_moreg_window(num_steps: int) -> tuple[int, int]:
     return (max(1, round(0.1 * num_steps)), max(1, round(0.9 * num_steps)))
 
 
+class AdaCacheConfigError(ValueError):
+    """The config does not fit the model (a probe or timestep input that does not exist,
+    no timestep and no ``num_steps``). Raised to the user, not turned into a fallback."""
+
+
 @dataclass
 class AdaCacheConfig:
     """Configuration of the AdaCache backend.

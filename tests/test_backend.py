@@ -230,3 +230,45 @@ def test_inductor_inner():
     backend.config.codebook = {INF: 3}
     sample_loop(compiled, case.make_inputs, steps)
     assert backend.report().computed_steps == [1, 2, 5, 6]
+
+
+class _NoTimestep(torch.nn.Module):
+    """Blocks but no sinusoidal timestep input."""
+
+    def __init__(self):
+        super().__init__()
+        from toy_models import Block
+        self.blocks = torch.nn.ModuleList([Block(8, use_t=False) for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x, None)
+        return x
+
+
+def test_no_timestep_needs_num_steps_then_counts_calls():
+    model = seeded(_NoTimestep())
+    x = torch.randn(2, 3, 8)
+    compiled, _ = cached(model, {INF: 3})
+    with pytest.raises(Exception, match="num_steps"):
+        with torch.no_grad():
+            compiled(x)
+    compiled, backend = cached(model, {INF: 3}, num_steps=6)
+    with torch.no_grad():
+        for _ in range(6):
+            compiled(x)
+    assert backend.report().computed_steps == [1, 2, 5, 6]
+
+
+def test_config_that_does_not_fit_the_model_raises():
+    model = seeded(ToyDiT())
+    compiled, _ = cached(model, config=AdaCacheConfig(probe_block="no_such_block"))
+    with pytest.raises(Exception, match="probe_block"):
+        with torch.no_grad():
+            compiled(torch.randn(2, 7, 5), torch.full((2,), 1.0))
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+    names = [ep.name for ep in entry_points(group="torch_dynamo_backends")]
+    assert "adacache" in names

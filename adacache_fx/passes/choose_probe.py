@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..config import AdaCacheConfigError
 from .find_regions import Region, ResidualAdd
 
 
@@ -43,7 +44,7 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
             for path, block_adds in adds.items():
                 if path == probe_block or path.endswith("." + probe_block) or path.endswith(probe_block):
                     return _pick(r, path, block_adds, probe_branch)
-        raise ValueError(f"probe_block={probe_block!r} names no cached block "
+        raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
                          f"(blocks: {[b for reg in regions for b in reg.block_paths]})")
     region = regions[0]
     adds = _adds_by_block(region)
@@ -54,7 +55,7 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
         index = len(paths) // 2
     else:
         if not -len(paths) <= probe_block < len(paths):
-            raise ValueError(f"probe_block={probe_block} is out of range for {len(paths)} blocks")
+            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {len(paths)} blocks")
         index = probe_block
     path = paths[index]
     return _pick(0, path, adds[path], probe_branch)
@@ -62,5 +63,5 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
 
 def _pick(region: int, path: str, block_adds: list, branch: int) -> Probe:
     if branch >= len(block_adds):
-        raise ValueError(f"probe_branch={branch} but block {path} has {len(block_adds)} residual branches")
+        raise AdaCacheConfigError(f"probe_branch={branch} but block {path} has {len(block_adds)} residual branches")
     return Probe(region, path, branch, block_adds[branch])

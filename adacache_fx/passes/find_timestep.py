@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..config import AdaCacheConfigError
 from .graph_utils import example_value, is_parameter_placeholder, user_placeholder_name
 
 _SINUSOID_TARGETS = {torch.sin, torch.cos, "sin", "cos"}
@@ -48,7 +49,7 @@ def find_timestep(graph: fx.Graph, timestep_arg: Optional[str] = None) -> Option
         for node in placeholders:
             if user_placeholder_name(node) == timestep_arg:
                 return node
-        raise ValueError(
+        raise AdaCacheConfigError(
             f"adacache: timestep_arg={timestep_arg!r} names no input of the compiled graph "
             f"(inputs: {[user_placeholder_name(n) for n in placeholders]})")
     candidates = [n for n in placeholders if _is_scalar_like(n) and _reaches_sinusoid(n)]
