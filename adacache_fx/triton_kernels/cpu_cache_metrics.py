@@ -100,11 +100,26 @@ static inline vf vabs(vf x) {
     memcpy(&x, &u, sizeof x); return x;
 }
 static inline vf ldv_f32(const float *q) { vf v; memcpy(&v, q, sizeof v); return v; }
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline vf ldv_bf16(const uint16_t *q) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)q)), 16);
+    vf v; memcpy(&v, &u, sizeof v); return v;
+}
+#else
 static inline vf ldv_bf16(const uint16_t *q) {
     vh h; memcpy(&h, q, sizeof h); vu u = __builtin_convertvector(h, vu) << 16;
     vf v; memcpy(&v, &u, sizeof v); return v;
 }
-#ifdef __FLT16_MAX__
+#endif
+#if defined(__F16C__) && defined(__AVX__)
+#ifndef __AVX2__
+#include <immintrin.h>
+#endif
+static inline vf ldv_f16(const void *q) {
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q)); vf v; memcpy(&v, &f, sizeof v); return v;
+}
+#elif defined(__FLT16_MAX__)
 typedef _Float16 vhf __attribute__((vector_size(16)));
 static inline vf ldv_f16(const _Float16 *q) { vhf h; memcpy(&h, q, sizeof h); return __builtin_convertvector(h, vf); }
 #else
@@ -132,14 +147,21 @@ static inline vf ldv_f16(const uint16_t *q) {
         p0 = LDVS(pq, sp2); p1 = LDVS(pq + VL * sp2, sp2);                              \
     }                                                                                   \
     ad0 += vabs(r0 - p0); ad1 += vabs(r1 - p1); ap0 += vabs(p0); ap1 += vabs(p1);       \
-    if (HAS_PREV) {                                                                     \
-        am0 += vabs(r0 - pr0); am1 += vabs(r1 - pr1); ah0 += vabs(r0); ah1 += vabs(r1); \
-    }                                                                                   \
-    if (HAS_NEXT) { al0 += vabs(r0); al1 += vabs(r1); }                                 \
+    if (HAS_PREV) { am0 += vabs(r0 - pr0); am1 += vabs(r1 - pr1); }                     \
+    /* |r| of frames with a previous and a next frame goes to mid (kept in registers); \
+       the edge frames of a phase go to head / tail, updated in memory */              \
+    if ((HAS_PREV) && (HAS_NEXT)) { md0 += vabs(r0); md1 += vabs(r1); }                 \
+    else if (HAS_PREV) { A->v[10] += vabs(r0); A->v[11] += vabs(r1); }                  \
+    else if (HAS_NEXT) { A->v[8] += vabs(r0); A->v[9] += vabs(r1); }                    \
     pr0 = r0; pr1 = r1;
 
-/* state of one strip: float32 accumulators [sum|r-p|, sum|p|, motion, hi, lo] x 2 */
-typedef struct { vf v[12]; } acc_t;   /* + previous frame (2) */
+/* state of one strip, float32, two vectors each: sum|r-p|, sum|p|, motion, mid, head,
+   tail, previous frame. mid = |r| of frames with a previous and a next frame of the
+   phase, head = first frames (no previous), tail = last frames (no next); then
+   sum|r[s:]| = mid + tail and sum|r[:-s]| = head + mid, so a NaN in an edge frame only
+   reaches the sums whose frames contain it. Only 8 accumulators live in registers in
+   the inner loop (no spills with 16 AVX2 registers). */
+typedef struct { vf v[14]; } acc_t;
 #define G 16          /* strips per float32 combination group */
 #define FC 4          /* frames per chunk: 2 * FC memory streams at a time */
 
@@ -159,8 +181,8 @@ static inline __attribute__((always_inline)) void strip_##NAME(                 
         const T *rq, const T *pq, int64_t srf, int64_t spf, int64_t sr2, int64_t sp2,   \
         int64_t fb, int64_t fe, int64_t F, int64_t s, acc_t *A, const int contig) {     \
     vf ad0 = A->v[0], ad1 = A->v[1], ap0 = A->v[2], ap1 = A->v[3], am0 = A->v[4];       \
-    vf am1 = A->v[5], ah0 = A->v[6], ah1 = A->v[7], al0 = A->v[8], al1 = A->v[9];       \
-    vf pr0 = A->v[10], pr1 = A->v[11], r0, r1, p0, p1;                                  \
+    vf am1 = A->v[5], md0 = A->v[6], md1 = A->v[7];                                     \
+    vf pr0 = A->v[12], pr1 = A->v[13], r0, r1, p0, p1;                                  \
     const int64_t rstep = s * srf, pstep = s * spf;                                     \
     int64_t f = fb;                                                                     \
     rq += f * srf; pq += f * spf;                                                       \
@@ -176,8 +198,7 @@ static inline __attribute__((always_inline)) void strip_##NAME(                 
         STEP(1, 0)                                                                      \
     }                                                                                   \
     A->v[0] = ad0; A->v[1] = ad1; A->v[2] = ap0; A->v[3] = ap1; A->v[4] = am0;         \
-    A->v[5] = am1; A->v[6] = ah0; A->v[7] = ah1; A->v[8] = al0; A->v[9] = al1;          \
-    A->v[10] = pr0; A->v[11] = pr1;                                                     \
+    A->v[5] = am1; A->v[6] = md0; A->v[7] = md1; A->v[12] = pr0; A->v[13] = pr1;        \
 }                                                                                       \
 static void item_##NAME(const job_t *J, int64_t item) {                                 \
     int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                          \
@@ -212,8 +233,12 @@ static void item_##NAME(const job_t *J, int64_t item) {                         
         /* fixed order: float32 sums over groups of G strips, then float64 lanes */     \
         for (int64_t k0 = 0; k0 < nstrips; k0 += G) {                                   \
             vf g[10] = {0};                                                             \
-            for (int64_t k = k0; k < k0 + G && k < nstrips; k++)                        \
-                for (int m = 0; m < 10; m++) g[m] += A[k].v[m];                         \
+            for (int64_t k = k0; k < k0 + G && k < nstrips; k++) {                      \
+                const vf *v = A[k].v;                                                   \
+                for (int m = 0; m < 6; m++) g[m] += v[m];                               \
+                g[6] += v[6] + v[10]; g[7] += v[7] + v[11];   /* hi = mid + tail */     \
+                g[8] += v[8] + v[6];  g[9] += v[9] + v[7];    /* lo = head + mid */     \
+            }                                                                           \
             for (int m = 0; m < 5; m++)                                                 \
                 for (int q = 0; q < VL; q++) {                                          \
                     lane[m][q] += g[2 * m][q]; lane[m][VL + q] += g[2 * m + 1][q];      \
@@ -363,7 +388,7 @@ def _build() -> ctypes.CDLL:
     src = _C_SOURCE % {"BLOCK": CPU_BLOCK}
     flag_sets = [
         ["-O3", "-march=native", "-fno-math-errno"],
-        ["-O3", "-fno-math-errno"],
+        ["-O3", "-fno-math-errno", "-Wno-psabi"],
     ]
     errors = []
     for flags in flag_sets:
