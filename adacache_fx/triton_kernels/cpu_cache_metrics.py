@@ -179,10 +179,17 @@ static inline vf ldvs_##NAME(const T *q, int64_t st) {                          
 }                                                                                       \
 static inline __attribute__((always_inline)) void strip_##NAME(                         \
         const T *rq, const T *pq, int64_t srf, int64_t spf, int64_t sr2, int64_t sp2,   \
-        int64_t fb, int64_t fe, int64_t F, int64_t s, acc_t *A, const int contig) {     \
-    vf ad0 = A->v[0], ad1 = A->v[1], ap0 = A->v[2], ap1 = A->v[3], am0 = A->v[4];       \
-    vf am1 = A->v[5], md0 = A->v[6], md1 = A->v[7];                                     \
-    vf pr0 = A->v[12], pr1 = A->v[13], r0, r1, p0, p1;                                  \
+        int64_t fb, int64_t fe, int64_t F, int64_t s, acc_t *A, vf *g, const int contig, \
+        const int first, const int last) {                                              \
+    const vf z = {0};                                                                   \
+    vf ad0, ad1, ap0, ap1, am0, am1, md0, md1, pr0, pr1, r0, r1, p0, p1;                \
+    if (first) {                                                                        \
+        ad0 = ad1 = ap0 = ap1 = am0 = am1 = md0 = md1 = pr0 = pr1 = z;                  \
+        A->v[8] = A->v[9] = A->v[10] = A->v[11] = z;                                    \
+    } else {                                                                            \
+        ad0 = A->v[0]; ad1 = A->v[1]; ap0 = A->v[2]; ap1 = A->v[3]; am0 = A->v[4];      \
+        am1 = A->v[5]; md0 = A->v[6]; md1 = A->v[7]; pr0 = A->v[12]; pr1 = A->v[13];    \
+    }                                                                                   \
     const int64_t rstep = s * srf, pstep = s * spf;                                     \
     int64_t f = fb;                                                                     \
     rq += f * srf; pq += f * spf;                                                       \
@@ -197,8 +204,14 @@ static inline __attribute__((always_inline)) void strip_##NAME(                 
     for (; f < fe; f += s, rq += rstep, pq += pstep) {                                  \
         STEP(1, 0)                                                                      \
     }                                                                                   \
-    A->v[0] = ad0; A->v[1] = ad1; A->v[2] = ap0; A->v[3] = ap1; A->v[4] = am0;         \
-    A->v[5] = am1; A->v[6] = md0; A->v[7] = md1; A->v[12] = pr0; A->v[13] = pr1;        \
+    if (last) {   /* fold into the strip group's sums (fixed strip order) */            \
+        g[0] += ad0; g[1] += ad1; g[2] += ap0; g[3] += ap1; g[4] += am0; g[5] += am1;   \
+        g[6] += md0 + A->v[10]; g[7] += md1 + A->v[11];   /* hi = mid + tail */          \
+        g[8] += A->v[8] + md0;  g[9] += A->v[9] + md1;    /* lo = head + mid */          \
+    } else {                                                                            \
+        A->v[0] = ad0; A->v[1] = ad1; A->v[2] = ap0; A->v[3] = ap1; A->v[4] = am0;     \
+        A->v[5] = am1; A->v[6] = md0; A->v[7] = md1; A->v[12] = pr0; A->v[13] = pr1;    \
+    }                                                                                   \
 }                                                                                       \
 static void item_##NAME(const job_t *J, int64_t item) {                                 \
     int64_t nb = item %% J->n2_blocks, t = item / J->n2_blocks;                          \
@@ -216,29 +229,27 @@ static void item_##NAME(const job_t *J, int64_t item) {                         
         const int contig = sr2 == 1 && sp2 == 1;                                        \
         const int64_t nstrips = len / W;                                                \
         acc_t A[BLK / W];                                                               \
-        memset(A, 0, sizeof(acc_t) * (size_t)nstrips);                                  \
+        vf gs[BLK / W / G + 1][10];                                                     \
+        memset(gs, 0, sizeof gs);                                                       \
         /* frames in chunks of FC (fewer concurrent memory streams); the strip state    \
-           (accumulators + previous frame) waits in A[] between chunks */               \
+           (accumulators + previous frame) waits in A[] between chunks; after the last  \
+           chunk each strip is folded into the float32 sums of its group of G strips */ \
         for (int64_t fb = j; fb < F; fb += FC * s) {                                    \
             int64_t fe = fb + FC * s < F ? fb + FC * s : F;                             \
+            const int first = fb == j, last = fe == F;                                  \
             if (contig) {                                                               \
                 for (int64_t k = 0; k < nstrips; k++)                                   \
-                    strip_##NAME(rb + k * W, pb + k * W, srf, spf, 1, 1, fb, fe, F, s, &A[k], 1); \
+                    strip_##NAME(rb + k * W, pb + k * W, srf, spf, 1, 1, fb, fe, F, s,  \
+                                 &A[k], gs[k / G], 1, first, last);                     \
             } else {                                                                    \
                 for (int64_t k = 0; k < nstrips; k++)                                   \
                     strip_##NAME(rb + k * W * sr2, pb + k * W * sp2, srf, spf, sr2, sp2, \
-                                 fb, fe, F, s, &A[k], 0);                               \
+                                 fb, fe, F, s, &A[k], gs[k / G], 0, first, last);       \
             }                                                                           \
         }                                                                               \
-        /* fixed order: float32 sums over groups of G strips, then float64 lanes */     \
+        /* fixed order: the float32 group sums go into float64 lanes, group by group */ \
         for (int64_t k0 = 0; k0 < nstrips; k0 += G) {                                   \
-            vf g[10] = {0};                                                             \
-            for (int64_t k = k0; k < k0 + G && k < nstrips; k++) {                      \
-                const vf *v = A[k].v;                                                   \
-                for (int m = 0; m < 6; m++) g[m] += v[m];                               \
-                g[6] += v[6] + v[10]; g[7] += v[7] + v[11];   /* hi = mid + tail */     \
-                g[8] += v[8] + v[6];  g[9] += v[9] + v[7];    /* lo = head + mid */     \
-            }                                                                           \
+            const vf *g = gs[k0 / G];                                                   \
             for (int m = 0; m < 5; m++)                                                 \
                 for (int q = 0; q < VL; q++) {                                          \
                     lane[m][q] += g[2 * m][q]; lane[m][VL + q] += g[2 * m + 1][q];      \
