@@ -141,8 +141,16 @@ class AdaCacheScheduler:
     def finalize(self) -> None:
         """Turn the pending sums of the last computed step into the next decision.
 
-        Called when the next step begins, and by ``report()``.
+        Called by ``report()``. Under a process group it leaves sums that need the
+        collective pending: ``report()`` on one rank alone (``if rank == 0``) must not enter
+        a collective that the other ranks skip; the next step does it on every rank.
         """
+        if self.process_group is not None and self._pending is not None and self._pending.sums is not None:
+            return
+        self._finalize()
+
+    def _finalize(self) -> None:
+        """``finalize`` at the start of a step, where every rank takes part."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -156,7 +164,7 @@ class AdaCacheScheduler:
 
     # ----- internals ---------------------------------------------------------
     def _advance(self) -> None:
-        self.finalize()
+        self._finalize()
         self.step += 1
         self.branch_counts = {}
         s, n, cfg = self.step, self.num_steps, self.config
