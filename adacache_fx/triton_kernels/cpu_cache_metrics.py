@@ -17,9 +17,10 @@ several passes.
 
 Same semantics as the Triton kernel. A work item is (sample, frame phase, element row,
 block of CPU_BLOCK elements); the block is walked in strips of 16 elements (two AVX2
-vectors) and, for each strip, the frames of the phase in order, with the five float32
-accumulators and the previous frame in registers: every element of r and p is loaded
-exactly once. Frames are taken in chunks of 4 (the strip state waits in a small
+vectors) and, for each strip, the frames of the phase in order, with the float32
+accumulators and the previous frame in registers (the |r| sums of the first and last
+frame of a phase are kept apart, so only 8 accumulators stay live: no spills): every
+element of r and p is loaded exactly once. Frames are taken in chunks of 4 (the strip state waits in a small
 L1/L2-resident array between chunks) so that at most 8 memory streams are live at a time,
 which the hardware prefetchers follow far better than one stream per frame (about 2x
 from DRAM for 15-21 frames). Per-strip float32 sums are combined in a fixed order
