@@ -1,0 +1,1 @@
+"""Integrations of the AdaCache backend with model libraries (``adacache_fx.integrations.diffusers``)."""

@@ -1,0 +1,85 @@
+"""adacache_fx.integrations.diffusers.enable on a real diffusers pipeline built from tiny, randomly
+initialised components (no download): the class-conditional DiTPipeline, whose classifier-free
+guidance is batched in one call."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from adacache_fx import AdaCacheConfig  # noqa: E402
+from adacache_fx.integrations.diffusers import backend_of, disable, enable  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zoo import randomize_  # noqa: E402
+
+INF = math.inf
+
+
+def tiny_dit_pipeline(scheduler=None):
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+    randomize_(transformer, seed=0)   # adaLN-Zero init would make every block residual zero
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                                  latent_channels=4, norm_num_groups=4, sample_size=8)
+    pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=vae.eval(),
+                                 scheduler=scheduler or diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, steps, labels=(1, 2), seed=0, guidance_scale=4.0):
+    return pipe(class_labels=list(labels), num_inference_steps=steps, guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+def test_enable_caching_off_matches_the_plain_pipeline():
+    pipe = tiny_dit_pipeline()
+    reference = run(pipe, 6)
+    torch._dynamo.reset()
+    backend = enable(pipe, AdaCacheConfig(codebook={INF: 1}), inner="eager")
+    assert backend_of(pipe) is backend and type(pipe).__name__ == "DiTPipeline"
+    ours = run(pipe, 6)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    report = backend.report()
+    assert report.computed_steps == list(range(1, 7)) and report.num_steps == 6
+    assert len(backend.graphs) == 1 and not report.uncached_graphs
+    disable(pipe)
+    assert backend_of(pipe) is None and type(pipe) is diffusers.DiTPipeline
+    torch.testing.assert_close(run(pipe, 6), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_enable_takes_num_steps_from_each_call_and_resets():
+    pipe = tiny_dit_pipeline()
+    torch._dynamo.reset()
+    backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(pipe, 12)
+        report = backend.report()
+        assert report.num_steps == 12 and report.computed_steps == [1, 2, 5, 8, 11, 12]
+        executions = report.block_executions
+        assert executions == 6
+        run(pipe, 7)                      # steps from this call's num_inference_steps: last two forced
+        assert backend.report().computed_steps == [1, 2, 5, 6, 7]
+        assert backend.report().block_executions == executions + 5
+        first = run(pipe, 12, seed=3)
+        second = run(pipe, 12, seed=3)   # a reset per call: nothing carries over between requests
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_enable_with_other_batch_and_scheduler():
+    pipe = tiny_dit_pipeline(diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"))
+    torch._dynamo.reset()
+    backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
+    run(pipe, 12, labels=(1, 2, 3))       # a batch of three (six rows with guidance)
+    assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
+    out = run(pipe, 12, labels=(4,))      # another batch size: compiled for that shape, fresh cache
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+    assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]

@@ -1,0 +1,145 @@
+"""The caching matrix over the zoo (issue 4): for every zoo case that Dynamo captures in one
+graph (and, separately, for the ones it does not),
+
+* ``explain`` finds at least one region, its blocks and residual streams, a probe and a timestep,
+  and a frame layout for MoReg on video models;
+* caching off (``{inf: 1}``) gives outputs identical to plain ``torch.compile(backend="eager")``
+  over 8 steps;
+* a fixed codebook ``{inf: 3}`` over 12 steps computes steps 1, 2, 5, 8, 11, 12, the region
+  blocks run on exactly those 6 steps (``report().block_executions`` sums the executions of
+  every region runner of every graph: 6 per runner), and nothing recompiles
+  (``error_on_recompile``).
+
+The inner compiler is ``eager`` (CI budget). By default a representative subset runs (the core
+cases, the MMDiT / Flux-style / video / audio families and the graph-break cases); set
+``ADACACHE_ZOO_ALL=1`` for every case (about 72 x 10 s on 2 cores). The results of a full run are
+in benchmarks/results/coverage.md. Known failures are ``xfail(strict=True)`` with the exact
+reason: a case that starts passing must be moved out of ``XFAIL``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, explain  # noqa: E402
+from helpers import INF, sample_loop, timesteps  # noqa: E402
+from zoo import ZOO, get_case  # noqa: E402
+
+ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
+
+#: case -> exact reason it does not pass the matrix (and what it would take).
+XFAIL: dict[str, str] = {}
+
+#: cases whose graph breaks (see tests/zoo/COVERAGE.md): the block stack is in one of the graphs or not.
+GRAPH_BREAK = sorted(n for n, c in ZOO.items() if c.one_graph is False)
+ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
+
+#: the default subset: one or two cases per family (DiT/adaLN, cross-attention, MMDiT, Flux-style
+#: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
+SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
+          "ltx_video", "hunyuan_video", "stable_audio", "sana"]
+
+_models: dict = {}
+
+
+def _model(name):
+    if name not in _models:
+        _models[name] = get_case(name).build()
+    return _models[name]
+
+
+def _params(names):
+    out = []
+    for name in names:
+        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[name])] if name in XFAIL else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def _selected(names):
+    return names if ALL else [n for n in names if n in SUBSET or n in XFAIL and n in SUBSET]
+
+
+def check_explain(name):
+    case = get_case(name)
+    model = _model(name)
+    args, kwargs = case.make_inputs(2, 0.5 * case.t_max)
+    torch._dynamo.reset()
+    ex = explain(model, *args, **kwargs)
+    assert ex.regions, f"no region found:\n{ex}"
+    assert ex.probe is not None, f"no probe:\n{ex}"
+    assert any(ex.probe.block in r.block_paths for r in ex.regions)
+    assert ex.timestep is not None, f"no timestep input found:\n{ex}"
+    for region in ex.regions:
+        assert region.blocks and region.streams
+    if case.is_video:
+        assert ex.frame_layout is not None, f"video model without a frame layout:\n{ex}"
+    return ex
+
+
+def check_caching_off(name, steps=8):
+    case = get_case(name)
+    model = _model(name)
+    ts = timesteps(steps, case.t_max)
+    torch._dynamo.reset()
+    plain = sample_loop(torch.compile(model, backend="eager"), case.make_inputs, ts, output=case.output)
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 1}, num_steps=steps), inner="eager")
+    ours = sample_loop(torch.compile(model, backend=backend), case.make_inputs, ts, output=case.output)
+    for step, (a, b) in enumerate(zip(plain, ours)):
+        assert torch.equal(a, b), f"step {step + 1}: max |diff| {float((a - b).abs().max())}"
+    assert backend.report().computed_steps == list(range(1, steps + 1))
+    return backend
+
+
+def check_fixed_codebook(name):
+    case = get_case(name)
+    model = _model(name)
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = sample_loop(compiled, case.make_inputs, timesteps(12, case.t_max), output=case.output)
+    report = backend.report()
+    runners = sum(len(g.runners) for g in backend.graphs)
+    assert runners >= 1, f"nothing cached: {report.uncached_graphs}"
+    assert report.computed_steps == [1, 2, 5, 8, 11, 12]
+    assert report.block_executions == 6 * runners
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert len(report.metrics) == 5   # steps 2, 5, 8, 11, 12 each compare with the previous probe
+    if case.is_video:   # MoReg saw the frame axis
+        assert all(m.motion is not None for m in report.metrics)
+    return backend
+
+
+@pytest.mark.parametrize("name", _params(_selected(ONE_GRAPH)))
+def test_one_graph_case_caches(name):
+    ex = check_explain(name)
+    assert len(ex.graphs) == 1
+    check_caching_off(name)
+    backend = check_fixed_codebook(name)
+    assert len(backend.graphs) == 1 and not backend.uncached_graphs
+
+
+@pytest.mark.parametrize("name", _params(_selected(GRAPH_BREAK)) or ["(none)"])
+def test_graph_break_case_caches_the_graph_with_the_blocks(name):
+    """The model breaks Dynamo's graph itself; the backend must still be exact with caching off,
+    and cache the graph that holds the block stack."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaCacheWarning)
+        ex = check_explain(name)
+        assert len(ex.graphs) > 1
+        check_caching_off(name)
+        check_fixed_codebook(name)
+
+
+def test_every_case_is_in_the_matrix():
+    assert set(ONE_GRAPH) | set(GRAPH_BREAK) == set(ZOO)
+    assert set(XFAIL) <= set(ZOO)
+    assert set(SUBSET) <= set(ZOO)
