@@ -36,7 +36,7 @@ from adacache_fx import AdaCacheConfig, adacache_backend  # noqa: E402
 from helpers import timesteps  # noqa: E402
 
 INF = float("inf")
-LAUNCH_TIMEOUT_S = float(os.environ.get("ADACACHE_DIST_TEST_TIMEOUT", "240"))
+LAUNCH_TIMEOUT_S = float(os.environ.get("ADACACHE_DIST_TEST_TIMEOUT", "300"))
 BATCH = 4                 # BP splits it over up to 4 ranks
 SP_BATCH = BATCH       # the same inputs for SP, BP and the single-process references
 MOREG_NORM = 0.005        # the tiny model's motion score is ~0.005 (so m' is O(1), MoReg matters)
