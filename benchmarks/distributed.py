@@ -57,7 +57,7 @@ def _worker(rank, world, port, args, q):
     import torch.distributed as dist
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        threads = max(1, (os.cpu_count() or 1) // world)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // world)
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
@@ -238,6 +238,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores // processes)")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
