@@ -1,0 +1,113 @@
+"""Regenerate the README's results section from the committed benchmark output.
+
+    python benchmarks/readme_results.py          # rewrites README.md between the markers
+
+Every number in the section is read from a file under benchmarks/results/ (or the
+reference model's card); nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f) if name.endswith(".json") else f.read()
+
+
+def overhead_section() -> list:
+    d = _load("overhead.json")
+    if d is None:
+        return ["Overhead: not measured yet (`python benchmarks/overhead.py`)."]
+    m = d["machine"]
+    med, comp = d["median_generation_s"], d["compile_s"]
+    lines = [
+        f"**Overhead of the rewrite** ([benchmarks/results/overhead.md](benchmarks/results/overhead.md); "
+        f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; "
+        f"reference STDiT, {d['steps']} steps, medians of {d['repeats']} interleaved generations):",
+        "",
+        "| method | generation (s) | per step (ms) | vs plain | first call incl. compile (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("plain", "plain `torch.compile`"), ("off", "adacache, caching off `{inf: 1}`"),
+                        ("fixed", f"adacache, fixed `{{inf: 3}}` ({len(d['fixed_computed_steps'])}/{d['steps']} steps)")):
+        ratio = med["plain"] / med[name]
+        lines.append(f"| {label} | {med[name]:.3f} | {1000 * med[name] / d['steps']:.1f} | "
+                     f"{ratio:.2f}x | {comp[name]:.1f} |")
+    lines += [
+        "",
+        f"Caching off costs **{d['off_overhead']:+.1%}** per step (goal: at most +3%: "
+        f"{'met' if d['goals']['off_overhead <= 3%'] else 'missed'}); the fixed schedule reaches "
+        f"**{d['fixed_speedup']:.2f}x** of an ideal {d['fixed_ideal_speedup']:.2f}x "
+        f"(**{d['fixed_efficiency']:.0%}**, goal 97%: {'met' if d['goals']['fixed efficiency >= 97%'] else 'missed'}).",
+    ]
+    return lines
+
+
+def demo_section() -> list:
+    d = _load("demo.json")
+    if d is None:
+        return ["Demo: not measured yet (`python examples/generate.py --out benchmarks/results/demo`)."]
+    lines = [f"**The main job** (`python examples/generate.py`, the shipped reference model; "
+             f"[benchmarks/results/demo.json](benchmarks/results/demo.json)):", ""]
+    lines += [f"- {k}: {v}" for k, v in d.items() if not isinstance(v, (dict, list))]
+    return lines
+
+
+def kernels_section() -> list:
+    md = _load("kernels_cpu.md")
+    if md is None:
+        return []
+    rows = [r for r in md.splitlines() if r.startswith("|") and "| op |" in r]
+    lines = ["**Fused cache-metrics op** vs the eager composite of the public AdaCache code and its "
+             "`torch.compile` version ([benchmarks/results/kernels_cpu.md](benchmarks/results/kernels_cpu.md), CPU; "
+             "no GPU was lent, the GPU rows are empty):", "",
+             "| size | dtype | op median ms | GB/s | speedup vs eager |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        # size | shape | dtype | MB | provider | median | min-max | GB/s | %copy | %read | speedup | err
+        lines.append(f"| {cells[0]} | {cells[2]} | {cells[5]} | {cells[7]} | {cells[10]} |")
+    return lines
+
+
+def text_section(name: str, title: str) -> list:
+    md = _load(name)
+    if md is None:
+        return []
+    summary = re.search(r"## Summary.*?\n(.*?)(\n## |\Z)", md, re.S)
+    body = summary.group(1).strip() if summary else ""
+    return [f"**{title}** ([benchmarks/results/{name}](benchmarks/results/{name})):", "", body] if body else \
+        [f"**{title}**: see [benchmarks/results/{name}](benchmarks/results/{name})."]
+
+
+def main():
+    parts = []
+    for section in (demo_section(), overhead_section(), kernels_section(),
+                    text_section("distributed.md", "Multi-process (gloo, CPU)"),
+                    text_section("coverage.md", "Model coverage")):
+        if section:
+            parts.append("\n".join(section))
+    block = f"{BEGIN}\n" + "\n\n".join(parts) + f"\n{END}"
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        readme = f.read()
+    if BEGIN in readme:
+        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
+    else:
+        readme = readme.replace("RESULTS_PLACEHOLDER", block)
+    with open(path, "w") as f:
+        f.write(readme)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
