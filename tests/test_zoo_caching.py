@@ -34,7 +34,50 @@ from zoo import ZOO, get_case  # noqa: E402
 ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).
-XFAIL: dict[str, str] = {}
+_AUTOCAST = ("rewrite failed: the graph enters autocast / switches grad mode (torch.amp._enter_autocast in the "
+             "model), so torch.fx split_module requires partitions in graph order, but split_regions hoists nodes "
+             "that depend on no region into the prologue; would take a split that keeps the order inside "
+             "autocast spans without pulling non-region nodes into the region piece")
+_NO_FRAME_AXIS = ("no MoReg frame layout: the frame axis of the 5-D input does not reach the probe through the ops "
+                  "infer_frame_layout follows")
+XFAIL: dict[str, str] = {
+    "dreamlite": "no timestep input: this transformer (a UNet-style Transformer2D layer, norm_type layer_norm) "
+                 "never uses its `timestep` argument, so no graph input feeds a sinusoid; caching works with "
+                 "AdaCacheConfig(num_steps=...) (each call a step), but the matrix requires a timestep",
+    "ernie_image": _AUTOCAST,
+    "ideogram4": _AUTOCAST,
+    "cosmos": "rewrite failed (ValueError: output 2 does not come from submod_1): the probe/delta output is not "
+              "produced inside the region piece after split_module; needs a look at which region value is hoisted",
+    "helios": "no region: find_regions reports that the outputs of blocks.0 and blocks.1 are not residual streams "
+              "(the block output is not reached from its input through residual adds and reshapes/casts only); "
+              "would take a trunk op for what HeliosTransformerBlock does between its adds",
+    "cogvideox": _NO_FRAME_AXIS + ": latents (B, F, C, H, W) go through the patch embedding's "
+                 "cat([text, video], dim=1) and a slice [:, text_len:] before the blocks; a cat along the token "
+                 "dim needs a frame-axis offset, which FrameAxis(dim, inner, frames) cannot express",
+    "consisid": _NO_FRAME_AXIS + ": CogVideoX patch embedding (cat of text and video tokens, then a slice), "
+                "as for cogvideox",
+    "kandinsky6_sr": _NO_FRAME_AXIS + ": channels-last input (B, F, H, W, C) concatenated with the condition "
+                     "along channels; would take channels-last frame dims (video_frame_dim=1 with C last) in "
+                     "infer_frame_layout",
+    "anyflow_far": _NO_FRAME_AXIS + ": the frame-autoregressive model partitions the frames into chunks "
+                   "(chunk_partition) and concatenates them; would take following cat/split along the frame dim",
+    "ltx_video": "no MoReg frame layout: the latents come packed (B, F*H*W, C) with num_frames/height/width as int "
+                 "arguments, so there is no 5-D input to follow; would take a config option naming the frame "
+                 "count argument (or reading it from the int inputs)",
+    "ltx2": "no MoReg frame layout: packed video tokens (B, F*H*W, C) with num_frames as an int argument (as "
+            "ltx_video); the audio stream has no frames either",
+    "hidream_image": "no region: the mixture-of-experts FFN breaks Dynamo's graph inside every block "
+                     "(`for i, end_idx in enumerate(tokens_per_expert)` on a data-dependent tensor), so no graph "
+                     "holds a whole block; would take guarding blocks across graph breaks (module hooks) or a "
+                     "traceable MoE dispatch",
+    "hunyuan_video15": "no region: a data-dependent branch (`if is_t2v:` at transformer_hunyuan_video15.py:702) "
+                       "breaks the graph before the blocks; the resumed graphs that run the blocks carry no "
+                       "nn_module_stack block paths and no residual chain is found there; would take block "
+                       "finding in resume-function graphs",
+    "bria_fibo2": "Dynamo graph break inside the model (`with torch.device(...)` context manager in "
+                  "transformer_bria_fibo2.py:149) puts the timestep embedding and the block stack in different "
+                  "graphs: the blocks' graph has no timestep input, so each call counts as a step",
+}
 
 #: cases whose graph breaks (see tests/zoo/COVERAGE.md): the block stack is in one of the graphs or not.
 GRAPH_BREAK = sorted(n for n, c in ZOO.items() if c.one_graph is False)
@@ -43,7 +86,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: the default subset: one or two cases per family (DiT/adaLN, cross-attention, MMDiT, Flux-style
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
-          "ltx_video", "hunyuan_video", "stable_audio", "sana"]
+          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen"]
 
 _models: dict = {}
 
@@ -94,6 +137,7 @@ def check_caching_off(name, steps=8):
     ours = sample_loop(torch.compile(model, backend=backend), case.make_inputs, ts, output=case.output)
     for step, (a, b) in enumerate(zip(plain, ours)):
         assert torch.equal(a, b), f"step {step + 1}: max |diff| {float((a - b).abs().max())}"
+    assert any(g.runners for g in backend.graphs), f"nothing cached: {backend.uncached_graphs}"
     assert backend.report().computed_steps == list(range(1, steps + 1))
     return backend
 
@@ -127,7 +171,7 @@ def test_one_graph_case_caches(name):
     assert len(backend.graphs) == 1 and not backend.uncached_graphs
 
 
-@pytest.mark.parametrize("name", _params(_selected(GRAPH_BREAK)) or ["(none)"])
+@pytest.mark.parametrize("name", _params(_selected(GRAPH_BREAK)))
 def test_graph_break_case_caches_the_graph_with_the_blocks(name):
     """The model breaks Dynamo's graph itself; the backend must still be exact with caching off,
     and cache the graph that holds the block stack."""

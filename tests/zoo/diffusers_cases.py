@@ -134,11 +134,11 @@ def _flux_inputs(in_ch: int, ctx_dim: int, pooled: int | None, guidance: bool = 
 
 _dcase(
     "flux", "FluxTransformer2DModel",
-    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
          axes_dims_rope=(4, 6, 6)),
     _flux_inputs(16, 32, 16, guidance=True),
-    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
     notes="packed latents (B, 16 tokens = 4x4 grid of 2x2 patches, 16 ch); img_ids (N, 3), txt_ids (L, 3); "
           "timestep in [0, 1] (the model multiplies by 1000); guidance-distilled (guidance=3.5).",
 )
@@ -155,28 +155,28 @@ _dcase(
 
 _dcase(
     "longcat_image", "LongCatImageTransformer2DModel",
-    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]),
     _flux_inputs(16, 32, None),
-    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
     notes="Flux-like double + single stream blocks.",
 )
 
 _dcase(
     "ovis_image", "OvisImageTransformer2DModel",
-    dict(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
          num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
     _flux_inputs(16, 32, None),
-    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
     notes="Flux-like double + single stream blocks.",
 )
 
 _dcase(
     "bria", "BriaTransformer2DModel",
-    dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]),
     _flux_inputs(16, 32, 16),
-    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
+    num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"), t_max=1.0,
     notes="Flux-like double + single stream blocks.",
 )
 
@@ -359,12 +359,12 @@ _dcase(
 
 _dcase(
     "hunyuan_video", "HunyuanVideoTransformer3DModel",
-    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
          num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
          guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)),
     lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32), _ones(b, 6), _randn(g, b, 16)),
                      dict(guidance=torch.full((b,), 6000.0), return_dict=False)),
-    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    is_video=True, num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"),
     notes="double-stream then single-stream blocks; token refiner on the text; guidance-distilled.",
 )
 
@@ -501,11 +501,11 @@ _dcase(
 
 _dcase(
     "hunyuan_image", "HunyuanImageTransformer2DModel",
-    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
          num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=32,
          rope_axes_dim=(8, 8)),
     lambda g, b, t: ((_randn(g, b, 4, 8, 8), t, _randn(g, b, 6, 32), _ones(b, 6)), dict(return_dict=False)),
-    num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"),
     notes="HunyuanImage 2.1: double + single stream blocks; token refiner on the text.",
 )
 
@@ -523,7 +523,7 @@ _dcase(
 
 _dcase(
     "hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel",
-    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
          num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
          guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
          has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True),
@@ -534,7 +534,7 @@ _dcase(
                           indices_latents_history_2x=torch.arange(1, 3),
                           latents_history_4x=_randn(g, b, 4, 4, 8, 8),
                           indices_latents_history_4x=torch.arange(3, 7), return_dict=False)),
-    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    is_video=True, num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"),
     notes="FramePack: the clean / 2x / 4x history latents (1, 2, 4 frames) are packed before the noisy "
           "tokens; frame indices 1-D.",
 )
@@ -782,12 +782,12 @@ _dcase(
 
 _dcase(
     "motif_video", "MotifVideoTransformer3DModel",
-    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+    dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
          num_single_layers=2, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
          rope_axes_dim=(4, 6, 6)),
     lambda g, b, t: ((_randn(g, b, 4, 2, 8, 8), t, _randn(g, b, 6, 32)),
                      dict(encoder_attention_mask=_ones(b, 6), return_dict=False)),
-    is_video=True, num_blocks=3, block_lists=("transformer_blocks", "single_transformer_blocks"),
+    is_video=True, num_blocks=4, block_lists=("transformer_blocks", "single_transformer_blocks"),
 )
 
 _dcase(
