@@ -8,6 +8,7 @@ Writes to --out (default out/): side_by_side.gif (baseline | AdaCache per prompt
 schedule.png (distance, motion score, cache rate, computed steps), report.json; prints the
 speedup, the computed steps and PSNR / SSIM of the AdaCache video against the baseline.
 Both runs are warmed up (compiled) first and then timed, same seed, same sampling loop.
+Inductor compiles take most of the wall time on a small CPU; --inner aot_eager starts faster.
 """
 from __future__ import annotations
 
