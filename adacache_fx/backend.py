@@ -153,7 +153,6 @@ class AdaCacheBackend:
         graph.output(graph.graph_copy(gm.graph, {}))
         work = fx.GraphModule(gm, graph)
         analysis = analyze(work.graph, self.config)
-        self.scheduler.process_group = resolve_process_group(self.config.process_group, work.graph)
         if not analysis.cacheable:
             reason = "no residual block stack found" if not analysis.blocks else "blocks found but no region whose outputs are residual streams"
             self._uncached(gm, reason + "; " + "; ".join(analysis.log[-3:]))
@@ -162,6 +161,11 @@ class AdaCacheBackend:
             raise AdaCacheConfigError(
                 "adacache: no timestep input found in the graph, so every call is a step and "
                 "AdaCacheConfig(num_steps=...) is required (or name the input with timestep_arg=...)")
+        # Only graphs that cache take part in the decision, so only they choose the group
+        # (with graph breaks, a fragment without the model's collectives must not reset it).
+        group = resolve_process_group(self.config.process_group, work.graph)
+        if not self.graphs or self.scheduler.process_group is None:
+            self.scheduler.process_group = group
         placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
         cache_outputs = add_cache_outputs(work.graph, analysis.regions, analysis.probe)
         work.recompile()

@@ -93,8 +93,10 @@ class AdaCacheConfig:
             inferred from the graph (dim 2 for ``(B, C, F, H, W)``, dim 1 for
             ``(B, F, C, H, W)``).
         process_group: where the metric's partial sums are all-reduced so that every
-            rank takes the same decision: ``"auto"`` (the world, when torch.distributed
-            is initialised with several ranks), an explicit ``ProcessGroup``, or None.
+            rank takes the same decision: ``"auto"`` (the group of the model's own
+            collectives in the traced graph, i.e. its sequence-parallel group, else the
+            world, when torch.distributed is initialised with several ranks), ``"world"``,
+            an explicit ``ProcessGroup``, or None (no collective).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
