@@ -74,6 +74,26 @@ XFAIL: dict[str, str] = {
                        "breaks the graph before the blocks; the resumed graphs that run the blocks carry no "
                        "nn_module_stack block paths and no residual chain is found there; would take block "
                        "finding in resume-function graphs",
+    "hunyuan_video": _NO_FRAME_AXIS + ": the probe (attention residual of transformer_blocks.1) comes out of "
+                     "joint attention over cat([video tokens, text tokens]) and a slice back to the video tokens; "
+                     "would take following cat + slice along the token dim (a frame-axis offset), as for cogvideox",
+    "sana_video": _NO_FRAME_AXIS + " (explain: \"frame axis of input 'hidden_states' does not reach the probe\"); "
+                  "would take following the ops of Sana-Video's patch embedding / linear-attention blocks in "
+                  "infer_frame_layout",
+    "easyanimate": _NO_FRAME_AXIS + " (explain: the frame axis of the 5-D input does not reach the probe); "
+                   "would take following EasyAnimate's patch embedding and its cat of text and video tokens",
+    "minimax_h3": _NO_FRAME_AXIS + ": video, audio and text tokens are packed into one sequence (cat along the "
+                  "token dim) before the blocks; would take a frame-axis offset through cat (as for cogvideox)",
+    "hunyuan_video_framepack": "no region: under torch.compile's default config Dynamo splits the model into 5 "
+                               "graphs (zoo.check's fullgraph capture gives one), and no graph holds two blocks "
+                               "of one list; would take guarding blocks across graph breaks",
+    "mochi": "no region: under torch.compile's default config the model breaks Dynamo's graph at "
+             "`torch.nonzero` and `.item()` (attention-mask handling: data-dependent shapes), 11 graphs, none "
+             "holding a whole block; would take capture_dynamic_output_shape_ops / capture_scalar_outputs plus "
+             "the passes handling unbacked sizes, or guarding blocks across graph breaks",
+    "nucleus_moe_image": "no region: mixture-of-experts token routing (`torch.nonzero` / `.item()`) breaks "
+                         "Dynamo's graph inside every block (11 graphs, none holding a whole block); would take "
+                         "a traceable MoE dispatch or guarding blocks across graph breaks",
     "bria_fibo2": "Dynamo graph break inside the model (`with torch.device(...)` context manager in "
                   "transformer_bria_fibo2.py:149) puts the timestep embedding and the block stack in different "
                   "graphs: the blocks' graph has no timestep input, so each call counts as a step",
