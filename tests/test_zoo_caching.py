@@ -94,6 +94,8 @@ XFAIL: dict[str, str] = {
     "nucleus_moe_image": "no region: mixture-of-experts token routing (`torch.nonzero` / `.item()`) breaks "
                          "Dynamo's graph inside every block (11 graphs, none holding a whole block); would take "
                          "a traceable MoE dispatch or guarding blocks across graph breaks",
+    "sana_wm_refiner": "no MoReg frame layout: LTX-2-style packed video tokens (B, F*H*W, C) with the frame count "
+                       "as an int argument: no 5-D input to follow (as ltx_video)",
     "bria_fibo2": "Dynamo graph break inside the model (`with torch.device(...)` context manager in "
                   "transformer_bria_fibo2.py:149) puts the timestep embedding and the block stack in different "
                   "graphs: the blocks' graph has no timestep input, so each call counts as a step",
