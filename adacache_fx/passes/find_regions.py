@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from .find_blocks import Block
 from .graph_utils import (example_value, is_glue, is_parameter_placeholder, is_residual_add,
-                          is_tensor_node, sizes_equal, topo_index)
+                          is_tensor_node, numel_hint, sizes_equal, topo_index)
 
 
 @dataclass
@@ -152,8 +152,8 @@ def _make_region(blocks: list, nodes: set, block_of: dict) -> Optional[Region]:
 def _numel(node: fx.Node) -> int:
     v = example_value(node)
     try:
-        return int(v.numel())
-    except Exception:  # symbolic sizes: order is a heuristic only
+        return numel_hint(v)   # symbolic sizes: by their hints, with no shape guard
+    except Exception:
         return 0
 
 

@@ -1,7 +1,8 @@
 """Find the graph input that carries the denoising timestep.
 
 The timestep is a per-sample input (shape ``()`` or ``(B,)``, or a Python scalar) that
-feeds the sinusoidal timestep embedding: a ``sin``/``cos`` is reachable from it within
+feeds the sinusoidal timestep embedding (failing that, a 2-D or 3-D input that does:
+per-frame or per-token timesteps): a ``sin``/``cos`` is reachable from it within
 a few ops. When several inputs qualify (Flux also embeds its guidance scale that way),
 the one whose name mentions time wins, then the first. A name given in the config
 (``timestep_arg``) overrides the search.
@@ -54,6 +55,21 @@ def find_timestep(graph: fx.Graph, timestep_arg: Optional[str] = None) -> Option
             f"(inputs: {[user_placeholder_name(n) for n in placeholders]})")
     candidates = [n for n in placeholders if _is_scalar_like(n) and _reaches_sinusoid(n)]
     if not candidates:
-        return None
-    timed = [n for n in candidates if "time" in user_placeholder_name(n).lower() or user_placeholder_name(n) in ("t", "sigma", "sigmas")]
+        # Per-frame or per-token timesteps ((B, F), (B, 1, F), (B, N): diffusion forcing,
+        # frame-autoregressive video models): a 2-D or 3-D input that feeds a sinusoid,
+        # preferably one named like a timestep; the step clock reads its first element.
+        candidates = [n for n in placeholders if _is_small_tensor(n) and _reaches_sinusoid(n)]
+        if not candidates:
+            return None
+    timed = [n for n in candidates if _is_timestep_name(n)]
     return (timed or candidates)[0]
+
+
+def _is_timestep_name(node: fx.Node) -> bool:
+    name = user_placeholder_name(node)
+    return "time" in name.lower() or name in ("t", "sigma", "sigmas")
+
+
+def _is_small_tensor(node: fx.Node) -> bool:
+    v = example_value(node)
+    return isinstance(v, torch.Tensor) and 2 <= v.dim() <= 3

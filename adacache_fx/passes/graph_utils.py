@@ -136,3 +136,16 @@ def is_parameter_placeholder(node: fx.Node) -> bool:
 
 def topo_index(graph: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def numel_hint(value) -> int:
+    """Element count of a (fake) tensor from its size hints, without installing a shape
+    guard (``int()`` on a SymInt would specialise a dynamic shape); 0 if a size has no hint."""
+    total = 1
+    for size in value.shape:
+        if isinstance(size, torch.SymInt):
+            size = getattr(size.node, "hint", None)
+            if size is None:
+                return 0
+        total *= int(size)
+    return total

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example_value, is_parameter_placeholder, user_placeholder_name
+from .graph_utils import example_value, is_parameter_placeholder, numel_hint, user_placeholder_name
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def find_video_input(graph: fx.Graph) -> Optional[fx.Node]:
 
 def _numel_guess(v) -> int:
     try:
-        return int(math.prod(int(s) for s in v.shape))
+        return numel_hint(v)   # no int() on SymInts: that would specialise dynamic shapes
     except Exception:
         return 0
 
