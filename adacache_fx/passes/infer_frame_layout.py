@@ -223,12 +223,16 @@ def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[Fra
     return axis
 
 
-def find_video_input(graph: fx.Graph) -> Optional[fx.Node]:
+def find_video_inputs(graph: fx.Graph) -> list:
+    """The 5-D graph inputs, largest first (a model may take several: Wan-Animate's face video)."""
     videos = [n for n in graph.nodes if n.op == "placeholder" and not is_parameter_placeholder(n)
               and isinstance(example_value(n), torch.Tensor) and example_value(n).dim() == 5]
-    if not videos:
-        return None
-    return max(videos, key=lambda n: _numel_guess(example_value(n)))
+    return sorted(videos, key=lambda n: -_numel_guess(example_value(n)))
+
+
+def find_video_input(graph: fx.Graph) -> Optional[fx.Node]:
+    videos = find_video_inputs(graph)
+    return videos[0] if videos else None
 
 
 def _numel_guess(v) -> int:
@@ -241,21 +245,24 @@ def _numel_guess(v) -> int:
 def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int] = None,
                        log: Optional[list] = None) -> Optional[FrameLayout]:
     """Frame layout of ``probe``, or None (image model, or the axis was lost on the way)."""
-    video = find_video_input(graph)
-    if video is None:
+    videos = find_video_inputs(graph)
+    if not videos:
         if log is not None:
             log.append("no 5-D video input: image model, MoReg off")
         return None
     dims = [frame_dim % 5] if frame_dim is not None else [2, 1]
     found = []
-    for dim in dims:
-        layouts = follow_frame_axis(graph, video, dim)
-        axis = layouts.get(probe)
-        if axis is not None and axis.frames != 1:
-            found.append(FrameLayout(user_placeholder_name(video), dim, axis))
+    for video in videos:   # the largest 5-D input whose frame axis reaches the probe
+        for dim in dims:
+            layouts = follow_frame_axis(graph, video, dim)
+            axis = layouts.get(probe)
+            if axis is not None and axis.frames != 1:
+                found.append(FrameLayout(user_placeholder_name(video), dim, axis))
+        if found:
+            break
     if not found:
         if log is not None:
-            log.append(f"frame axis of input {user_placeholder_name(video)!r} does not reach the probe: MoReg off")
+            log.append(f"frame axis of input {user_placeholder_name(videos[0])!r} does not reach the probe: MoReg off")
         return None
     if len(found) > 1 and log is not None:
         log.append("frame axis ambiguous between input dims 2 and 1; took dim 2 (set video_frame_dim to override)")
