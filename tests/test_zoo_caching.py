@@ -88,6 +88,8 @@ XFAIL: dict[str, str] = {
     "hunyuan_video_framepack": "no region: under torch.compile's default config Dynamo splits the model into 5 "
                                "graphs (zoo.check's fullgraph capture gives one), and no graph holds two blocks "
                                "of one list; would take guarding blocks across graph breaks",
+    "motif_video": _NO_FRAME_AXIS + ": HunyuanVideo-style double-stream blocks (joint attention over cat([video, "
+                   "text]) and a slice back), as for hunyuan_video",
     "mochi": "no region: under torch.compile's default config the model breaks Dynamo's graph at "
              "`torch.nonzero` and `.item()` (attention-mask handling: data-dependent shapes), 11 graphs, none "
              "holding a whole block; would take capture_dynamic_output_shape_ops / capture_scalar_outputs plus "
