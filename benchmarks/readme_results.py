@@ -100,9 +100,10 @@ def coverage_section() -> list:
              f"([benchmarks/results/coverage.md](benchmarks/results/coverage.md), per-class status and reasons): "
              f"**{headline.group(1)}**{headline.group(2)}" if headline else
              "**Model coverage**: see [benchmarks/results/coverage.md](benchmarks/results/coverage.md)."]
-    if fails:
-        lines.append(f"Failing classes ({len(fails)}), each with its exact reason in that file: "
-                     + ", ".join(r.split("|")[1].strip() for r in fails) + ".")
+    table = [r for r in md.splitlines() if r.startswith("| ")]
+    if table:
+        lines += ["", "<details><summary>Every class, its status and, for failures, the reason and what a fix "
+                  "would take</summary>", ""] + table[:1] + ["|---|---|---|---|---|"] + table[1:] + ["", "</details>"]
     return lines
 
 
