@@ -79,25 +79,24 @@ def _is_ancestor(a: fx.Node, b: fx.Node, limit: int = 10000) -> bool:
     return False
 
 
+def _reachable(start: fx.Node, neighbours) -> set:
+    """Nodes reachable from ``start`` (excluded) through ``neighbours``."""
+    seen, stack = set(), [start]
+    while stack:
+        for n in neighbours(stack.pop()):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return seen
+
+
 def find_residual_chain(graph: fx.Graph) -> list:
     chain, trunk_in = _longest_chain(graph)
     if len(chain) < MIN_ADDS or trunk_in is None or not is_tensor_node(trunk_in) or is_parameter_placeholder(trunk_in):
         return []
     end = chain[-1]
-    descendants, stack = set(), [trunk_in]
-    while stack:
-        n = stack.pop()
-        for user in n.users:
-            if user not in descendants:
-                descendants.add(user)
-                stack.append(user)
-    ancestors, stack = {end}, [end]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in ancestors:
-                ancestors.add(a)
-                stack.append(a)
+    descendants = _reachable(trunk_in, lambda n: n.users)
+    ancestors = _reachable(end, lambda n: n.all_input_nodes) | {end}
     region = descendants & ancestors
     blocks, current, k = [], [], 0
     chain_set = set(chain)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -63,18 +62,6 @@ def example_value(node: fx.Node):
 
 def is_tensor_node(node: fx.Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
-
-
-def shape_of(node: fx.Node) -> Optional[tuple]:
-    v = example_value(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = example_value(a), example_value(b)
-    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
-        return False
-    return va.dtype == vb.dtype and sizes_equal(va.shape, vb.shape)
 
 
 def sizes_equal(a, b) -> bool:

@@ -19,7 +19,6 @@ The probe residual then views as ``(-1, frames, inner * prod(trailing dims))``.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Optional
