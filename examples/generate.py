@@ -7,50 +7,29 @@
 Writes to --out (default out/): side_by_side.gif (baseline | AdaCache per prompt),
 schedule.png (distance, motion score, cache rate, computed steps), report.json; prints the
 speedup, the computed steps and PSNR / SSIM of the AdaCache video against the baseline.
-Both runs are warmed up (compiled) first and then timed, same seed, same sampling loop.
+Both are compiled side by side and warmed up first; then baseline and AdaCache generations
+alternate --repeats times (same seed, same sampling loop) and the median speedup is printed.
 Inductor compiles take most of the wall time on a small CPU; --inner aot_eager starts faster.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from examples.reference import CONFIG_FILE, load_reference_model, sample  # noqa: E402
+from examples.reference.quality import psnr, ssim  # noqa: E402
 
 DEFAULT_PROMPTS = ["red circle static", "green square moving right slow", "blue triangle bouncing fast"]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of videos in [-1, 1], measured on [0, 1]."""
-    mse = F.mse_loss((a + 1) / 2, (b + 1) / 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM (11x11 Gaussian window, sigma 1.5) over videos ``(B, C, F, H, W)`` in [-1, 1]."""
-    x = ((a + 1) / 2).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None].double()  # (B*F*C, 1, H, W)
-    y = ((b + 1) / 2).permute(0, 2, 1, 3, 4).flatten(0, 2)[:, None].double()
-    k = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(k**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    win = (g[:, None] * g[None, :])[None, None]
-    filt = lambda t: F.conv2d(t, win)  # noqa: E731
-    mx, my = filt(x), filt(y)
-    sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return s.mean().item()
 
 
 def save_gif(base: torch.Tensor, cached: torch.Tensor, path: Path, scale: int = 4, ms: int = 160):
@@ -122,6 +101,7 @@ def main():
                     help="AdaCache codebook: fast, slow, or off ({inf: 1}, computes every step)")
     ap.add_argument("--inner", default="inductor", help="compiler behind both runs: inductor, aot_eager, eager")
     ap.add_argument("--no-warmup", action="store_true", help="time the first (compiling) runs")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations of each, interleaved")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out"))
     a = ap.parse_args()
@@ -138,49 +118,59 @@ def main():
           f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params; {len(prompts)} prompt(s), "
           f"{a.steps} steps, guidance {a.guidance}, seed {a.seed}, inner={a.inner}")
 
-    # 1. uncached baseline: plain torch.compile
-    t0 = time.perf_counter()
-    base_model = torch.compile(transformer, backend=a.inner)
-    if not a.no_warmup:
-        timed_sample(base_model, transformer, emb, neg, argparse.Namespace(**{**vars(a), "steps": 2}), "compile baseline")
-    base, t_base = timed_sample(base_model, transformer, emb, neg, a, "baseline")
-    print(f"baseline : {t_base:6.2f} s ({a.steps} of {a.steps} steps computed; {time.perf_counter() - t0:.1f} s with compile)")
+    from adacache_fx import AdaCacheConfig, adacache_backend
 
-    try:
-        from adacache_fx import AdaCacheConfig, adacache_backend
-    except ImportError as e:
-        print(f"adacache_fx.adacache_backend is not available ({e}); baseline only.")
-        save_gif(base, base, a.out / "side_by_side.gif")
-        return
-
-    # 2. AdaCache
-    torch._dynamo.reset()
     if a.mode == "fast":
         cfg = AdaCacheConfig.fast(num_steps=a.steps)
     elif a.mode == "slow":
         cfg = AdaCacheConfig.slow(num_steps=a.steps)
     else:
-        cfg = AdaCacheConfig(codebook={float("inf"): 1}, num_steps=a.steps)
+        cfg = AdaCacheConfig.no_cache(num_steps=a.steps)
     backend = adacache_backend(cfg, inner=a.inner)
+    # Both compiled side by side on the same module: dynamo keeps one entry per backend.
+    base_model = torch.compile(transformer, backend=a.inner)
     ada_model = torch.compile(transformer, backend=backend)
-    t0 = time.perf_counter()
+
+    def run_baseline(desc="baseline"):
+        return timed_sample(base_model, transformer, emb, neg, a, desc)
+
+    def run_adacache(desc=f"AdaCache-{a.mode}"):
+        backend.reset()  # a new generation
+        return timed_sample(ada_model, transformer, emb, neg, a, desc)
+
     if not a.no_warmup:
-        timed_sample(ada_model, transformer, emb, neg, a, "compile AdaCache")
-        backend.reset()
-    cached, t_ada = timed_sample(ada_model, transformer, emb, neg, a, f"AdaCache-{a.mode}")
+        t0 = time.perf_counter()
+        run_baseline("compile baseline")
+        t_compile_base = time.perf_counter() - t0
+        run_adacache("compile AdaCache")
+        print(f"compiled : baseline {t_compile_base:.1f} s, AdaCache {time.perf_counter() - t0 - t_compile_base:.1f} s "
+              "(first generations, not timed)")
+    # timed: baseline and AdaCache alternate, the order flipping every round
+    t_base, t_ada = [], []
+    for r in range(a.repeats):
+        for which in (("base", "ada") if r % 2 == 0 else ("ada", "base")):
+            if which == "base":
+                base, t = run_baseline()
+                t_base.append(t)
+            else:
+                cached, t = run_adacache()
+                t_ada.append(t)
     report = backend.report()
     comp = list(report.computed_steps)
-    print(f"AdaCache : {t_ada:6.2f} s ({len(comp)} of {a.steps} steps computed; "
-          f"{time.perf_counter() - t0:.1f} s with compile)")
-    print(f"speedup  : {t_base / t_ada:.2f}x   computed steps: {comp}")
+    ratios = [b / c for b, c in zip(t_base, t_ada)]
+    speedup = statistics.median(ratios)
+    print(f"baseline : {statistics.median(t_base):6.2f} s median of {a.repeats} ({a.steps} of {a.steps} steps computed)")
+    print(f"AdaCache : {statistics.median(t_ada):6.2f} s median of {a.repeats} ({len(comp)} of {a.steps} steps computed)")
+    print(f"speedup  : {speedup:.2f}x (median of {a.repeats} interleaved pairs, "
+          f"{min(ratios):.2f}-{max(ratios):.2f}; ideal {a.steps / max(1, len(comp)):.2f}x)   computed steps: {comp}")
     print(f"quality  : PSNR {psnr(cached, base):.2f} dB, SSIM {ssim(cached, base):.4f} (vs the uncached video)")
-    print(f"cache    : {getattr(report, 'cache_bytes', 0) / 1024:.1f} KiB")
+    print(f"cache    : {report.cache_bytes / 1024:.1f} KiB")
 
     save_gif(base, cached, a.out / "side_by_side.gif")
     plot_schedule(report, a.steps, a.out / "schedule.png", f"AdaCache-{a.mode}: {', '.join(prompts)}")
     res = {
         "prompts": prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed, "mode": a.mode,
-        "inner": a.inner, "baseline_s": t_base, "adacache_s": t_ada, "speedup": t_base / t_ada,
+        "inner": a.inner, "repeats": a.repeats, "baseline_s": t_base, "adacache_s": t_ada, "speedup": speedup,
         "computed_steps": comp, "psnr": psnr(cached, base), "ssim": ssim(cached, base),
         "cache_bytes": getattr(report, "cache_bytes", None),
         "metrics": [{k: getattr(m, k, None) for k in ("step", "distance", "motion", "rate")} for m in report.metrics],
