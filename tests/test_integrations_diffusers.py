@@ -1,6 +1,7 @@
-"""adacache_fx.integrations.diffusers.enable on a real diffusers pipeline built from tiny, randomly
+"""adacache_fx.integrations.diffusers.enable on real diffusers pipelines built from tiny, randomly
 initialised components (no download): the class-conditional DiTPipeline, whose classifier-free
-guidance is batched in one call."""
+guidance is batched in one call, and WanPipeline (prompt embeddings given, no text encoder), which
+calls the transformer twice per step (cond, then uncond)."""
 from __future__ import annotations
 
 import math
@@ -83,3 +84,56 @@ def test_enable_with_other_batch_and_scheduler():
     out = run(pipe, 12, labels=(4,))      # another batch size: compiled for that shape, fresh cache
     assert out.shape[0] == 1 and torch.isfinite(out).all()
     assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
+
+
+# ----- Wan-style guidance: two transformer calls per step (cond, then uncond) -------------------
+def tiny_wan_pipeline():
+    pytest.importorskip("transformers")   # diffusers builds WanPipeline only with transformers present
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    randomize_(transformer, seed=0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    # no tokenizer / text encoder: the prompts come as embeddings (nothing to download)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer.eval(), vae=vae.eval(),
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    return pipe, embeds
+
+
+def run_wan(pipe, embeds, steps, seed=0, num_frames=9, size=64):
+    return pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=size, width=size,
+                num_frames=num_frames, num_inference_steps=steps, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").frames
+
+
+def test_wan_pipeline_two_calls_per_step():
+    pipe, embeds = tiny_wan_pipeline()
+    reference = run_wan(pipe, embeds, 6)
+    torch._dynamo.reset()
+    backend = enable(pipe, AdaCacheConfig(codebook={INF: 1}), inner="eager")
+    torch.testing.assert_close(run_wan(pipe, embeds, 6), reference, rtol=1e-5, atol=1e-5)
+    report = backend.report()
+    assert report.computed_steps == list(range(1, 7)) and report.num_steps == 6   # 12 calls, 6 steps
+    assert report.metrics and all(m.motion is not None for m in report.metrics)  # video: MoReg is on
+    disable(pipe)
+
+    torch._dynamo.reset()
+    backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        cached_video = run_wan(pipe, embeds, 12)
+        report = backend.report()
+        # one decision per step for both calls, each branch its own delta: the blocks ran
+        # twice (cond and uncond) on each computed step and never on the others
+        assert report.computed_steps == [1, 2, 5, 8, 11, 12]
+        assert report.block_executions == 2 * 6
+        again = run_wan(pipe, embeds, 12)            # a reset per pipeline call
+    torch.testing.assert_close(again, cached_video, rtol=0, atol=0)
+    assert torch.isfinite(cached_video).all()
+    # steps were really reused (per-branch deltas are checked at model level in test_guidance)
+    disable(pipe)
+    plain = run_wan(pipe, embeds, 12)
+    assert not torch.equal(plain, cached_video)
