@@ -63,8 +63,26 @@ _LAST_DIM_FUNCS = {torch._C._nn.linear, F.linear, torch.matmul, torch.bmm, opera
 
 def _expr(size) -> sympy.Expr:
     if isinstance(size, torch.SymInt):
-        return size.node.expr
+        return _cancel_exact_floordivs(size.node.expr)
     return sympy.Integer(int(size))
+
+
+def _cancel_exact_floordivs(expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite ``FloorDiv(a, b)`` as ``a / b`` where ``b`` divides ``a`` symbolically.
+
+    Shape propagation can leave sizes such as ``(s0**2 * h) // s0`` (a linear's output
+    when dynamo duck-sizes batch and frames to one symbol), which equal ``s0 * h`` but do not
+    compare equal to it; cancelling makes equal sizes equal expressions."""
+    try:
+        from torch.utils._sympy.functions import FloorDiv
+    except ImportError:  # pragma: no cover - older torch
+        return expr
+
+    def cancel(a, b):
+        numerator, denominator = sympy.fraction(sympy.cancel(a / b))
+        return numerator if denominator == 1 else FloorDiv(a, b)
+
+    return expr.replace(lambda e: isinstance(e, FloorDiv), lambda e: cancel(*e.args))
 
 
 def _shape(value):
