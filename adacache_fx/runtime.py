@@ -105,6 +105,10 @@ class CachedGraph:
         if self.frame_axis is None:
             return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1)
         axis = self.frame_axis
+        if axis.segmented:  # text tokens around the video tokens: measure the video tokens only
+            start = self._eval(axis.offset, args)
+            length = self._eval(axis.span, args) if axis.span is not None else probe.shape[axis.dim] - start
+            probe = probe.narrow(axis.dim, start, length)
         frames = self._eval(axis.frames, args)
         inner = self._eval(axis.inner, args) * math.prod(probe.shape[axis.dim + 1:])
         return probe.reshape(-1, frames, inner)

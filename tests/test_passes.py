@@ -16,7 +16,8 @@ from adacache_fx.passes.find_blocks import find_blocks  # noqa: E402
 from adacache_fx.passes.graph_utils import module_path  # noqa: E402
 from adacache_fx.passes.infer_frame_layout import infer_frame_layout  # noqa: E402
 from helpers import INF, cached, sample_loop, timesteps  # noqa: E402
-from toy_models import Block, ToyDiT, ToyDualStream, ToyLatte, ToySkipDiT, seeded, sinusoid  # noqa: E402
+from toy_models import (Block, ToyDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToySkipDiT, seeded,  # noqa: E402
+                        sinusoid)
 
 
 def graph_of(model, *args):
@@ -194,6 +195,48 @@ def test_frame_layout_matches_a_hand_computed_view():
     axis = a.frame_layout.probe_axis
     # the probe of the spatial block lives in (B*F, S, C): frame = row % F
     assert (axis.dim, int(axis.inner), int(axis.frames)) == (0, 1, 3)
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["cat-text-video", "cat-video-text"])
+def test_frame_layout_through_a_cat_with_text_tokens(text_first):
+    """Blocks over cat([text, video]) (or [video, text]): the probe's frames are the video
+    tokens at an offset; F=3 frames of 2x5 patches, 5 text tokens."""
+    model = seeded(ToyJointVideo(text_first=text_first))
+    a, _ = analysis_of(model, torch.randn(2, 3, 3, 2, 5), torch.full((2,), 3.0))
+    axis = a.frame_layout.probe_axis
+    assert (axis.dim, int(axis.inner), int(axis.frames)) == (1, 10, 3)
+    assert (int(axis.offset), int(axis.span)) == ((5, 30) if text_first else (0, 30))
+    assert "video tokens" in a.frame_layout.describe()
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_frame_layout_through_a_split_back_to_the_video_tokens(text_first):
+    model = seeded(ToyJointVideo(text_first=text_first, split_before_blocks=True))
+    a, _ = analysis_of(model, torch.randn(2, 3, 3, 2, 5), torch.full((2,), 3.0))
+    axis = a.frame_layout.probe_axis
+    assert (axis.dim, int(axis.inner), int(axis.frames), axis.segmented) == (1, 10, 3, False)
+
+
+def test_segmented_probe_view_measures_the_video_tokens_only():
+    """At run time the probe is narrowed to the video tokens before the (-1, F, inner) view:
+    changing the text tokens' residual does not change the motion score."""
+    from adacache_fx.triton_kernels import fused_cache_metrics
+
+    model = seeded(ToyJointVideo(text_first=True))
+    compiled, backend = cached(model, {INF: 1}, num_steps=4)
+    sample_loop(compiled, lambda b, t: ((torch.randn(b, 3, 3, 2, 5, generator=torch.Generator().manual_seed(0)),
+                                         torch.full((b,), t)), {}), timesteps(4))
+    graph = backend.graphs[0]
+    assert graph.frame_axis.segmented
+    probe = torch.randn(2, 35, 16)
+    args = [None] * 8
+    view = graph._probe_view(probe, args)
+    torch.testing.assert_close(view, probe[:, 5:].reshape(-1, 3, 10 * 16))
+    other = probe.clone()
+    other[:, :5] += 100.0   # the text tokens
+    torch.testing.assert_close(fused_cache_metrics(graph._probe_view(other, args), view, 1),
+                               fused_cache_metrics(view, view, 1))
+    assert all(m.motion is not None for m in backend.report().metrics)
 
 
 def test_frame_layout_override_and_image_model():

@@ -52,11 +52,6 @@ XFAIL: dict[str, str] = {
     "helios": "no region: find_regions reports that the outputs of blocks.0 and blocks.1 are not residual streams "
               "(the block output is not reached from its input through residual adds and reshapes/casts only); "
               "would take a trunk op for what HeliosTransformerBlock does between its adds",
-    "cogvideox": _NO_FRAME_AXIS + ": latents (B, F, C, H, W) go through the patch embedding's "
-                 "cat([text, video], dim=1) and a slice [:, text_len:] before the blocks; a cat along the token "
-                 "dim needs a frame-axis offset, which FrameAxis(dim, inner, frames) cannot express",
-    "consisid": _NO_FRAME_AXIS + ": CogVideoX patch embedding (cat of text and video tokens, then a slice), "
-                "as for cogvideox",
     "kandinsky6_sr": _NO_FRAME_AXIS + ": channels-last input (B, F, H, W, C) concatenated with the condition "
                      "along channels; would take channels-last frame dims (video_frame_dim=1 with C last) in "
                      "infer_frame_layout",
@@ -75,21 +70,12 @@ XFAIL: dict[str, str] = {
                        "breaks the graph before the blocks; the resumed graphs that run the blocks carry no "
                        "nn_module_stack block paths and no residual chain is found there; would take block "
                        "finding in resume-function graphs",
-    "hunyuan_video": _NO_FRAME_AXIS + ": the probe (attention residual of transformer_blocks.1) comes out of "
-                     "joint attention over cat([video tokens, text tokens]) and a slice back to the video tokens; "
-                     "would take following cat + slice along the token dim (a frame-axis offset), as for cogvideox",
-    "sana_video": _NO_FRAME_AXIS + " (explain: \"frame axis of input 'hidden_states' does not reach the probe\"); "
-                  "would take following the ops of Sana-Video's patch embedding / linear-attention blocks in "
-                  "infer_frame_layout",
-    "easyanimate": _NO_FRAME_AXIS + " (explain: the frame axis of the 5-D input does not reach the probe); "
-                   "would take following EasyAnimate's patch embedding and its cat of text and video tokens",
-    "minimax_h3": _NO_FRAME_AXIS + ": video, audio and text tokens are packed into one sequence (cat along the "
-                  "token dim) before the blocks; would take a frame-axis offset through cat (as for cogvideox)",
+    "minimax_h3": "no MoReg frame layout: video, audio and text tokens come already packed into one sequence "
+                  "(B, L, C) with position ids, so there is no 5-D input to follow (as ltx_video); would take a "
+                  "config option naming the frame layout of the packed tokens",
     "hunyuan_video_framepack": "no region: under torch.compile's default config Dynamo splits the model into 5 "
                                "graphs (zoo.check's fullgraph capture gives one), and no graph holds two blocks "
                                "of one list; would take guarding blocks across graph breaks",
-    "motif_video": _NO_FRAME_AXIS + ": HunyuanVideo-style double-stream blocks (joint attention over cat([video, "
-                   "text]) and a slice back), as for hunyuan_video",
     "mochi": "no region: under torch.compile's default config the model breaks Dynamo's graph at "
              "`torch.nonzero` and `.item()` (attention-mask handling: data-dependent shapes), 11 graphs, none "
              "holding a whole block; would take capture_dynamic_output_shape_ops / capture_scalar_outputs plus "

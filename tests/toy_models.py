@@ -186,3 +186,35 @@ class ToyRotaryDiT(ToyDiT):
     def __init__(self, depth=4):
         super().__init__(depth=depth)
         self.blocks = nn.ModuleList([RotaryBlock(self.c) for _ in range(depth)])
+
+
+class ToyJointVideo(nn.Module):
+    """HunyuanVideo / CogVideoX-style video model: patch tokens (F*H*W of them) joined with
+    text tokens along the token dim, blocks over the joint sequence, then a slice back to the
+    video tokens. ``text_first``: cat([text, video]) (CogVideoX) or cat([video, text]);
+    ``split_before_blocks``: split the video tokens out again before the blocks."""
+
+    def __init__(self, cin=3, c=16, depth=2, text_len=5, text_first=True, split_before_blocks=False):
+        super().__init__()
+        self.embed = nn.Linear(cin, c)
+        self.text = nn.Parameter(torch.randn(text_len, c))
+        self.t = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
+        self.out = nn.Linear(c, cin)
+        self.c, self.text_len = c, text_len
+        self.text_first, self.split_before_blocks = text_first, split_before_blocks
+
+    def forward(self, x, timestep):
+        b, cin, f, h, w = x.shape
+        vid = self.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, cin))
+        text = self.text.expand(b, -1, -1)
+        joint = torch.cat([text, vid] if self.text_first else [vid, text], dim=1)
+        temb = self.t(sinusoid(timestep, self.c))
+        if self.split_before_blocks:
+            parts = joint.split([self.text_len, f * h * w] if self.text_first else [f * h * w, self.text_len], dim=1)
+            joint = parts[1] if self.text_first else parts[0]
+        for blk in self.blocks:
+            joint = blk(joint, temb)
+        if not self.split_before_blocks:
+            joint = joint[:, self.text_len:] if self.text_first else joint[:, :f * h * w]
+        return self.out(joint).reshape(b, f, h, w, cin).permute(0, 4, 1, 2, 3)

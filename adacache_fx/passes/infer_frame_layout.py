@@ -20,7 +20,7 @@ The probe residual then views as ``(-1, frames, inner * prod(trailing dims))``.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import sympy
@@ -33,9 +33,20 @@ from .graph_utils import example_value, is_parameter_placeholder, numel_hint, us
 
 @dataclass(frozen=True)
 class FrameAxis:
+    """Element ``i`` along ``dim`` belongs to frame ``((i - offset) // inner) % frames``, for
+    ``offset <= i < offset + span`` (``span`` None: to the end of the dim). The offset and
+    span come from a cat along ``dim`` (text tokens before or after the video tokens); a
+    slice or split back to the video tokens removes them."""
+
     dim: int
     inner: sympy.Expr
     frames: sympy.Expr
+    offset: sympy.Expr = sympy.Integer(0)
+    span: Optional[sympy.Expr] = None
+
+    @property
+    def segmented(self) -> bool:
+        return self.offset != 0 or self.span is not None
 
 
 @dataclass
@@ -48,15 +59,18 @@ class FrameLayout:
 
     def describe(self) -> str:
         a = self.probe_axis
+        segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.segmented else ""
         return (f"frames from input {self.video_input!r} dim {self.video_frame_dim}; probe dim {a.dim}, "
-                f"inner stride {a.inner}, {a.frames} frames")
+                f"inner stride {a.inner}, {a.frames} frames{segment}")
 
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "contiguous"}
 _RESHAPE_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
 _PERMUTE_NAMES = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t"}
 _PERMUTE_FUNCS = {torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 _CONV_FUNCS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
+_MATMUL_FUNCS = {torch.matmul, torch.bmm, operator.matmul}
 _LAST_DIM_FUNCS = {torch._C._nn.linear, F.linear, torch.matmul, torch.bmm, operator.matmul,
                    F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -107,6 +121,14 @@ def _div(a: sympy.Expr, b: sympy.Expr) -> Optional[sympy.Expr]:
 
 
 def _reshape(axis: FrameAxis, in_shape, out_shape) -> Optional[FrameAxis]:
+    if axis.segmented:
+        # only reshapes that keep the dim itself (merge/split dims before it, or after it)
+        trailing = _prod(in_shape[axis.dim + 1:])
+        for j in range(len(out_shape)):
+            if sympy.simplify(out_shape[j] - in_shape[axis.dim]) == 0 and \
+                    sympy.simplify(_prod(out_shape[j + 1:]) - trailing) == 0:
+                return replace(axis, dim=j)
+        return None
     flat_inner = axis.inner * _prod(in_shape[axis.dim + 1:])
     for j in range(len(out_shape)):
         rest = _prod(out_shape[j + 1:])
@@ -168,12 +190,26 @@ def _propagate(node: fx.Node, axis: FrameAxis, source: fx.Node) -> Optional[Fram
         perm = _permutation(node, len(in_shape))
         if perm is None or axis.dim not in perm:
             return None
-        return FrameAxis(perm.index(axis.dim), axis.inner, axis.frames)
+        return replace(axis, dim=perm.index(axis.dim))
+    if _is(node, _CAT_FUNCS, set()):
+        return _cat(node, axis, source, in_shape, out_shape)
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is source:
+        sliced = _slice(node, axis, in_shape, out_shape)
+        if sliced is not None or axis.segmented:
+            return sliced
     if node.op == "call_function" and node.target in _CONV_FUNCS:
+        if axis.segmented:
+            return None
         if axis.dim == 0:
             return axis
         if axis.dim >= 2 and axis.inner == 1 and axis.frames == in_shape[axis.dim]:
             return FrameAxis(axis.dim, axis.inner, out_shape[axis.dim])
+        return None
+    if node.op == "call_function" and node.target in _MATMUL_FUNCS and len(node.args) > 1 and node.args[1] is source:
+        # A @ B keeps B's last dim (linear attention: (V K^T) Q with tokens on Q's last dim)
+        last = len(in_shape) - 1
+        if axis.dim == last and sympy.simplify(out_shape[-1] - in_shape[-1]) == 0 and node.args[0] is not source:
+            return replace(axis, dim=len(out_shape) - 1)
         return None
     if node.op == "call_function" and node.target in _LAST_DIM_FUNCS:
         if node.args and node.args[0] is not source:
@@ -184,7 +220,92 @@ def _propagate(node: fx.Node, axis: FrameAxis, source: fx.Node) -> Optional[Fram
         return None
     if sympy.simplify(out_shape[dim] - in_shape[axis.dim]) != 0:
         return None
-    return FrameAxis(dim, axis.inner, axis.frames)
+    return replace(axis, dim=dim)
+
+
+def _cat(node: fx.Node, axis: FrameAxis, source: fx.Node, in_shape, out_shape) -> Optional[FrameAxis]:
+    """cat along the frame dim puts the video tokens at an offset; along another dim the
+    frame dim keeps its size and layout."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    cat_dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(cat_dim, int):
+        return None
+    cat_dim %= len(out_shape)
+    if cat_dim != axis.dim:
+        if len(out_shape) != len(in_shape) or sympy.simplify(out_shape[axis.dim] - in_shape[axis.dim]) != 0:
+            return None
+        return axis
+    if [t is source for t in tensors].count(True) != 1:
+        return None
+    before = sympy.Integer(0)
+    for t in tensors:
+        if t is source:
+            break
+        value = example_value(t) if isinstance(t, fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        before = before + _expr(value.shape[cat_dim])
+    span = axis.span if axis.span is not None else in_shape[axis.dim]
+    return replace(axis, offset=axis.offset + before, span=span)
+
+
+def _slice(node: fx.Node, axis: FrameAxis, in_shape, out_shape) -> Optional[FrameAxis]:
+    """``x[..., a:b, ...]``: the frame dim moves with the indexing; a slice along it keeps
+    the axis when the video tokens lie inside the slice."""
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in index):
+        return None
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in index:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (len(in_shape) - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None)))
+    in_dim = out_dim = 0
+    for i in expanded:
+        if i is None:
+            out_dim += 1
+            continue
+        if in_dim == axis.dim:
+            if not isinstance(i, slice) or i.step not in (None, 1):
+                return None
+            size = in_shape[in_dim]
+            start = _slice_bound(i.start, size, 0)
+            stop = _slice_bound(i.stop, size, size)
+            if start is None or stop is None:
+                return None
+            offset = sympy.simplify(axis.offset - start)
+            span = axis.span if axis.span is not None else size - axis.offset
+            if not _nonnegative(offset) or not _nonnegative(sympy.simplify(stop - start - offset - span)):
+                return None
+            if offset == 0 and sympy.simplify(stop - start - span) == 0:
+                return FrameAxis(out_dim, axis.inner, axis.frames)
+            return FrameAxis(out_dim, axis.inner, axis.frames, offset, span)
+        if isinstance(i, slice):
+            out_dim += 1
+        in_dim += 1
+    return None
+
+
+def _slice_bound(bound, size, default) -> Optional[sympy.Expr]:
+    if bound is None:
+        return default
+    if isinstance(bound, torch.SymInt):
+        bound = _expr(bound)
+    elif isinstance(bound, int):
+        bound = sympy.Integer(bound)
+    else:
+        return None
+    if bound.is_number and bound < 0:
+        bound = size + bound
+    return sympy.Min(bound, size) if bound.is_number and size.is_number else bound
+
+
+def _nonnegative(expr: sympy.Expr) -> bool:
+    return bool(expr.is_nonnegative) or (expr.is_number and expr >= 0)
 
 
 def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
@@ -206,20 +327,28 @@ def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
                     new = _split_element_axis(node, source_axis, src_val)
                 else:
                     new = _propagate(node, source_axis, arg)
-                if new is not None and _fits(example_value(node), new):
+                if isinstance(new, list):  # split along the frame dim: one layout per element
+                    layouts[node] = new
+                elif new is not None and _fits(example_value(node), new):
                     layouts[node] = new
                 break
         if node not in layouts and node.op == "call_function" and node.target is operator.getitem:
             parent = node.args[0]
             if isinstance(parent, fx.Node) and parent in layouts and isinstance(example_value(parent), (tuple, list)):
-                layouts[node] = layouts[parent]
-    return layouts
+                inherited = layouts[parent]
+                if isinstance(inherited, list):
+                    k = node.args[1]
+                    inherited = inherited[k] if isinstance(k, int) and -len(inherited) <= k < len(inherited) else None
+                if inherited is not None:
+                    layouts[node] = inherited
+    return {n: a for n, a in layouts.items() if isinstance(a, FrameAxis)}
 
 
 def _fits(value, axis: FrameAxis) -> bool:
     if not isinstance(value, torch.Tensor):
         return True
-    return _div(_expr(value.shape[axis.dim]), axis.inner * axis.frames) is not None
+    extent = axis.span if axis.span is not None else _expr(value.shape[axis.dim]) - axis.offset
+    return _div(extent, axis.inner * axis.frames) is not None
 
 
 def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[FrameAxis]:
@@ -234,10 +363,33 @@ def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[Fra
     except TypeError:
         return None
     if dim == axis.dim:
-        return None
+        return _split_along_frames(node, axis, src_val)
     if name == "unbind" and dim < axis.dim:
-        return FrameAxis(axis.dim - 1, axis.inner, axis.frames)
+        return replace(axis, dim=axis.dim - 1)
     return axis
+
+
+def _split_along_frames(node: fx.Node, axis: FrameAxis, src_val) -> Optional[list]:
+    """chunk/split along the frame dim (text and video tokens split apart): the piece that
+    holds the whole video segment keeps the axis, the others get None."""
+    pieces = example_value(node)
+    if not isinstance(pieces, (tuple, list)) or not all(isinstance(p, torch.Tensor) for p in pieces):
+        return None
+    if node.target in ("unbind",) or getattr(node.target, "__name__", "") == "unbind":
+        return None
+    size = _expr(src_val.shape[axis.dim])
+    span = axis.span if axis.span is not None else size - axis.offset
+    out, start = [], sympy.Integer(0)
+    for piece in pieces:
+        length = _expr(piece.shape[axis.dim])
+        offset = sympy.simplify(axis.offset - start)
+        if _nonnegative(offset) and _nonnegative(sympy.simplify(length - offset - span)):
+            whole = offset == 0 and sympy.simplify(length - span) == 0
+            out.append(FrameAxis(axis.dim, axis.inner, axis.frames) if whole else replace(axis, offset=offset, span=span))
+        else:
+            out.append(None)
+        start = start + length
+    return out if any(a is not None for a in out) else None
 
 
 def find_video_inputs(graph: fx.Graph) -> list:
