@@ -218,3 +218,24 @@ class ToyJointVideo(nn.Module):
         if not self.split_before_blocks:
             joint = joint[:, self.text_len:] if self.text_first else joint[:, :f * h * w]
         return self.out(joint).reshape(b, f, h, w, cin).permute(0, 4, 1, 2, 3)
+
+
+class ToyAutocastDiT(ToyDiT):
+    """ToyDiT whose time embedding runs under ``torch.autocast(enabled=False)`` (as Z-Image,
+    ERNIE-Image and Ideogram do), so the graph holds autocast enter/exit nodes, with a
+    per-block scale and a final modulation computed from the time embedding in graph order
+    between and after the blocks."""
+
+    def __init__(self, cin=5, c=24, depth=3):
+        super().__init__(cin, c, depth)
+        self.block_scale = nn.ModuleList([nn.Linear(c, c) for _ in range(depth)])
+        self.final = nn.Linear(c, c)
+
+    def forward(self, x, timestep):
+        with torch.autocast(device_type="cpu", enabled=False):
+            temb = self.t_mlp(sinusoid(timestep, self.c).float())
+        h = self.embed(x)
+        for block, scale in zip(self.blocks, self.block_scale):
+            h = block(h, temb * torch.sigmoid(scale(temb)))   # computed inside the region's span
+        shift = self.final(temb)                               # after the region, from temb only
+        return self.out(h + shift[:, None])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
@@ -33,6 +34,47 @@ class SplitGraph:
 
 def region_partition(r: int) -> int:
     return 2 * r + 1
+
+
+def _has_global_state_nodes(graph: fx.Graph) -> bool:
+    targets = (torch.amp._enter_autocast, torch.amp._exit_autocast, torch._C._set_grad_enabled)
+    return any(n.op == "call_function" and n.target in targets for n in graph.nodes)
+
+
+def _make_monotonic(graph: fx.Graph, partition: dict, region_of: dict) -> None:
+    """Under autocast or a grad-mode switch, split_module needs partition ids that never
+    decrease in graph order (it replays the enter/exit in each piece). Nodes that depend on
+    no region but come after one in graph order move to the piece after that region instead
+    of the prologue; such a node inside a region's span joins the region's piece when only
+    the region uses it. Anything else cannot be split (ValueError: the backend runs the graph
+    uncached)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    region_end = {}
+    for node, r in region_of.items():
+        region_end[r] = max(region_end.get(r, -1), order[node])
+    highest = 0
+    absorbed = []
+    for node in graph.nodes:
+        if node not in partition:
+            continue
+        pid = partition[node]
+        if pid < highest:
+            if node in region_of:
+                raise ValueError(f"region {region_of[node]} is interleaved with other nodes inside an "
+                                 f"autocast / grad-mode span (node {node.name})")
+            if highest % 2 == 1 and order[node] < region_end[highest // 2]:
+                # inside a region's span (a block's modulation from the timestep, say): it may
+                # join the region's piece if only that region uses it (a reused step skips it)
+                absorbed.append(node)
+                pid = highest
+            else:
+                pid = highest if highest % 2 == 0 else highest + 1
+            partition[node] = pid
+        highest = max(highest, pid)
+    for node in absorbed:
+        if any(partition.get(user) != partition[node] for user in node.users):
+            raise ValueError(f"node {node.name} inside region {partition[node] // 2}'s autocast / grad-mode "
+                             "span is used outside the region")
 
 
 def split_regions(gm: fx.GraphModule, regions: list) -> SplitGraph:
@@ -54,6 +96,8 @@ def split_regions(gm: fx.GraphModule, regions: list) -> SplitGraph:
             lvl = max(lvl, level.get(arg, 0))
         level[node] = lvl
         partition[node] = 0 if lvl == 0 else 2 * lvl
+    if _has_global_state_nodes(gm.graph):
+        _make_monotonic(gm.graph, partition, region_of)
     for node, pid in partition.items():  # a region may only use what is computed before it
         if pid % 2 == 1:
             for arg in node.all_input_nodes:
