@@ -16,7 +16,7 @@ from adacache_fx.passes.find_blocks import find_blocks  # noqa: E402
 from adacache_fx.passes.graph_utils import module_path  # noqa: E402
 from adacache_fx.passes.infer_frame_layout import infer_frame_layout  # noqa: E402
 from helpers import INF, cached, sample_loop, timesteps  # noqa: E402
-from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToySkipDiT, seeded,  # noqa: E402
+from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToySkipDiT, seeded,  # noqa: E402
                         sinusoid)
 
 
@@ -327,3 +327,14 @@ def test_split_keeps_graph_order_under_autocast():
     sample_loop(compiled, make, timesteps(12))
     assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
     assert backend.report().block_executions == 6 * len(backend.graphs[0].runners)
+
+
+def test_probe_skips_adds_of_values_computed_outside_the_blocks():
+    """``x + pos`` inside every block, with ``pos`` computed before the blocks: not a residual
+    branch of the block (the same tensor every step), so not the probe."""
+    model = seeded(ToyPosEmbDiT())
+    a, _ = analysis_of(model, torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    assert a.probe.node in a.regions[a.probe.region].nodes
+    compiled, backend = cached(model, {INF: 3}, num_steps=12)
+    sample_loop(compiled, lambda b, t: ((torch.randn(b, 7, 5), torch.full((b,), t)), {}), timesteps(12))
+    assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12] and not backend.uncached_graphs

@@ -43,8 +43,6 @@ XFAIL: dict[str, str] = {
     "z_image": "not one graph on the first call: the model builds its rotary table lazily (`if self.freqs_cis is "
                "None`), so the first call breaks into 5 graphs and later calls are one graph; caching off is exact "
                "and the fixed codebook follows the contract, but the one-graph check of explain fails",
-    "cosmos": "rewrite failed (ValueError: output 2 does not come from submod_1): the probe/delta output is not "
-              "produced inside the region piece after split_module; needs a look at which region value is hoisted",
     "helios": "no region: find_regions reports that the outputs of blocks.0 and blocks.1 are not residual streams "
               "(the block output is not reached from its input through residual adds and reshapes/casts only); "
               "would take a trunk op for what HeliosTransformerBlock does between its adds",

@@ -239,3 +239,25 @@ class ToyAutocastDiT(ToyDiT):
             h = block(h, temb * torch.sigmoid(scale(temb)))   # computed inside the region's span
         shift = self.final(temb)                               # after the region, from temb only
         return self.out(h + shift[:, None])
+
+
+class PosEmbBlock(Block):
+    """Block that first adds a position embedding computed outside it (as Cosmos does)."""
+
+    def forward(self, x, temb, pos):
+        return super().forward(x + pos, temb)
+
+
+class ToyPosEmbDiT(ToyDiT):
+    def __init__(self, cin=5, c=24, depth=3):
+        super().__init__(cin, c, depth)
+        self.blocks = nn.ModuleList([PosEmbBlock(c) for _ in range(depth)])
+        self.pos = nn.Parameter(torch.randn(7, c))
+
+    def forward(self, x, timestep):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        pos = self.pos * 0.1
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, temb, pos)
+        return self.out(h)

@@ -27,10 +27,14 @@ class Probe:
 
 
 def _adds_by_block(region: Region) -> dict:
-    """block path -> residual adds of the region's primary (largest) stream in that block."""
+    """block path -> residual adds of the region's primary (largest) stream in that block.
+
+    Adds whose branch is computed outside the region (Cosmos adds a learnable position
+    embedding to the stream in every block) are no residual of the block: their "branch" is
+    the same tensor at every step, and it is not an output of the region's piece."""
     by_block: dict = {}
     for add in region.streams[0].adds:
-        if add.block is not None:
+        if add.block is not None and add.branch in region.nodes:
             by_block.setdefault(add.block, []).append(add)
     return by_block
 
