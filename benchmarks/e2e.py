@@ -150,6 +150,8 @@ class Runner:
     on_step: Callable[[int], None]           # after each denoising step (state reading)
     end: Callable[[], dict]                  # after a generation: computed steps, cache bytes
     notes: str = ""
+    eager: bool = False                      # timed without torch.compile (against the eager baseline)
+    compile_check: Optional[Callable[[], "Runner"]] = None  # the same method under torch.compile
 
 
 @dataclass
@@ -167,6 +169,7 @@ class MethodResult:
     runner: Runner
     warmup_graphs: int = 0
     warmup_graph_breaks: int = 0
+    check_recompiles: Optional[int] = None   # eager methods: recompiles of the compile check
     records: list = field(default_factory=list)
     videos: dict = field(default_factory=dict)  # prompt index -> video (first repeat)
 
@@ -181,6 +184,7 @@ class Bench:
         self.a = a
         self.transformer, self.tokenizer = load_reference_model()
         self.inner = resolve_inner(a.inner)
+        self.check_inner = resolve_inner(a.check_inner)
         sampling = json.loads(CONFIG_FILE.read_text()).get("sampling", {})
         self.guidance = a.guidance if a.guidance is not None else float(sampling.get("guidance_scale", 3.0))
         self.prompts = PROMPTS[: a.prompts]
@@ -210,7 +214,12 @@ class Bench:
         counter = CountingCompiler(backend)
         return torch.compile(entry_module(module, name), backend=counter), counter
 
-    def baseline(self) -> Runner:
+    def baseline(self, eager: bool = False) -> Runner:
+        if eager:
+            model = copy.deepcopy(self.transformer)
+            return Runner("eager-baseline", "baseline", "the uncached model, not compiled", model,
+                          CountingCompiler(None), lambda: None, lambda i: None,
+                          lambda: {"computed": None, "cache_bytes": 0}, eager=True)
         fn, counter = self.compiled(copy.deepcopy(self.transformer), self.inner, "baseline")
         return Runner("baseline", "baseline", "plain torch.compile", fn, counter, lambda: None,
                       lambda i: None, lambda: {"computed": None, "cache_bytes": 0})
@@ -226,9 +235,17 @@ class Bench:
 
         return Runner(name, family, setting, fn, counter, backend.reset, lambda i: None, end)
 
-    def diffusers_cache(self, name: str, setting: str, make_config: Callable, counts_steps: Optional[str]) -> Runner:
+    def diffusers_cache(self, name: str, setting: str, make_config: Callable, counts_steps: Optional[str],
+                        compiled_with: Optional[Callable] = None) -> Runner:
         """diffusers' ``enable_cache`` on a copy of the transformer, called inside
         ``cache_context("cond")`` as diffusers' pipelines do.
+
+        Timed eagerly (their hooks make Python decisions between blocks, under
+        ``torch.compiler.disable``): under torch.compile they break the graph around every
+        block and recompile on hook state, which on this CPU costs minutes per setting. Their
+        speedup is taken against the eager baseline; ``compile_check`` builds the same method
+        under torch.compile (``compiled_with``: the inner backend) to count graphs, graph
+        breaks and recompiles.
 
         ``counts_steps``: how a computed step shows in the hook state after the step:
         ``"should_compute"`` (FirstBlockCache, MagCache), ``"taylorseer"``, or None (PAB skips
@@ -236,7 +253,10 @@ class Bench:
         model = copy.deepcopy(self.transformer)
         clock = {"t": 1000.0}
         model.enable_cache(make_config(lambda: clock["t"]))
-        compiled, counter = self.compiled(model, self.inner, name)
+        if compiled_with is not None:
+            compiled, counter = self.compiled(model, compiled_with, name + "-compiled")
+        else:
+            compiled, counter = model, CountingCompiler(None)
         track = {"computed": 0, "peak": 0}
 
         def model_fn(**kwargs):
@@ -261,7 +281,10 @@ class Bench:
             return {"computed": track["computed"] if counts_steps else None, "cache_bytes": track["peak"]}
 
         notes = "" if counts_steps else "skips attention only; every step runs the blocks"
-        return Runner(name, "diffusers", setting, model_fn, counter, reset, on_step, end, notes)
+        check = None if compiled_with is not None else (
+            lambda: self.diffusers_cache(name, setting, make_config, counts_steps, compiled_with=self.check_inner))
+        return Runner(name, "diffusers", setting, model_fn, counter, reset, on_step, end, notes,
+                      eager=compiled_with is None, compile_check=check)
 
     def calibrate_magcache(self, steps: int) -> list:
         """MagCache's own calibration (``calibrate=True``): one generation, ratios parsed from
@@ -287,7 +310,7 @@ class Bench:
 
         only = self.a.methods
         want = lambda name: not only or any(s in name for s in only)  # noqa: E731
-        out = [self.baseline()]
+        out = [self.baseline(), self.baseline(eager=True)]
         for speed in ("slow", "fast"):
             for moreg in (True, False):
                 name = f"adacache-{speed}" + ("" if moreg else "-nomoreg")
@@ -326,10 +349,22 @@ class Bench:
 
     # ----- protocol --------------------------------------------------------------------
     def warm_up(self, runner: Runner, steps: int) -> MethodResult:
-        breaks = graph_break_count()
         start = time.perf_counter()
-        self.generate(runner, CALIBRATION_PROMPT, 0, steps)
-        res = MethodResult(runner, warmup_graphs=runner.counter.graphs, warmup_graph_breaks=graph_break_count() - breaks)
+        if runner.compile_check is not None:  # graphs, breaks, recompiles of the method under torch.compile
+            check = runner.compile_check()
+            breaks = graph_break_count()
+            check_steps = min(steps, self.a.check_steps)
+            self.generate(check, CALIBRATION_PROMPT, 0, check_steps)
+            graphs, breaks = check.counter.graphs, graph_break_count() - breaks
+            self.generate(check, CALIBRATION_PROMPT, 1, check_steps)
+            res = MethodResult(runner, warmup_graphs=graphs, warmup_graph_breaks=breaks,
+                               check_recompiles=check.counter.graphs - graphs)
+            self.generate(runner, CALIBRATION_PROMPT, 0, steps)
+        else:
+            breaks = graph_break_count()
+            self.generate(runner, CALIBRATION_PROMPT, 0, steps)
+            res = MethodResult(runner, warmup_graphs=runner.counter.graphs,
+                               warmup_graph_breaks=graph_break_count() - breaks)
         print(f"  warm-up {runner.name:24s} {time.perf_counter() - start:6.1f} s, "
               f"{res.warmup_graphs} graph(s), {res.warmup_graph_breaks} graph break(s)", flush=True)
         return res
@@ -390,19 +425,27 @@ def fixed_schedule_size(rate: int, steps: int, first: int = 1, last: int = 2) ->
 
 
 def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
-    base = next(r for r in results if r.runner.name == "baseline")
-    base_time = {(rec.prompt, rec.repeat): rec.seconds for rec in base.records}
-    motion = {i: motion_level(v) for i, v in base.videos.items()}
+    """Each method against the uncached model run the same way: compiled methods against
+    ``baseline`` (plain torch.compile), eagerly timed ones against ``eager-baseline``."""
+    bases = {}
+    for name, eager in (("baseline", False), ("eager-baseline", True)):
+        base = next((r for r in results if r.runner.name == name), None)
+        if base is not None:
+            bases[eager] = base
+    base_time = {eager: {(rec.prompt, rec.repeat): rec.seconds for rec in b.records} for eager, b in bases.items()}
+    motion = {i: motion_level(v) for i, v in bases[False].videos.items()}
     rows = []
     for res in results:
         r = res.runner
-        ratios = [base_time[(rec.prompt, rec.repeat)] / rec.seconds for rec in res.records]
+        base = bases[r.eager]
+        ratios = [base_time[r.eager][(rec.prompt, rec.repeat)] / rec.seconds for rec in res.records]
         ps = {i: psnr(v, base.videos[i]) for i, v in res.videos.items()}
         ss = {i: ssim(v, base.videos[i]) for i, v in res.videos.items()}
         computed = [rec.computed for rec in res.records if rec.repeat == 0]
         finite = [p for p in ps.values() if math.isfinite(p)]
         rows.append({
             "method": r.name, "family": r.family, "setting": r.setting, "notes": r.notes,
+            "timed": "eager" if r.eager else "torch.compile",
             "latency_s": statistics.median(rec.seconds for rec in res.records),
             "speedup": statistics.median(ratios),
             "speedup_min": min(ratios), "speedup_max": max(ratios),
@@ -414,7 +457,8 @@ def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
             "psnr": [ps[i] for i in sorted(ps)], "ssim": [ss[i] for i in sorted(ss)],
             "cache_mib": max(rec.cache_bytes for rec in res.records) / 2**20,
             "graphs": res.warmup_graphs, "graph_breaks": res.warmup_graph_breaks,
-            "recompiles": sum(rec.graphs_after_warmup for rec in res.records),
+            "recompiles": (res.check_recompiles if r.eager and res.check_recompiles is not None
+                           else sum(rec.graphs_after_warmup for rec in res.records)),
         })
     return {"steps": steps, "prompts": prompts, "motion_level": [motion[i] for i in sorted(motion)],
             "fixed": fixed_info, "methods": rows, "analysis": analyse(rows, [motion[i] for i in sorted(motion)])}
@@ -481,19 +525,29 @@ def markdown(out: dict) -> str:
     intro = (f"Model: the shipped reference WanTransformer3DModel ({out['model']}), guidance {out['guidance']}, "
              f"inner compiler `{out['inner']}`, dynamo recompile limit {out['recompile_limit']}. "
              f"{len(out['runs'][0]['prompts'])} prompts (seed = index), {out['repeats']} interleaved repeat(s). "
-             "Speedup: median over prompts of baseline time / method time, measured back to back. "
-             "PSNR/SSIM: against the baseline video of the same prompt and seed.\n")
+             "Speedup: median over prompts of baseline time / method time, measured back to back, where the "
+             "baseline is the uncached model run the same way: plain torch.compile for the compiled methods, the "
+             "eager model for diffusers' caches, which are timed eagerly (their hooks decide in Python between "
+             "blocks; under torch.compile they break the graph around the blocks and recompile on hook state, "
+             "which costs minutes per setting here). Their graph / break / recompile counts come from a separate "
+             f"check run of the same method under torch.compile (inner `{out['check_inner']}`, two generations "
+             f"of {out['check_steps']} steps). "
+             "PSNR/SSIM: against the baseline video of the same prompt and seed; the PSNR mean is over the "
+             "videos that differ from the baseline (an identical video has infinite PSNR). Computed: the mean "
+             "fraction of steps that ran the blocks ('-': not a step-skipping method). Cache MiB: the peak of "
+             "the tensors a method keeps between steps. Graphs: compiled by the first generation (a graph break "
+             "adds one); recompiles: graphs compiled after it.\n")
     lines = ["# End-to-end: AdaCache vs diffusers' caches on the reference model\n",
              f"Command: `{out['command']}`\n", machine_markdown(m), "", intro]
     for run in out["runs"]:
         lines.append(f"## {run['steps']} steps\n")
-        lines.append("| method | setting | latency (s) | speedup (min-max) | computed | PSNR mean / worst (dB) | "
+        lines.append("| method | setting | timed | latency (s) | speedup (min-max) | computed | PSNR mean / worst (dB) | "
                      "SSIM mean / worst | cache MiB | graphs / breaks / recompiles |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in run["methods"]:
             comp = "-" if r["computed_fraction"] is None else f"{r['computed_fraction']:.0%}"
             lines.append(
-                f"| {r['method']} | {r['setting']} | {fmt(r['latency_s'], '.3f')} | {fmt(r['speedup'])}x "
+                f"| {r['method']} | {r['setting']} | {r['timed']} | {fmt(r['latency_s'], '.3f')} | {fmt(r['speedup'])}x "
                 f"({fmt(r['speedup_min'])}-{fmt(r['speedup_max'])}) | {comp} | {fmt(r['psnr_mean'])} / "
                 f"{fmt(r['psnr_worst'])} | {fmt(r['ssim_mean'], '.3f')} / {fmt(r['ssim_worst'], '.3f')} | "
                 f"{fmt(r['cache_mib'], '.2f')} | {r['graphs']} / {r['graph_breaks']} / {r['recompiles']} |")
@@ -571,6 +625,9 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=None, help="default: the model card's")
     ap.add_argument("--inner", default="inductor")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--check-inner", default="eager",
+                    help="inner backend of the compile check of the eagerly timed diffusers caches")
+    ap.add_argument("--check-steps", type=int, default=8, help="steps of each compile-check generation")
     ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
     ap.add_argument("--recompile-limit", type=int, default=64,
                     help="dynamo's recompile limit: every method compiles the same forward, so the default 8 "
@@ -590,6 +647,7 @@ def main(argv=None):
     out = {"machine": machine(), "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
            "model": f"{len(bench.transformer.blocks)} blocks, {n_params / 1e6:.2f}M parameters",
            "guidance": bench.guidance, "inner": a.inner, "repeats": a.repeats,
+           "check_inner": a.check_inner, "check_steps": a.check_steps,
            "recompile_limit": a.recompile_limit, "runs": runs}
     os.makedirs(a.out, exist_ok=True)
     prefix = os.path.join(a.out, "e2e")

@@ -54,12 +54,22 @@ def overhead_section() -> list:
 
 
 def demo_section() -> list:
-    d = _load("demo.json")
+    d = _load(os.path.join("demo", "report.json"))
     if d is None:
         return ["Demo: not measured yet (`python examples/generate.py --out benchmarks/results/demo`)."]
-    lines = [f"**The main job** (`python examples/generate.py`, the shipped reference model; "
-             f"[benchmarks/results/demo.json](benchmarks/results/demo.json)):", ""]
-    lines += [f"- {k}: {v}" for k, v in d.items() if not isinstance(v, (dict, list))]
+    m = d["machine"]
+    comp = d["computed_steps"]
+    lines = [f"**The main job** (`{d['command']}`; {m['cpu']}, torch {m['torch']}, {m['date']}; "
+             f"[report](benchmarks/results/demo/report.json), "
+             f"[side by side](benchmarks/results/demo/side_by_side.gif), "
+             f"[schedule](benchmarks/results/demo/schedule.png)): prompts {', '.join(d['prompts'])}; "
+             f"{d['steps']} steps, AdaCache-{d['mode']}, inner `{d['inner']}`.", "",
+             f"- computed steps: {len(comp)}/{d['steps']} {comp} (ideal speedup {d['steps'] / len(comp):.2f}x)",
+             f"- measured speedup: **{d['speedup']:.2f}x** (median of {d['repeats']} interleaved pairs; "
+             f"baseline {min(d['baseline_s']):.1f}-{max(d['baseline_s']):.1f} s, "
+             f"AdaCache {min(d['adacache_s']):.1f}-{max(d['adacache_s']):.1f} s)",
+             f"- against the uncached video: PSNR {d['psnr']:.2f} dB, SSIM {d['ssim']:.4f}; "
+             f"cache {d['cache_bytes'] / 2**20:.2f} MiB"]
     return lines
 
 
@@ -90,6 +100,42 @@ def text_section(name: str, title: str, header: str = "Summary") -> list:
         [f"**{title}**: see [benchmarks/results/{name}](benchmarks/results/{name})."]
 
 
+def e2e_section() -> list:
+    d = _load("e2e.json")
+    if d is None:
+        return ["End-to-end comparison: not measured yet (`python benchmarks/e2e.py`)."]
+    m = d["machine"]
+    lines = [f"**End to end on the trained reference model: AdaCache vs diffusers' caches** "
+             f"([benchmarks/results/e2e.md](benchmarks/results/e2e.md), `{d['command']}`; {m['cpu']}, "
+             f"{m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; {len(d['runs'][0]['prompts'])} prompts, "
+             f"guidance {d['guidance']}, inner `{d['inner']}`, every method interleaved per prompt). Speedup: median "
+             "of per-prompt ratios to the uncached model run the same way (plain `torch.compile`, or the eager "
+             "model for diffusers' caches, which are timed eagerly; their graph counts come from a check run "
+             "under torch.compile); PSNR / SSIM against the uncached video of the same prompt and seed.", ""]
+    for run in d["runs"]:
+        lines += [f"*{run['steps']} steps*", "",
+                  "| method | timed | speedup | computed steps | PSNR mean / worst (dB) | SSIM mean | cache MiB | "
+                  "graphs / breaks / recompiles |", "|---|---|---|---|---|---|---|---|"]
+        for r in run["methods"]:
+            comp = "-" if r["computed_fraction"] is None else f"{r['computed_fraction']:.0%}"
+            psnr = "exact" if r["psnr_mean"] == float("inf") else f"{r['psnr_mean']:.2f} / {r['psnr_worst']:.2f}"
+            lines.append(f"| {r['method']} ({r['setting']}) | {r['timed']} | {r['speedup']:.2f}x | {comp} | {psnr} | "
+                         f"{r['ssim_mean']:.3f} | {r['cache_mib']:.2f} | {r['graphs']} / {r['graph_breaks']} / "
+                         f"{r['recompiles']} |")
+        an = run["analysis"]
+        beaten = [x["method"] for x in an["dominance"] if x["dominated_by"]]
+        not_beaten = [x["method"] for x in an["dominance"] if not x["dominated_by"]]
+        motion = "; ".join(f"{k}: rho(motion, computed steps) {v['spearman_motion_vs_computed']:.2f}, "
+                           f"high-motion worst PSNR {v['high_motion_worst_psnr']:.2f} dB"
+                           for k, v in an["motion"].items() if v["spearman_motion_vs_computed"] is not None)
+        lines += ["", f"Dominance at {run['steps']} steps: AdaCache dominates {len(beaten)} of "
+                  f"{len(an['dominance'])} other points" + (f"; not: {', '.join(not_beaten)}" if not_beaten else "")
+                  + "." + (f" Motion: {motion}." if motion else ""), ""]
+    lines += ["![speedup vs PSNR](benchmarks/results/e2e_pareto.png)",
+              "![computed steps vs motion](benchmarks/results/e2e_motion.png)"]
+    return lines
+
+
 def coverage_section() -> list:
     md = _load("coverage.md")
     if md is None:
@@ -109,7 +155,7 @@ def coverage_section() -> list:
 
 def main():
     parts = []
-    for section in (demo_section(), overhead_section(), kernels_section(),
+    for section in (demo_section(), e2e_section(), overhead_section(), kernels_section(),
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     coverage_section()):
         if section:

@@ -168,7 +168,12 @@ def main():
 
     save_gif(base, cached, a.out / "side_by_side.gif")
     plot_schedule(report, a.steps, a.out / "schedule.png", f"AdaCache-{a.mode}: {', '.join(prompts)}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import machine
+
     res = {
+        "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:]),
+        "machine": machine(),
         "prompts": prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed, "mode": a.mode,
         "inner": a.inner, "repeats": a.repeats, "baseline_s": t_base, "adacache_s": t_ada, "speedup": speedup,
         "computed_steps": comp, "psnr": psnr(cached, base), "ssim": ssim(cached, base),
