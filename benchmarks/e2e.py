@@ -634,7 +634,11 @@ def main(argv=None):
                          "would be shared by all of them")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 8 steps, eager inner: a smoke run")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="E2E_JSON",
+                    help="only combine the runs of earlier outputs (e.g. 30 and 50 steps run as two processes)")
     a = ap.parse_args(argv)
+    if a.merge:
+        return write_outputs(merge(a.merge), a.out)
     if a.quick:
         a.steps, a.prompts, a.inner = [8], min(a.prompts, 2), "eager"
     if a.threads:
@@ -649,8 +653,25 @@ def main(argv=None):
            "guidance": bench.guidance, "inner": a.inner, "repeats": a.repeats,
            "check_inner": a.check_inner, "check_steps": a.check_steps,
            "recompile_limit": a.recompile_limit, "runs": runs}
-    os.makedirs(a.out, exist_ok=True)
-    prefix = os.path.join(a.out, "e2e")
+    return write_outputs(out, a.out)
+
+
+def merge(paths: list) -> dict:
+    """One output from several (each with its own runs, e.g. one process per step count)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    out = dict(parts[0])
+    out["command"] = " ; ".join(p["command"] for p in parts)
+    out["runs"] = sorted((run for p in parts for run in p["runs"]), key=lambda run: run["steps"])
+    out["machines"] = [p["machine"] for p in parts]
+    return out
+
+
+def write_outputs(out: dict, out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "e2e")
     with open(prefix + ".json", "w") as f:
         json.dump(out, f, indent=1, default=float)
     with open(prefix + ".md", "w") as f:
