@@ -539,6 +539,8 @@ def markdown(out: dict) -> str:
              "adds one); recompiles: graphs compiled after it.\n")
     lines = ["# End-to-end: AdaCache vs diffusers' caches on the reference model\n",
              f"Command: `{out['command']}`\n", machine_markdown(m), "", intro]
+    if out.get("note"):
+        lines += [f"Conditions: {out['note']}\n"]
     for run in out["runs"]:
         lines.append(f"## {run['steps']} steps\n")
         lines.append("| method | setting | timed | latency (s) | speedup (min-max) | computed | PSNR mean / worst (dB) | "
@@ -634,11 +636,15 @@ def main(argv=None):
                          "would be shared by all of them")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 8 steps, eager inner: a smoke run")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--note", default=None, help="measurement conditions to record in the outputs")
     ap.add_argument("--merge", nargs="+", default=None, metavar="E2E_JSON",
                     help="only combine the runs of earlier outputs (e.g. 30 and 50 steps run as two processes)")
     a = ap.parse_args(argv)
     if a.merge:
-        return write_outputs(merge(a.merge), a.out)
+        out = merge(a.merge)
+        if a.note:
+            out["note"] = a.note
+        return write_outputs(out, a.out)
     if a.quick:
         a.steps, a.prompts, a.inner = [8], min(a.prompts, 2), "eager"
     if a.threads:
@@ -651,7 +657,7 @@ def main(argv=None):
     out = {"machine": machine(), "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
            "model": f"{len(bench.transformer.blocks)} blocks, {n_params / 1e6:.2f}M parameters",
            "guidance": bench.guidance, "inner": a.inner, "repeats": a.repeats,
-           "check_inner": a.check_inner, "check_steps": a.check_steps,
+           "check_inner": a.check_inner, "check_steps": a.check_steps, "note": a.note,
            "recompile_limit": a.recompile_limit, "runs": runs}
     return write_outputs(out, a.out)
 

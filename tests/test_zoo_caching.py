@@ -219,3 +219,20 @@ def test_case_under_inductor(name):
         outs = sample_loop(compiled, case.make_inputs, timesteps(12, case.t_max), output=case.output)
     assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("name", ["ltx_video"] if not ALL else ["ltx_video", "ltx2", "sana_wm_refiner", "minimax_h3"])
+def test_packed_video_case_caches_with_moreg_off(name):
+    """Packed-token video models (no 5-D input, so no frame layout) still cache exactly: caching
+    off equals plain compile, a fixed codebook follows the contract, and the metrics have no
+    motion score (MoReg off)."""
+    check_caching_off(name)
+    case = get_case(name)
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        sample_loop(torch.compile(_model(name), backend=backend), case.make_inputs, timesteps(12, case.t_max),
+                    output=case.output)
+    report = backend.report()
+    assert report.computed_steps == [1, 2, 5, 8, 11, 12]
+    assert report.metrics and all(m.motion is None for m in report.metrics)
