@@ -632,8 +632,9 @@ def main(argv=None):
     ap.add_argument("--check-steps", type=int, default=8, help="steps of each compile-check generation")
     ap.add_argument("--methods", nargs="*", default=None, help="only methods whose name contains one of these")
     ap.add_argument("--recompile-limit", type=int, default=64,
-                    help="dynamo's recompile limit: every method compiles the same forward, so the default 8 "
-                         "would be shared by all of them")
+                    help="dynamo's recompile limit: the compile checks of diffusers' caches compile the same "
+                         "block forwards (their hooks break the graph around them), so the default 8 would be "
+                         "shared by all of them")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 8 steps, eager inner: a smoke run")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--note", default=None, help="measurement conditions to record in the outputs")

@@ -48,6 +48,10 @@ class FrameAxis:
     def segmented(self) -> bool:
         return self.offset != 0 or self.span is not None
 
+    def extent(self, size: sympy.Expr) -> sympy.Expr:
+        """Length of the video segment in a dim of ``size`` elements."""
+        return self.span if self.span is not None else size - self.offset
+
 
 @dataclass
 class FrameLayout:
@@ -245,8 +249,7 @@ def _cat(node: fx.Node, axis: FrameAxis, source: fx.Node, in_shape, out_shape) -
         if not isinstance(value, torch.Tensor):
             return None
         before = before + _expr(value.shape[cat_dim])
-    span = axis.span if axis.span is not None else in_shape[axis.dim]
-    return replace(axis, offset=axis.offset + before, span=span)
+    return replace(axis, offset=axis.offset + before, span=axis.extent(in_shape[axis.dim]))
 
 
 def _slice(node: fx.Node, axis: FrameAxis, in_shape, out_shape) -> Optional[FrameAxis]:
@@ -277,17 +280,23 @@ def _slice(node: fx.Node, axis: FrameAxis, in_shape, out_shape) -> Optional[Fram
             stop = _slice_bound(i.stop, size, size)
             if start is None or stop is None:
                 return None
-            offset = sympy.simplify(axis.offset - start)
-            span = axis.span if axis.span is not None else size - axis.offset
-            if not _nonnegative(offset) or not _nonnegative(sympy.simplify(stop - start - offset - span)):
-                return None
-            if offset == 0 and sympy.simplify(stop - start - span) == 0:
-                return FrameAxis(out_dim, axis.inner, axis.frames)
-            return FrameAxis(out_dim, axis.inner, axis.frames, offset, span)
+            return _window(axis, start, stop - start, size, out_dim)
         if isinstance(i, slice):
             out_dim += 1
         in_dim += 1
     return None
+
+
+def _window(axis: FrameAxis, start, length, size, dim: int) -> Optional[FrameAxis]:
+    """The axis within elements ``[start, start + length)`` of its dim (a slice, or one piece of
+    a split) now at ``dim``; None when the video segment does not lie inside them."""
+    offset = sympy.simplify(axis.offset - start)
+    span = axis.extent(size)
+    if not _nonnegative(offset) or not _nonnegative(sympy.simplify(length - offset - span)):
+        return None
+    if offset == 0 and sympy.simplify(length - span) == 0:
+        return FrameAxis(dim, axis.inner, axis.frames)
+    return FrameAxis(dim, axis.inner, axis.frames, offset, span)
 
 
 def _slice_bound(bound, size, default) -> Optional[sympy.Expr]:
@@ -347,8 +356,7 @@ def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
 def _fits(value, axis: FrameAxis) -> bool:
     if not isinstance(value, torch.Tensor):
         return True
-    extent = axis.span if axis.span is not None else _expr(value.shape[axis.dim]) - axis.offset
-    return _div(extent, axis.inner * axis.frames) is not None
+    return _div(axis.extent(_expr(value.shape[axis.dim])), axis.inner * axis.frames) is not None
 
 
 def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[FrameAxis]:
@@ -363,7 +371,7 @@ def _split_element_axis(node: fx.Node, axis: FrameAxis, src_val) -> Optional[Fra
     except TypeError:
         return None
     if dim == axis.dim:
-        return _split_along_frames(node, axis, src_val)
+        return None if name == "unbind" else _split_along_frames(node, axis, src_val)
     if name == "unbind" and dim < axis.dim:
         return replace(axis, dim=axis.dim - 1)
     return axis
@@ -375,19 +383,11 @@ def _split_along_frames(node: fx.Node, axis: FrameAxis, src_val) -> Optional[lis
     pieces = example_value(node)
     if not isinstance(pieces, (tuple, list)) or not all(isinstance(p, torch.Tensor) for p in pieces):
         return None
-    if node.target in ("unbind",) or getattr(node.target, "__name__", "") == "unbind":
-        return None
     size = _expr(src_val.shape[axis.dim])
-    span = axis.span if axis.span is not None else size - axis.offset
     out, start = [], sympy.Integer(0)
     for piece in pieces:
         length = _expr(piece.shape[axis.dim])
-        offset = sympy.simplify(axis.offset - start)
-        if _nonnegative(offset) and _nonnegative(sympy.simplify(length - offset - span)):
-            whole = offset == 0 and sympy.simplify(length - span) == 0
-            out.append(FrameAxis(axis.dim, axis.inner, axis.frames) if whole else replace(axis, offset=offset, span=span))
-        else:
-            out.append(None)
+        out.append(_window(axis, start, length, size, axis.dim))
         start = start + length
     return out if any(a is not None for a in out) else None
 
