@@ -4,14 +4,19 @@
     backend = adacache_backend(AdaCacheConfig.fast(num_steps=30))
     model = torch.compile(model, backend=backend)
 """
-from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend, default_backend
-from .config import AdaCacheConfig, AdaCacheConfigError
-from .explain import Explanation, explain
-from .report import Report
-from .scheduler import AdaCacheScheduler, StepMetric, codebook_rate
+from ._compat import check_torch
+
+check_torch()
+
+from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend, default_backend  # noqa: E402
+from .config import AdaCacheConfig, AdaCacheConfigError  # noqa: E402
+from .explain import Explanation, explain  # noqa: E402
+from .report import Report  # noqa: E402
+from .runtime import AdaCacheScheduler, AdaCacheSyncWarning, StepMetric, codebook_rate  # noqa: E402
 
 __all__ = [
-    "AdaCacheBackend", "AdaCacheConfig", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheWarning", "Explanation",
-    "Report", "StepMetric", "adacache_backend", "codebook_rate", "default_backend", "explain",
+    "AdaCacheBackend", "AdaCacheConfig", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
+    "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate",
+    "default_backend", "explain",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from .config import AdaCacheConfig
-from .passes import analyze
+from .analysis import analyze
 
 
 @dataclass

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, machine_markdown, sync  # noqa: E402
 
 from adacache_fx import AdaCacheConfig, adacache_backend  # noqa: E402
-from adacache_fx.backend import resolve_inner  # noqa: E402
+from adacache_fx.compile import resolve_inner  # noqa: E402
 from examples.reference import CONFIG_FILE, load_reference_model, sample  # noqa: E402
 from examples.reference.quality import motion_level, psnr, ssim  # noqa: E402
 

@@ -2,14 +2,11 @@
 Latte) and on toy models: caching off is exact, fixed codebooks follow the contract and
 really skip the blocks, no recompiles, guidance branches, generations, fallbacks."""
 import math
-import os
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import adacache_fx  # noqa: E402
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, explain  # noqa: E402
@@ -187,7 +184,7 @@ def test_batch_size_change_inside_a_generation_recomputes():
 
 
 def test_nan_metric_means_compute(monkeypatch):
-    import adacache_fx.runtime as runtime
+    import adacache_fx.runtime.cached_graph as runtime
     monkeypatch.setattr(runtime, "fused_cache_metrics",
                         lambda r, p, s=1: torch.full((r.shape[0], 5), float("nan")))
     case = get_case("ref_dit")

@@ -21,15 +21,12 @@ processes and fails the tests instead of blocking CI.
 import math
 import os
 import socket
-import sys
 import time
 import traceback
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.models.sp_dit import SPVideoDiT, make_inputs  # noqa: E402
 from adacache_fx import AdaCacheConfig, adacache_backend  # noqa: E402
@@ -94,7 +91,7 @@ def _run(compiled, n, *, seed=0, noise=None, batch=SP_BATCH, rows=None, nan_at=N
 
 def _count_metric_collectives(backend):
     """Wrap the scheduler's all-reduce to count the metric collectives."""
-    import adacache_fx.scheduler as sched
+    import adacache_fx.runtime.scheduler as sched
     calls = []
     original = sched.all_reduce_sums
 

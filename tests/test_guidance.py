@@ -12,13 +12,10 @@ deltas), so a generation still has ``num_inference_steps`` steps.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adacache_fx import AdaCacheConfig  # noqa: E402
 from helpers import INF, cached, no_recompiles, timesteps  # noqa: E402

@@ -5,8 +5,6 @@ calls the transformer twice per step (cond, then uncond)."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ diffusers = pytest.importorskip("diffusers")
 from adacache_fx import AdaCacheConfig  # noqa: E402
 from adacache_fx.integrations.diffusers import backend_of, disable, enable  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zoo import randomize_  # noqa: E402
 
 INF = math.inf

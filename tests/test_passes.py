@@ -1,20 +1,17 @@
 """Pass unit tests on small hand-written models' Dynamo graphs."""
-import os
-import sys
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adacache_fx import AdaCacheConfig  # noqa: E402
-from adacache_fx.passes import analyze  # noqa: E402
-from adacache_fx.passes.add_cache_outputs import add_cache_outputs  # noqa: E402
-from adacache_fx.passes.find_blocks import find_blocks  # noqa: E402
-from adacache_fx.passes.graph_utils import module_path  # noqa: E402
-from adacache_fx.passes.infer_frame_layout import infer_frame_layout  # noqa: E402
+from adacache_fx.analysis import analyze  # noqa: E402
+from adacache_fx.rewrite.add_cache_outputs import add_cache_outputs  # noqa: E402
+from adacache_fx.analysis.find_blocks import find_blocks  # noqa: E402
+from adacache_fx.analysis.graph_nodes import module_path  # noqa: E402
+from adacache_fx.analysis.frame_layout import infer_frame_layout  # noqa: E402
 from helpers import INF, cached, sample_loop, timesteps  # noqa: E402
 from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToySkipDiT, seeded,  # noqa: E402
                         sinusoid)
@@ -220,7 +217,7 @@ def test_frame_layout_through_a_split_back_to_the_video_tokens(text_first):
 def test_segmented_probe_view_measures_the_video_tokens_only():
     """At run time the probe is narrowed to the video tokens before the (-1, F, inner) view:
     changing the text tokens' residual does not change the motion score."""
-    from adacache_fx.triton_kernels import fused_cache_metrics
+    from adacache_fx.ops import fused_cache_metrics
 
     model = seeded(ToyJointVideo(text_first=True))
     compiled, backend = cached(model, {INF: 1}, num_steps=4)

@@ -1,14 +1,11 @@
 """Fast tests for the shipped reference model (examples/reference, examples/weights)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")

@@ -3,13 +3,10 @@ shape, or once with dynamic shapes) and cached deltas never mix shapes; torch.co
 keeps the MoReg frame layout with symbolic sizes."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import INF, cached, no_recompiles, sample_loop, timesteps  # noqa: E402
 from zoo import get_case  # noqa: E402

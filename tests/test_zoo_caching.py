@@ -19,13 +19,11 @@ reason: a case that starts passing must be moved out of ``XFAIL``.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, explain  # noqa: E402
 from helpers import INF, sample_loop, timesteps  # noqa: E402

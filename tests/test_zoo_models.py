@@ -7,12 +7,10 @@ and checked by ``python -m zoo.check`` from tests/)."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from zoo import ZOO, core_cases, get_case, get_output, normalize_module_path  # noqa: E402
 

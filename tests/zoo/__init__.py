@@ -39,11 +39,8 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -59,11 +56,9 @@ __all__ = [
     "randomize_",
     "timestep_tensor",
     "load_example_models",
-    "REPO_ROOT",
     "normalize_module_path",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -202,31 +197,10 @@ def normalize_module_path(path: str) -> str:
     return p.strip(".")
 
 
-def _load_path_module(name: str, path: Path):
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
 def load_example_models():
     """Import ``examples/models`` (dit, stdit); returns ``(dit_module, stdit_module)``."""
-    try:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.append(str(REPO_ROOT))
-        dit = importlib.import_module("examples.models.dit")
-        stdit = importlib.import_module("examples.models.stdit")
-        if Path(dit.__file__).resolve() != REPO_ROOT / "examples" / "models" / "dit.py":
-            raise ImportError("a different 'examples' package shadows this repository's")
-        return dit, stdit
-    except ImportError:
-        models = REPO_ROOT / "examples" / "models"
-        dit = _load_path_module("_adacache_examples_models_dit", models / "dit.py")
-        stdit = _load_path_module("_adacache_examples_models_stdit", models / "stdit.py")
-        return dit, stdit
+    from examples.models import dit, stdit
+    return dit, stdit
 
 
 def _gen(seed: int, name: str) -> torch.Generator:

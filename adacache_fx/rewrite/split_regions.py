@@ -9,15 +9,19 @@ Before (one graph)::
 
     prologue ops -> region 0 ops -> epilogue ops -> output
 
-After (top level; each ``submod_i`` is a GraphModule)::
+After (top level; each ``submod_i`` is a GraphModule returning a tuple)::
 
     submod_0 = self.submod_0(x, t, ...)         # prologue
     submod_1 = self.submod_1(getitem, ...)      # region 0: returns (stream, delta, probe)
     submod_2 = self.submod_2(getitem_3, ...)    # epilogue
-    return (submod_2, getitem_4, getitem_5)
+    return (getitem_6, getitem_4, getitem_5)
+
+Every piece returns a tuple (what inner compilers expect of a graph), and each piece is
+told apart by the nodes it holds (split_module keeps their names), not by its name.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +32,8 @@ from torch.fx.passes.split_module import split_module
 @dataclass
 class SplitGraph:
     top: fx.GraphModule
-    region_submods: dict     # region index -> submodule name
-    other_submods: list      # names of prologue/epilogue pieces
+    region_submods: dict     # region index -> attribute of ``top`` holding its piece
+    other_submods: list      # attributes of the prologue/epilogue pieces, in execution order
 
 
 def region_partition(r: int) -> int:
@@ -104,13 +108,35 @@ def split_regions(gm: fx.GraphModule, regions: list) -> SplitGraph:
                 if arg in partition and partition[arg] > pid:
                     raise ValueError(f"region {pid // 2} depends on later node {arg.name}")
 
-    top = split_module(gm, gm, lambda node: partition[node], keep_original_order=False)
+    top = split_module(gm, gm, lambda node: partition[node], keep_original_order=False,
+                       keep_original_node_name=True)
+    region_of_name = {node.name: r for node, r in region_of.items()}
     region_submods, others = {}, []
-    for node in top.graph.nodes:
-        if node.op == "call_module":
-            pid = int(str(node.target).rsplit("_", 1)[1])
-            if pid % 2 == 1:
-                region_submods[pid // 2] = node.target
-            else:
-                others.append(node.target)
+    for node in list(top.graph.nodes):
+        if node.op != "call_module":
+            continue
+        piece = getattr(top, node.target)
+        _return_tuple(top, node, piece)
+        held = {region_of_name.get(n.name) for n in piece.graph.nodes if n.op not in ("placeholder", "output")}
+        held.discard(None)
+        if held:
+            (r,) = held   # a piece holds one region's nodes at most, by construction of the partition
+            region_submods[r] = node.target
+        else:
+            others.append(node.target)
+    top.recompile()
     return SplitGraph(top, region_submods, others)
+
+
+def _return_tuple(top: fx.GraphModule, call: fx.Node, piece: fx.GraphModule) -> None:
+    """Make ``piece`` return a tuple; a single-output piece's users in ``top`` read element 0."""
+    out = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
+    if isinstance(out.args[0], (tuple, list)):
+        return
+    out.args = ((out.args[0],),)
+    piece.recompile()
+    users = list(call.users)
+    with top.graph.inserting_after(call):
+        first = top.graph.call_function(operator.getitem, (call, 0))
+    for user in users:
+        user.replace_input_with(call, first)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .find_blocks import Block
-from .graph_utils import (example_value, is_glue, is_parameter_placeholder, is_residual_add,
+from .graph_nodes import (example_value, is_glue, is_parameter_placeholder, is_residual_add,
                           is_tensor_node, numel_hint, sizes_equal, topo_index)
 
 

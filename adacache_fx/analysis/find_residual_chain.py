@@ -18,7 +18,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .find_blocks import Block
-from .graph_utils import is_glue, is_parameter_placeholder, is_residual_add, is_tensor_node, sizes_equal, example_value
+from .graph_nodes import is_glue, is_parameter_placeholder, is_residual_add, is_tensor_node, sizes_equal, example_value
 
 MIN_ADDS = 4   # two attention + MLP blocks at least; shorter chains are not worth a cache
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph_utils import is_residual_add
+from ..analysis.graph_nodes import is_residual_add
 
 _MARK = "_adacache_outputs_added"
 
@@ -44,8 +44,6 @@ class CacheOutputs:
     user_output_is_tuple: bool
     deltas: list = field(default_factory=list)      # [(region, stream, output index)]
     probe_index: int = -1
-    skeletons: dict = field(default_factory=dict)   # (region, stream) -> skeleton node
-    delta_nodes: dict = field(default_factory=dict)  # (region, stream) -> delta node
 
 
 def add_cache_outputs(graph: fx.Graph, regions: list, probe) -> CacheOutputs:
@@ -77,8 +75,6 @@ def add_cache_outputs(graph: fx.Graph, regions: list, probe) -> CacheOutputs:
                 delta = graph.call_function(torch.sub, (stream.output, skeleton))
             delta.meta = {k: v for k, v in stream.output.meta.items() if k in ("example_value", "val")}
             region.nodes.add(delta)
-            result.skeletons[(r, s)] = skeleton
-            result.delta_nodes[(r, s)] = delta
             result.deltas.append((r, s, len(user_outputs) + len(extra)))
             extra.append(delta)
     result.probe_index = len(user_outputs) + len(extra)

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..config import AdaCacheConfigError
-from .graph_utils import example_value, is_parameter_placeholder, user_placeholder_name
+from .graph_nodes import example_value, is_parameter_placeholder, user_placeholder_name
 
 _SINUSOID_TARGETS = {torch.sin, torch.cos, "sin", "cos"}
 _MAX_HOPS = 12

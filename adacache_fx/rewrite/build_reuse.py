@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import example_value, is_glue
+from ..analysis.graph_nodes import example_value, is_glue
 
 
 def _is_light(node: fx.Node) -> bool:
@@ -36,24 +36,6 @@ def _is_light(node: fx.Node) -> bool:
     if node.meta.get("adacache_reuse_add"):
         return True
     return not isinstance(example_value(node), torch.Tensor) and node.meta.get("example_value") is not None
-
-
-def _keep_only_what_outputs_need(graph: fx.Graph) -> None:
-    """Dead-code elimination that also drops impure nodes: ``out[..., ::2] = ...`` in a
-    rotary embedding, or a functional collective's ``wait_tensor`` (registered as
-    side-effectful) of a sequence-parallel block. On a reused step the blocks' side
-    effects and communication are skipped along with the blocks, which is what caching
-    means; every rank skips the same blocks, since the decision is global."""
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, stack = {output}, [output]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in live:
-                live.add(arg)
-                stack.append(arg)
-    for node in reversed(list(graph.nodes)):
-        if node not in live and node.op != "placeholder":
-            graph.erase_node(node)
 
 
 def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) -> fx.GraphModule:
@@ -87,7 +69,11 @@ def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) 
         else:
             raise ValueError(f"region output {value} is neither a stream, a delta nor the probe")
     graph.output(tuple(new_outputs) if isinstance(out_val, (tuple, list)) else new_outputs[0])
-    _keep_only_what_outputs_need(graph)
+    # Dead-code elimination that also drops impure nodes: ``out[..., ::2] = ...`` in a rotary
+    # embedding, or a functional collective's ``wait_tensor`` of a sequence-parallel block. On a
+    # reused step the blocks' side effects and communication are skipped with the blocks, which is
+    # what caching means; every rank skips the same blocks, since the decision is global.
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.op in ("placeholder", "output"))
     heavy = [n for n in graph.nodes if not _is_light(n)]
     if heavy:
         raise ValueError(f"the reuse path still computes {[n.name for n in heavy][:5]}: region left uncached")

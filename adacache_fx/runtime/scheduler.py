@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import AdaCacheConfig
+from ..config import AdaCacheConfig
 from .distributed import all_reduce_sums
 
 
@@ -62,12 +62,13 @@ class _PendingMetric:
 
 
 class AdaCacheScheduler:
-    """Host-side per-generation state. One per backend; shared by all its graphs."""
+    """Host-side per-generation state. One per compiled model instance; shared by all its graphs."""
 
     def __init__(self, config: AdaCacheConfig):
         self.config = config
         self.generation = 0
         self.process_group = None   # set by the backend: sums are all-reduced over it
+        self.requested_num_steps: Optional[int] = None   # set_num_steps: outlives reset()
         self.reset()
 
     # ----- lifecycle ---------------------------------------------------------
@@ -76,7 +77,8 @@ class AdaCacheScheduler:
         if getattr(self, "step", 0):
             self.generation += 1
         self.step = 0
-        self.num_steps: Optional[int] = self.config.num_steps
+        self.num_steps: Optional[int] = (self.requested_num_steps if self.requested_num_steps is not None
+                                         else self.config.num_steps)
         self.timestep: Optional[float] = None
         self.direction: int = 0
         self.branch_counts: dict = {}
@@ -89,10 +91,12 @@ class AdaCacheScheduler:
         self._pending: Optional[_PendingMetric] = None
 
     def set_num_steps(self, num_steps: Optional[int]) -> None:
-        """Set ``N`` for the current generation (the diffusers integration does this per call)."""
-        if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+        """Set ``N`` for the current generation and the following ones, until set again
+        (``None``: back to ``config.num_steps``). The diffusers integration does this per call."""
+        if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        self.num_steps = num_steps
+        self.requested_num_steps = num_steps
+        self.num_steps = num_steps if num_steps is not None else self.config.num_steps
 
     # ----- per call ----------------------------------------------------------
     def begin_call(self, timestep: Optional[float], key: object = None) -> CallDecision:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .graph_utils import module_stack
+from .graph_nodes import module_stack
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 

@@ -1,31 +1,51 @@
-"""Small helpers shared by the passes: what an FX node is, in the terms the passes need."""
+"""What an FX node is, in the terms the analysis passes need (one op classification for all)."""
 from __future__ import annotations
 
 import operator
 import re
+from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 # Residual adds: ``x = x + branch`` in any spelling Dynamo (or symbolic_trace) records.
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 
-# Ops that only re-view or re-type a tensor: they can sit on the residual trunk
-# (Latte's spatial/temporal rearranges, Wan's float()/type_as casts). Their first
-# argument is the trunk.
-_GLUE_METHODS = {
-    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "unflatten",
-    "squeeze", "unsqueeze", "to", "float", "half", "bfloat16", "type", "type_as",
-    "clone", "movedim", "view_as", "reshape_as",
+# One classification of the ops the passes reason about: (method names, functions) per kind.
+# "reshape", "permute" and "cast" only re-view or re-type their first argument, so they can sit
+# on a residual trunk (Latte's spatial/temporal rearranges, Wan's float()/type_as casts); the
+# frame-layout rules follow the video's frame axis through each kind.
+OP_KINDS = {
+    "reshape": ({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+                 "contiguous"},
+                {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
+                 torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous, torch.Tensor.flatten,
+                 torch.Tensor.unflatten, torch.Tensor.squeeze, torch.Tensor.unsqueeze}),
+    "permute": ({"permute", "transpose", "movedim", "swapaxes", "swapdims", "t"},
+                {torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t,
+                 torch.Tensor.permute, torch.Tensor.transpose}),
+    "cast": ({"to", "float", "half", "bfloat16", "type", "type_as", "clone"},
+             {torch.clone, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as}),
+    "cat": (set(), {torch.cat, torch.concat, torch.concatenate}),
+    "conv": (set(), {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}),
+    "matmul": (set(), {torch.matmul, torch.bmm, operator.matmul}),
+    # ops that mix their first argument's last dim (tokens stay on the other dims)
+    "last_dim": (set(), {torch._C._nn.linear, F.linear, F.scaled_dot_product_attention,
+                         torch._C._nn.scaled_dot_product_attention}),
 }
-_GLUE_FUNCTIONS = {
-    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten,
-    torch.squeeze, torch.unsqueeze, torch.clone, torch.movedim,
-    torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.permute, torch.Tensor.transpose,
-    torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as,
-    torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.squeeze, torch.Tensor.unsqueeze,
-}
+_GLUE_KINDS = ("reshape", "permute", "cast")
+
+
+def op_kind(node: fx.Node) -> Optional[str]:
+    """The kind of ``node`` in ``OP_KINDS`` (None: any other op)."""
+    if node.op not in ("call_method", "call_function"):
+        return None
+    for kind, (methods, functions) in OP_KINDS.items():
+        if (node.target in methods) if node.op == "call_method" else (node.target in functions):
+            return kind
+    return None
 
 
 def is_residual_add(node: fx.Node) -> bool:
@@ -43,13 +63,7 @@ def is_residual_add(node: fx.Node) -> bool:
 
 def is_glue(node: fx.Node) -> bool:
     """A view/reshape/cast whose first argument is the only tensor that flows through."""
-    if node.op == "call_method":
-        ok = node.target in _GLUE_METHODS
-    elif node.op == "call_function":
-        ok = node.target in _GLUE_FUNCTIONS
-    else:
-        ok = False
-    return ok and bool(node.args) and isinstance(node.args[0], fx.Node)
+    return op_kind(node) in _GLUE_KINDS and bool(node.args) and isinstance(node.args[0], fx.Node)
 
 
 def example_value(node: fx.Node):

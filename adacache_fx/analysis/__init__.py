@@ -1,7 +1,9 @@
-"""The analysis pipeline: an ordered list of passes over a Dynamo FX graph.
+"""Analyse: find what can be cached in a Dynamo FX graph, without changing it.
 
-Each pass reads and fills one ``GraphAnalysis`` and appends what it did to
-``analysis.log`` (also sent to the ``adacache_fx`` logger at DEBUG level).
+``ANALYSIS_PASSES`` is the ordered pass list. Every pass has the signature
+``pass_(analysis: GraphAnalysis) -> None``: it reads the fields its predecessors filled,
+fills its own, and says what it did with ``analysis.note`` (kept in ``analysis.log`` and sent
+to the ``adacache_fx`` logger at DEBUG level).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from .find_blocks import find_blocks
 from .find_regions import find_regions
 from .find_residual_chain import find_residual_chain
 from .find_timestep import find_timestep
-from .graph_utils import user_placeholder_name
-from .infer_frame_layout import FrameLayout, infer_frame_layout
+from .frame_layout import FrameLayout, infer_frame_layout
+from .graph_nodes import user_placeholder_name
 
 logger = logging.getLogger("adacache_fx")
 
@@ -37,6 +39,11 @@ class GraphAnalysis:
     @property
     def cacheable(self) -> bool:
         return bool(self.regions) and self.probe is not None
+
+    def why_uncacheable(self) -> str:
+        reason = ("no residual block stack found" if not self.blocks
+                  else "blocks found but no region whose outputs are residual streams")
+        return reason + "; " + "; ".join(self.log[-3:])
 
     def note(self, message: str) -> None:
         self.log.append(message)

@@ -1,0 +1,208 @@
+"""Guard: the cache-or-compute runtime of one rewritten graph.
+
+``CachedGraph.__call__`` is what Dynamo calls in place of the graph. It finds which model
+instance the call belongs to (by the weights it received), asks that instance's scheduler
+for the step's decision (host-side state: no graph break, no recompile), runs the split top
+level whose region pieces are ``RegionRunner``s, then keeps the deltas and feeds the probe to
+the metric op. On a reused step it reads no device value on the host.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import sympy
+import torch
+
+from ..ops import fused_cache_metrics
+from .state import RuntimeState
+
+
+@dataclass
+class BranchCache:
+    """What one guidance branch keeps between steps."""
+
+    generation: int
+    step: int                       # the computed step the deltas belong to
+    deltas: list                    # per region: [delta per stream]
+    stream_shapes: list             # shapes of the graph's activation inputs when cached
+    probe: Optional[torch.Tensor]   # probe residual at ``step`` (None: no metric next time)
+
+    def nbytes(self) -> int:
+        tensors = [d for region in self.deltas for d in region]
+        if self.probe is not None:
+            tensors.append(self.probe)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class CallState:
+    """The decision of the call in flight, read by the region runners."""
+
+    compute: bool = True
+    deltas: list = field(default_factory=list)
+
+
+class RegionRunner(torch.nn.Module):
+    """Stands in for a region piece: computes it, or rebuilds its outputs from the cache."""
+
+    def __init__(self, index: int, compute_fn, reuse_fn, state: CallState):
+        super().__init__()
+        self.index = index
+        self.compute_fn = compute_fn
+        self.reuse_fn = reuse_fn
+        self.state = state
+        self.executions = 0   # how often the blocks really ran (tests count this)
+
+    def forward(self, *args):
+        if self.state.compute:
+            self.executions += 1
+            return self.compute_fn(*args)
+        return self.reuse_fn(*args, *self.state.deltas[self.index])
+
+
+@dataclass
+class GraphLayout:
+    """What the runtime needs to know about the graph's inputs and outputs."""
+
+    num_user_outputs: int
+    user_output_is_tuple: bool
+    deltas: list                     # [(region, stream, output index)]
+    probe_index: int
+    timestep_index: Optional[int]    # graph input holding the timestep
+    activation_indices: list         # graph inputs that are not parameters
+    parameter_index: Optional[int]   # first parameter input: identifies the model instance
+    frame_axis: object               # FrameAxis of the probe (None: no MoReg)
+    symbol_sources: dict             # sympy symbol -> (input index, dim) for dynamic shapes
+    moreg_stride: int = 1
+
+
+class CachedGraph:
+    """Callable returned to Dynamo for a graph with cacheable regions."""
+
+    def __init__(self, *, top, regions: dict, layout: GraphLayout, runtime: RuntimeState,
+                 process_group=None, region_info: Optional[list] = None):
+        self.top = top
+        self.layout = layout
+        self.runtime = runtime
+        self.process_group = process_group
+        self.region_info = region_info or []   # [(blocks, streams, probe block or None)]
+        self.call = CallState()
+        self.runners = []
+        for r in sorted(regions):
+            name, compute, reuse = regions[r]
+            runner = RegionRunner(r, compute, reuse, self.call)
+            setattr(top, name, runner)
+            self.runners.append(runner)
+        top.recompile()
+        self._instances: dict = {}     # id(weight) -> (weakref to it, instance index)
+        self._branches: list = []      # per instance: {branch: BranchCache}
+
+    @property
+    def frame_axis(self):
+        return self.layout.frame_axis
+
+    # ----- which model, which step ----------------------------------------------
+    def _instance(self, args) -> int:
+        index = self.layout.parameter_index
+        if index is None:
+            return 0
+        weight = args[index]
+        entry = self._instances.get(id(weight))
+        if entry is None or entry[0]() is not weight:
+            entry = (weakref.ref(weight), len(self._instances))
+            self._instances[id(weight)] = entry
+        return entry[1]
+
+    def _eval(self, expr, args) -> int:
+        if isinstance(expr, (int, sympy.Integer)):
+            return int(expr)
+        subs = {}
+        for sym in expr.free_symbols:
+            src = self.layout.symbol_sources.get(sym)
+            if src is None:
+                raise ValueError(f"cannot bind symbol {sym}")
+            idx, dim = src
+            a = args[idx]
+            subs[sym] = a.shape[dim] if dim is not None else int(a)
+        return int(expr.subs(subs))
+
+    def _probe_view(self, probe: torch.Tensor, args) -> torch.Tensor:
+        axis = self.layout.frame_axis
+        if axis is None:
+            return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1)
+        if axis.segmented:  # text tokens around the video tokens: measure the video tokens only
+            start = self._eval(axis.offset, args)
+            length = self._eval(axis.span, args) if axis.span is not None else probe.shape[axis.dim] - start
+            probe = probe.narrow(axis.dim, start, length)
+        frames = self._eval(axis.frames, args)
+        inner = self._eval(axis.inner, args) * math.prod(probe.shape[axis.dim + 1:])
+        return probe.reshape(-1, frames, inner)
+
+    # ----- the guarded call -----------------------------------------------------
+    def __call__(self, *args):
+        instance = self._instance(args)
+        while len(self._branches) <= instance:
+            self._branches.append({})
+        branches = self._branches[instance]
+        scheduler = self.runtime.scheduler(instance)
+        if scheduler.process_group is None:
+            scheduler.process_group = self.process_group
+        ts = self.layout.timestep_index
+        decision = scheduler.begin_call(self.runtime.clock.timestep(args[ts] if ts is not None else None), key=self)
+        cache = branches.get(decision.branch)
+        compute = decision.compute or not (cache is not None and cache.generation == decision.generation
+                                           and cache.step == scheduler.last_computed_step)
+        # Deltas are only valid for the input shapes they were computed at (a batch-size
+        # change inside a generation must recompute, not add a wrong-shaped delta).
+        if not compute and cache.stream_shapes != self._current_shapes(args):
+            compute = True
+        self.call.compute = compute
+        self.call.deltas = [] if compute else cache.deltas
+        result = self.top(*args)
+        if compute:
+            branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
+        user = result[:self.layout.num_user_outputs]
+        if not self.layout.user_output_is_tuple:
+            return user[0]
+        return list(user) if isinstance(result, list) else tuple(user)
+
+    def _current_shapes(self, args) -> list:
+        return [tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
+                for i in self.layout.activation_indices]
+
+    def _store(self, scheduler, decision, cache: Optional[BranchCache], result, args) -> BranchCache:
+        deltas: list = [[] for _ in self.runners]
+        for (r, _s, index) in self.layout.deltas:
+            deltas[r].append(result[index])
+        probe = result[self.layout.probe_index]
+        scheduled = decision.compute
+        if scheduled and cache is not None and cache.probe is not None and cache.generation == decision.generation \
+                and len(scheduler.computed_steps) >= 2 and cache.step == scheduler.computed_steps[-2]:
+            current = self._probe_view(probe, args)
+            previous = self._probe_view(cache.probe, args)
+            if current.shape == previous.shape:
+                sums = fused_cache_metrics(current, previous, self.layout.moreg_stride).sum(0)
+                scheduler.add_metric_sums(sums, has_motion=self.layout.frame_axis is not None)
+        return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
+                           stream_shapes=self._current_shapes(args),
+                           probe=probe.detach() if scheduled else None)
+
+    # ----- state ----------------------------------------------------------------
+    def reset(self) -> None:
+        for branches in self._branches:
+            branches.clear()
+
+    def cache_bytes(self, instance: Optional[int] = None) -> int:
+        groups = self._branches if instance is None else self._branches[instance:instance + 1]
+        return sum(c.nbytes() for branches in groups for c in branches.values())
+
+    def instance_of(self, weights) -> Optional[int]:
+        """The instance index of a model whose parameters include one of ``weights``."""
+        for w in weights:
+            entry = self._instances.get(id(w))
+            if entry is not None and entry[0]() is w:
+                return entry[1]
+        return None
