@@ -19,6 +19,12 @@ What ``enable`` does:
   request. A config's own ``num_steps`` is only the fallback when the pipeline has no
   ``num_inference_steps`` argument.
 
+The step clock comes from the pipeline's own scheduler, on the host: its ``timesteps`` are copied
+to the CPU once per generation and indexed by the number of ``scheduler.step`` calls so far (plus
+its ``begin_index``), so the transformer's device timestep is never read on the host (no device
+sync per call). Where that cannot be had (no ``timesteps``, more calls than timesteps), the
+backend falls back to reading the timestep input.
+
 Guidance topologies need nothing extra: the backend counts every model call with the same
 timestep inside one step as a branch of that step. Classifier-free guidance batched in one call
 (DiT, PixArt, SD3, Flux: ``cat([x, x])``) is one branch; guidance as separate cond / uncond
@@ -66,14 +72,63 @@ def _steps_of(call, pipe, args, kwargs) -> Optional[int]:
     return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
 
-class _Wrapped:
-    """What ``enable`` keeps on the pipeline: the backend, and how to undo it."""
+class _SchedulerClock:
+    """The pipeline scheduler's current timestep as a host float, without a device sync."""
 
-    def __init__(self, backend: AdaCacheBackend, component: str, module: torch.nn.Module, original_class):
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.steps_taken = 0
+        self.host_timesteps: Optional[torch.Tensor] = None
+        self._source_of_copy = None
+
+    def new_generation(self) -> None:
+        self.steps_taken = 0
+        self.host_timesteps = None
+        self._source_of_copy = None
+
+    def count_step(self) -> None:
+        self.steps_taken += 1
+
+    def __call__(self) -> Optional[float]:
+        scheduler = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+            return None
+        if self._source_of_copy is not timesteps:   # set_timesteps made a new tensor: one copy
+            self.host_timesteps = timesteps.detach().to("cpu", torch.float64)
+            self._source_of_copy = timesteps
+        index = (getattr(scheduler, "begin_index", None) or 0) + self.steps_taken
+        if index >= len(self.host_timesteps):
+            return None
+        return float(self.host_timesteps[index])
+
+
+class _Wrapped:
+    """What ``enable`` keeps on the pipeline: the backend, the clock, and how to undo it."""
+
+    def __init__(self, backend: AdaCacheBackend, component: str, module: torch.nn.Module, original_class,
+                 clock: _SchedulerClock):
         self.backend = backend
         self.component = component
         self.module = module
         self.original_class = original_class
+        self.clock = clock
+
+
+def _count_scheduler_steps(pipe, clock: _SchedulerClock) -> None:
+    """Wrap this pipeline's scheduler instance's ``step`` so the clock counts the steps taken."""
+    scheduler = getattr(pipe, "scheduler", None)
+    step = getattr(scheduler, "step", None)
+    if step is None or getattr(step, "_adacache_counted", False):
+        return
+
+    @functools.wraps(step)
+    def counted_step(*args, **kwargs):
+        clock.count_step()
+        return step(*args, **kwargs)
+
+    counted_step._adacache_counted = True
+    scheduler.step = counted_step
 
 
 def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, Callable] = "inductor",
@@ -90,6 +145,8 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
     name, module = _denoiser(pipe, component)
     backend = adacache_backend(config, inner=inner, mode=mode, options=options)
     module.compile(backend=backend, **compile_kwargs)
+    clock = _SchedulerClock(pipe)
+    backend.runtime.clock.source = clock
 
     original = type(pipe)
     call = original.__call__
@@ -102,6 +159,8 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
             steps = _steps_of(call, self, (self,) + args, kwargs)
             state.backend.reset()
             state.backend.set_num_steps(steps if steps is not None else fallback_steps)
+            state.clock.new_generation()
+            _count_scheduler_steps(self, state.clock)   # the scheduler may have been replaced
         return call(self, *args, **kwargs)
 
     # a subclass of this object's class only (special methods are looked up on the type);
@@ -109,7 +168,7 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
     wrapped = type(original.__name__, (original,), {"__call__": __call__, "__module__": original.__module__,
                                                     "__qualname__": original.__qualname__})
     pipe.__class__ = wrapped
-    object.__setattr__(pipe, _ATTR, _Wrapped(backend, name, module, original))
+    object.__setattr__(pipe, _ATTR, _Wrapped(backend, name, module, original, clock))
     return backend
 
 
@@ -120,6 +179,9 @@ def disable(pipe) -> None:
         return
     if hasattr(state.module, "_compiled_call_impl"):
         state.module._compiled_call_impl = None
+    scheduler = getattr(pipe, "scheduler", None)
+    if getattr(getattr(scheduler, "step", None), "_adacache_counted", False):
+        del scheduler.step   # the instance attribute: the class's step is seen again
     pipe.__class__ = state.original_class
     object.__setattr__(pipe, _ATTR, None)
 

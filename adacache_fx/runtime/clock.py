@@ -25,6 +25,7 @@ class StepClock:
     def __init__(self):
         self.announced: Optional[float] = None
         self.source: Optional[Callable[[], Optional[float]]] = None
+        self.host_reads = 0   # calls whose timestep tensor was read on the host
         self._warned = False
 
     def announce(self, timestep) -> None:
@@ -52,6 +53,7 @@ class StepClock:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):
+            self.host_reads += 1
             if value.device.type != "cpu" and not self._warned:
                 self._warned = True
                 warnings.warn(
