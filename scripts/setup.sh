@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install adacache-fx and its test/example dependencies into the active Python environment.
-# Keeps an existing torch; installs the CPU build torch==2.13.0 only when none is there
-# (an unpinned torch would pull a multi-GB CUDA build).
+#
+# torch: an installed torch (CPU or CUDA build) is kept. Only when none is there does this run
+# `pip install torch==2.13.0`, which takes whatever wheel the configured index serves for that
+# version: on this project's machines a CPU build from local disk; from PyPI on Linux x86-64 a
+# CUDA build (several GB). GPU users install the torch build for their CUDA version first (see
+# pytorch.org), then run this script, which keeps it. Then `pip install -e ".[test]"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
