@@ -58,13 +58,12 @@ class GraphAnalysis:
             span = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
             lines.append(f"region {r}: {len(paths)} blocks ({span}), {len(region.nodes)} nodes")
             for s, stream in enumerate(region.streams):
-                lines.append(f"  stream {s}: {stream.input.name} -> {stream.output.name} shape "
+                lines.append(f"  stream {s} ({stream.kind}): {stream.input.name} -> {stream.output.name} shape "
                              f"{tuple(stream.shape)}, {len(stream.adds)} residual adds")
         ts = user_placeholder_name(self.timestep) if self.timestep is not None else None
         lines.append(f"timestep input: {ts!r}" if ts else "timestep input: none found (each call is a step)")
         if self.probe is not None:
-            lines.append(f"probe: block {self.probe.block}, residual branch {self.probe.branch_index} "
-                         f"({self.probe.node.name})")
+            lines.append(f"probe ({self.probe.rule}): {self.probe.describe()}")
         else:
             lines.append("probe: none")
         lines.append(f"MoReg frame layout: {self.frame_layout.describe()}" if self.frame_layout
@@ -95,7 +94,7 @@ def _pass_find_timestep(a: GraphAnalysis) -> None:
 def _pass_choose_probe(a: GraphAnalysis) -> None:
     if a.regions:
         a.probe = choose_probe(a.regions, a.config.probe_block, a.config.probe_branch)
-        a.note(f"choose_probe: {a.probe.block} branch {a.probe.branch_index} -> {a.probe.node.name}")
+        a.note(f"choose_probe ({a.probe.rule}): {a.probe.describe()}")
 
 
 def _pass_infer_frame_layout(a: GraphAnalysis) -> None:

@@ -1,29 +1,50 @@
-"""Choose the probe residual: the branch whose change across steps drives the schedule.
+"""Choose the probe: the tensor whose change across steps drives the schedule.
 
-Default (as the official AdaCache code): a middle block's first residual branch, which
-is its self-attention. ``probe_block`` picks another block by index (graph order over
-the first region's blocks, negative from the end) or by module path; ``probe_branch``
-picks another residual of that block (0: attention, then cross-attention / MLP).
+Rule ``residual branch`` (as the official AdaCache code): a middle block's first residual
+branch, which is its self-attention. ``probe_block`` picks another block by index (graph
+order over the first region's blocks, negative from the end) or by module path;
+``probe_branch`` picks another residual of that block (0: attention, then cross-attention / MLP).
+
+Rule ``block delta``, when the region's primary stream has no residual add inside a block
+(post-norm or masked blocks, a boundary stream): the probe is the middle block's own output
+delta ``out - in`` on that stream (``probe_block`` still picks the block).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+import torch.fx as fx
+
 from ..config import AdaCacheConfigError
 from .find_regions import Region, ResidualAdd
+from .graph_nodes import example_value, is_parameter_placeholder, sizes_equal
 
 
 @dataclass
 class Probe:
-    region: int            # index of the region holding it
-    block: str             # module path of the block
+    region: int                          # index of the region holding it
+    block: str                           # module path of the block
     branch_index: int
-    residual: ResidualAdd
+    residual: Optional[ResidualAdd]      # rule "residual branch": the add whose branch is the probe
+    output: Optional[fx.Node] = None     # rule "block delta": the probe is output - minus
+    minus: Optional[fx.Node] = None
 
     @property
-    def node(self):
-        return self.residual.branch
+    def rule(self) -> str:
+        return "residual branch" if self.residual is not None else "block delta"
+
+    @property
+    def node(self) -> fx.Node:
+        """The node whose value (or layout, for a block delta) the probe has."""
+        return self.residual.branch if self.residual is not None else self.output
+
+    def describe(self) -> str:
+        if self.residual is not None:
+            return f"block {self.block}, residual branch {self.branch_index} ({self.node.name})"
+        return (f"block {self.block}, its output delta {self.output.name} - {self.minus.name} "
+                "(no residual branch inside the blocks)")
 
 
 def _adds_by_block(region: Region) -> dict:
@@ -54,7 +75,7 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
     adds = _adds_by_block(region)
     paths = [b.path for b in region.blocks if b.path in adds]
     if not paths:
-        raise ValueError("the region's primary stream has no residual add inside a block")
+        return _block_delta(region, probe_block)
     if probe_block is None:
         index = len(paths) // 2
     else:
@@ -69,3 +90,33 @@ def _pick(region: int, path: str, block_adds: list, branch: int) -> Probe:
     if branch >= len(block_adds):
         raise AdaCacheConfigError(f"probe_branch={branch} but block {path} has {len(block_adds)} residual branches")
     return Probe(region, path, branch, block_adds[branch])
+
+
+def _block_delta(region: Region, probe_block) -> Probe:
+    """Rule "block delta": the chosen block's output minus its input on the primary stream."""
+    stream = region.streams[0]
+    shape = example_value(stream.output).shape
+    blocks = region.blocks
+    if isinstance(probe_block, str):
+        matches = [i for i, b in enumerate(blocks) if b.path == probe_block or b.path.endswith("." + probe_block)]
+        if not matches:
+            raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
+                                      f"(blocks: {region.block_paths})")
+        index = matches[0]
+    elif probe_block is None:
+        index = len(blocks) // 2
+    else:
+        if not -len(blocks) <= probe_block < len(blocks):
+            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {len(blocks)} blocks")
+        index = probe_block
+    block = blocks[index]
+    inside = set(block.nodes)
+    same = lambda n: isinstance(example_value(n), torch.Tensor) and sizes_equal(example_value(n).shape, shape)  # noqa: E731
+    outs = [n for n in block.nodes if same(n) and any(u not in inside for u in n.users)]
+    ins = list(dict.fromkeys(a for n in block.nodes for a in n.all_input_nodes
+                             if a not in inside and same(a) and not is_parameter_placeholder(a) and a.op != "get_attr"))
+    if len(outs) != 1 or len(ins) != 1:
+        raise ValueError(f"no probe: block {block.path} has no residual branch on the primary stream and no "
+                         f"single output/input of the stream's shape ({len(outs)} outputs, {len(ins)} inputs); "
+                         "set probe_block to another block")
+    return Probe(0, block.path, 0, None, output=outs[0], minus=ins[0])

@@ -1,15 +1,22 @@
-"""Merge consecutive blocks into cacheable regions and find their residual streams.
+"""Merge consecutive blocks into cacheable regions and find their streams.
 
 A region is a maximal run of blocks linked through the values they pass on (allowing
 cheap glue between blocks, such as Latte's spatial/temporal rearranges), such that
-everything leaving the region is a *stream*: a value reached from a region input
-through a trunk of residual adds and reshapes/casts::
+everything leaving the region is a *stream* of a region input, of one of two kinds:
 
-    i ──(+ attn)──(+ mlp)──reshape──(+ attn)──(+ mlp)── o      # o is a stream of i
+* ``residual``: a value reached from a region input through a trunk of residual adds and
+  reshapes/casts; the branches of those adds are the probe candidates::
 
-The branches of those adds are the residual branches (probe candidates). A model
-whose layout changes between block groups (Flux: double-stream blocks, a concat,
-single-stream blocks) gets one region per group, since a concat is not a trunk op.
+      i ──(+ attn)──(+ mlp)──reshape──(+ attn)──(+ mlp)── o      # o is a residual stream of i
+
+* ``boundary``: any other value with the shape and dtype of exactly one region input that it
+  depends on (post-norm blocks ``x = norm(x + f(x))``, masked updates ``where(m, x + f(x), x)``).
+  The cache keeps ``o - i`` and the reuse path returns ``i + delta``: exact on computed steps
+  whatever the blocks do inside.
+
+A model whose layout changes between block groups (Flux: double-stream blocks, a concat,
+single-stream blocks) gets one region per group, since a concat is not a trunk op and the
+concatenated tokens have no input of their shape.
 
 Before: ``[Block(blocks.0), Block(blocks.1), ...]``. After:
 ``[Region(blocks=[...], streams=[Stream(input=x, output=x_12, ...)], nodes={...})]``.
@@ -19,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .find_blocks import Block
@@ -42,8 +50,9 @@ class Stream:
 
     input: fx.Node
     output: fx.Node
-    path: list                     # trunk nodes from input (exclusive) to output (inclusive)
+    path: list                     # trunk nodes from input (exclusive) to output (inclusive); [] for boundary
     adds: list                     # [ResidualAdd], in trunk order
+    kind: str = "residual"         # "residual" (a trunk of adds) or "boundary" (same-shaped input and output)
 
     @property
     def shape(self):
@@ -133,16 +142,62 @@ def _between(region_nodes: set, block: Block, order: dict, graph_nodes: list) ->
     return needed
 
 
+def _region_inputs(nodes: set) -> list:
+    """Activation values computed outside the region that its nodes use, in graph order."""
+    inputs = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in nodes and arg.op != "get_attr" and is_tensor_node(arg) and not is_parameter_placeholder(arg):
+                inputs[arg] = True
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
+    return sorted(inputs, key=lambda n: order[n])
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node, nodes: set) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for arg in n.all_input_nodes:
+            if arg is ancestor:
+                return True
+            if arg in nodes and arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return False
+
+
+def _boundary_stream(out: fx.Node, nodes: set, free_inputs: list) -> Optional[Stream]:
+    """``out`` as a boundary stream of the one free region input of its shape and dtype it depends on."""
+    value = example_value(out)
+    if not isinstance(value, torch.Tensor):
+        return None
+    matches = [i for i in free_inputs
+               if sizes_equal(example_value(i).shape, value.shape) and example_value(i).dtype == value.dtype
+               and _depends_on(out, i, nodes)]
+    if len(matches) != 1:
+        return None
+    return Stream(input=matches[0], output=out, path=[], adds=[], kind="boundary")
+
+
 def _make_region(blocks: list, nodes: set, block_of: dict) -> Optional[Region]:
     outs = _outputs(nodes)
     if not outs:
         return None
-    streams = []
+    streams, others = [], []
     for out in outs:
         stream = _stream_of(out, nodes, block_of)
         if stream is None:
-            return None
-        streams.append(stream)
+            others.append(out)
+        else:
+            streams.append(stream)
+    if others:
+        free = [i for i in _region_inputs(nodes) if i not in {s.input for s in streams}]
+        for out in others:
+            stream = _boundary_stream(out, nodes, free)
+            if stream is None:
+                return None
+            free.remove(stream.input)
+            streams.append(stream)
     if len({s.input for s in streams}) != len(streams):
         return None
     streams.sort(key=lambda s: -_numel(s.output))
@@ -196,7 +251,8 @@ def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> l
                     break
             if found is None:
                 if log is not None:
-                    log.append(f"block {chain_blocks[start].path}: its outputs are not residual streams; left uncached")
+                    log.append(f"block {chain_blocks[start].path}: an output is neither a residual stream nor "
+                               "shaped like exactly one region input it depends on; left uncached")
                 start += 1
             else:
                 regions.append(found[0])
