@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .analysis import GraphAnalysis, analyze
 from .analysis.graph_nodes import is_parameter_placeholder
-from .compile import CompiledPieces, compile_pieces, resolve_inner
+from .compile import CompiledPieces, compile_pieces, count_flops, graph_inputs, resolve_inner
 from .config import AdaCacheConfig, AdaCacheConfigError
 from .report import RegionInfo, Report
 from .rewrite import Rewrite, copy_graph_module, rewrite
@@ -48,6 +48,7 @@ class AdaCacheBackend:
         self.graphs: list = []            # [CachedGraph]
         self.uncached_graphs: list = []   # [str]: why a graph runs uncached
         self.compile_seconds = 0.0
+        self.uncached_flops = 0           # FLOPs of one call of every graph that runs uncached
 
     # ----- torch.compile protocol ---------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
@@ -59,7 +60,9 @@ class AdaCacheBackend:
         except Exception as exc:  # never break the user's model: run it uncached
             logger.debug("adacache: rewrite failed", exc_info=True)
             fn = self._uncached(gm, f"rewrite failed ({type(exc).__name__}: {exc})")
-        fn = fn or self._inner(gm, example_inputs)
+        if fn is None:
+            self.uncached_flops += count_flops(gm, graph_inputs(gm, example_inputs))
+            fn = self._inner(gm, example_inputs)
         self.compile_seconds += time.perf_counter() - start
         return fn
 
@@ -103,8 +106,11 @@ class AdaCacheBackend:
         # Only graphs that cache take part in the decision, so only they choose the group (with
         # graph breaks, a fragment without the model's collectives must not choose it).
         group = resolve_process_group(self.config.process_group, rw.gm.graph)
-        return CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
-                           process_group=group, region_info=info)
+        cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
+                             process_group=group, region_info=info)
+        cached.region_flops = sum(pieces.flops.get(name, 0) for name, _c, _r in pieces.regions.values())
+        cached.total_flops = sum(pieces.flops.values())
+        return cached
 
     # ----- user API ---------------------------------------------------------------
     def reset(self) -> None:
@@ -144,6 +150,8 @@ class AdaCacheBackend:
             uncached_graphs=list(self.uncached_graphs),
             block_executions=sum(r.executions for g in self.graphs for r in g.runners),
             compile_seconds=self.compile_seconds,
+            cached_flops=sum(g.region_flops for g in self.graphs),
+            total_flops=sum(g.total_flops for g in self.graphs) + self.uncached_flops,
         )
 
     def _instance_of(self, model: torch.nn.Module) -> int:

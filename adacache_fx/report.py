@@ -24,6 +24,13 @@ class Report:
     uncached_graphs: list = field(default_factory=list)  # why graphs run uncached
     block_executions: int = 0       # how often region blocks ran, over the backend's life
     compile_seconds: float = 0.0    # time spent in the backend (analysis + inner compiles)
+    cached_flops: int = 0           # FLOPs of one forward inside the cached regions
+    total_flops: int = 0            # FLOPs of one forward, every graph (cached or not)
+
+    @property
+    def cached_flops_fraction(self) -> float:
+        """Share of one forward's FLOPs inside the cached regions: what a reused step can skip."""
+        return self.cached_flops / self.total_flops if self.total_flops else 0.0
 
     @property
     def computed_fraction(self) -> float:
@@ -31,7 +38,8 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"AdaCache report: {len(self.computed_steps)}/{self.num_steps} steps computed "
-                 f"({self.computed_fraction:.0%}), cache {self.cache_bytes / 2**20:.2f} MiB"]
+                 f"({self.computed_fraction:.0%}), cache {self.cache_bytes / 2**20:.2f} MiB, "
+                 f"{self.cached_flops_fraction:.0%} of a forward's FLOPs in cached regions"]
         lines.append(f"computed steps: {self.computed_steps}")
         for info in self.regions:
             span = info.blocks[0] if len(info.blocks) == 1 else f"{info.blocks[0]} .. {info.blocks[-1]}"

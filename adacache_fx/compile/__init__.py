@@ -14,12 +14,13 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..analysis.graph_nodes import example_value
 from ..rewrite import Rewrite
 from .inner import resolve_inner
 
-__all__ = ["CompiledPieces", "compile_pieces", "graph_inputs", "resolve_inner"]
+__all__ = ["CompiledPieces", "compile_pieces", "count_flops", "graph_inputs", "resolve_inner"]
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CompiledPieces:
     top: fx.GraphModule                          # prologue/epilogue pieces replaced by compiled callables
     regions: dict = field(default_factory=dict)  # region index -> (attribute name, compute fn, reuse fn)
     fake_inputs: list = field(default_factory=list)
+    flops: dict = field(default_factory=dict)    # attribute name -> FLOPs of one call (0 where not counted)
 
 
 class _Compiled(torch.nn.Module):
@@ -50,12 +52,27 @@ def graph_inputs(gm: fx.GraphModule, example_inputs) -> list:
     return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
+def _fake_mode(fakes: list):
+    return next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None) or detect_fake_mode(fakes)
+
+
 def _piece_inputs(top: fx.GraphModule, fakes: list) -> dict:
     """attribute name -> example inputs of that piece (fake)."""
-    mode = next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None) or detect_fake_mode(fakes)
-    FakeTensorProp(top, mode).propagate_dont_convert_inputs(*fakes)
+    FakeTensorProp(top, _fake_mode(fakes)).propagate_dont_convert_inputs(*fakes)
     return {node.target: [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
             for node in top.graph.nodes if node.op == "call_module"}
+
+
+def count_flops(module, inputs: list, mode=None) -> int:
+    """FLOPs of one call of ``module`` on fake ``inputs`` (``torch.utils.flop_counter``: matmuls,
+    convolutions and attention; 0 if the count fails)."""
+    mode = mode or _fake_mode(inputs)
+    try:
+        with FlopCounterMode(display=False) as counter, mode:
+            module(*inputs)
+    except Exception:  # counting is informative only: never let it stop the rewrite
+        return 0
+    return int(counter.get_total_flops())
 
 
 def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPieces:
@@ -63,6 +80,7 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     fakes = graph_inputs(rw.gm, example_inputs)
     inputs = _piece_inputs(top, fakes)
     result = CompiledPieces(top=top, fake_inputs=fakes)
+    result.flops = {name: count_flops(getattr(top, name), args, _fake_mode(fakes)) for name, args in inputs.items()}
     for r, name in rw.split.region_submods.items():
         result.regions[r] = (name, inner(getattr(top, name), inputs[name]), rw.reuse[r])
     for name in rw.split.other_submods:

@@ -97,6 +97,8 @@ class CachedGraph:
             setattr(top, name, runner)
             self.runners.append(runner)
         top.recompile()
+        self.region_flops = 0          # FLOPs of one call inside the cached regions (torch.utils.flop_counter)
+        self.total_flops = 0           # FLOPs of one call of the whole graph
         self._instances: dict = {}     # id(weight) -> (weakref to it, instance index)
         self._branches: list = []      # per instance: {branch: BranchCache}
 
