@@ -200,3 +200,117 @@ def test_double_then_single_stream_stacks_cache_whole(name):
     assert any("single" in b for b in region.blocks) and any("single" not in b for b in region.blocks)
     assert report.computed_steps == CONTRACT_12
     assert report.cached_flops_fraction > 0.85, report.cached_flops_fraction
+
+
+# ----- blocks that are not children of a ModuleList of two or more ------------------------
+from toy_models import Block  # noqa: E402
+
+
+class _Stem(nn.Module):
+    def __init__(self, c=24):
+        super().__init__()
+        self.embed = nn.Linear(5, c)
+        self.t_mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))   # two linears: no block
+        self.out = nn.Linear(c, 5)
+        self.c = c
+
+    def run(self, x, timestep, blocks):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        h = self.embed(x)
+        for block in blocks:
+            h = block(h, temb)
+        return self.out(h)
+
+
+class NamedBlocks(_Stem):
+    def __init__(self):
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"block_{i}", Block(self.c))
+
+    def forward(self, x, timestep):
+        return self.run(x, timestep, [getattr(self, f"block_{i}") for i in range(4)])
+
+
+class LoopedSharedBlock(_Stem):
+    """One block applied four times (weight sharing / looped transformers): each call is a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(self.c)
+
+    def forward(self, x, timestep):
+        return self.run(x, timestep, [self.block] * 4)
+
+
+class DictBlocks(_Stem):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleDict({name: Block(self.c) for name in ("early", "mid", "late", "last")})
+
+    def forward(self, x, timestep):
+        return self.run(x, timestep, list(self.stages.values()))
+
+
+class SequentialBlocks(_Stem):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(*[Block(self.c) for _ in range(4)])
+
+    def forward(self, x, timestep):
+        return self.run(x, timestep, list(self.stages))
+
+
+CALL_CASES = {
+    NamedBlocks: ["block_0", "block_1", "block_2", "block_3"],
+    LoopedSharedBlock: ["block", "block@1", "block@2", "block@3"],
+    DictBlocks: ["stages.early", "stages.mid", "stages.late", "stages.last"],
+    SequentialBlocks: ["stages.0", "stages.1", "stages.2", "stages.3"],
+}
+
+
+@pytest.mark.parametrize("cls", list(CALL_CASES), ids=lambda c: c.__name__)
+def test_blocks_outside_module_lists_cache_with_the_contract(cls):
+    model = seeded(cls().eval())
+    x0 = _x0()
+    e = explain(model, x0, torch.full((2,), 500.0))
+    assert [r.block_paths for r in e.graphs[0].regions] == [CALL_CASES[cls]]
+    assert e.graphs[0].probe.rule == "residual branch" and e.graphs[0].probe.block == CALL_CASES[cls][2]
+    torch._dynamo.reset()
+    plain = _euler(torch.compile(model, backend="eager"), timesteps(12), x0, ())
+    torch._dynamo.reset()
+    off = adacache_backend(AdaCacheConfig.no_cache(num_steps=12), inner="eager")
+    for a, b in zip(_euler(torch.compile(model, backend=off), timesteps(12), x0, ()), plain):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    _euler(compiled, timesteps(12), x0 + 1.0, ())       # compile outside the count
+    backend.reset()
+    with no_recompiles():
+        sdpa = count_ops(lambda: _euler(compiled, timesteps(12), x0, ()))
+    assert backend.report().computed_steps == CONTRACT_12
+    assert sdpa == len(CONTRACT_12) * 4
+
+
+def test_flux_with_one_block_per_list_caches_both():
+    """FluxTransformer2DModel with num_layers=1, num_single_layers=1: each list holds one block."""
+    diffusers = pytest.importorskip("diffusers")
+    from zoo import _finish, get_case
+    case = get_case("flux")
+    model = _finish(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6)), seed=0)
+    args, kwargs = case.make_inputs(2, 0.5)
+    e = explain(model, *args, **kwargs)
+    assert [r.block_paths for r in e.regions] == [["transformer_blocks.0", "single_transformer_blocks.0"]]
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for t in timesteps(12, 1.0):
+            a, k = case.make_inputs(2, t)
+            case.output(compiled(*a, **k))
+    report = backend.report()
+    assert report.computed_steps == CONTRACT_12 and report.cached_flops_fraction > 0.85

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .graph_nodes import module_stack
+from .graph_nodes import is_residual_add, module_calls, module_stack, op_kind
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -53,22 +53,31 @@ def _cls_name(cls) -> str:
 
 
 def find_blocks(graph: fx.Graph) -> list[Block]:
-    """Return the blocks of ``graph`` in graph order (empty if there is no module metadata)."""
+    """Return the blocks of ``graph`` in graph order (empty if there is no module metadata).
+
+    Rule 1, module lists: children ``<list>.<i>`` of a list holding at least two indices of one
+    class. Rule 2, module calls, for the nodes rule 1 leaves: sibling calls of one class under one
+    parent call (blocks held as named attributes ``block_0 .. block_5``, a ``ModuleDict``, one
+    module applied N times) and indexed children that stand alone (a list of one block), where
+    every such call does block work (a residual add and at least two matmul-like ops), so that an
+    MLP's two linears or an embedding's layers are never taken for blocks."""
     calls = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    # list path -> {index: set(class names)}
-    seen: dict = defaultdict(lambda: defaultdict(set))
+    blocks = _module_list_blocks(calls)
+    taken = {n for b in blocks for n in b.nodes}
+    blocks += _module_call_blocks([n for n in calls if n not in taken])
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(blocks, key=lambda b: order[b.first])
+
+
+def _module_list_blocks(calls: list) -> list:
+    seen: dict = defaultdict(lambda: defaultdict(set))   # list path -> {index: class names}
     for node in calls:
         for path, cls in module_stack(node):
             m = _INDEXED.match(path)
             if m:
                 seen[m.group(1)][int(m.group(2))].add(_cls_name(cls))
-    block_lists = set()
-    for list_path, by_index in seen.items():
-        classes = set().union(*by_index.values())
-        if len(by_index) >= 2 and len(classes) == 1:
-            block_lists.add(list_path)
-    if not block_lists:
-        return []
+    block_lists = {list_path for list_path, by_index in seen.items()
+                   if len(by_index) >= 2 and len(set().union(*by_index.values())) == 1}
     blocks: dict = {}
     for node in calls:
         for path, cls in module_stack(node):  # outermost first
@@ -79,5 +88,45 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
                     block = blocks[path] = Block(path, m.group(1), int(m.group(2)), _cls_name(cls))
                 block.nodes.append(node)
                 break
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(blocks.values(), key=lambda b: order[b.first])
+    return list(blocks.values())
+
+
+def _does_block_work(nodes: list) -> bool:
+    heavy = sum(1 for n in nodes if op_kind(n) in ("matmul", "last_dim", "conv"))
+    return heavy >= 2 and any(is_residual_add(n) for n in nodes)
+
+
+def _module_call_blocks(calls: list) -> list:
+    # every module call (a key of nn_module_stack: "<id>" or "<id>@<k>" for the k-th repeated call)
+    info: dict = {}      # key -> [path, class, parent key, nodes]
+    for node in calls:
+        parent = None
+        for key, path, cls in module_calls(node):
+            entry = info.setdefault(key, [path, cls, parent, []])
+            entry[3].append(node)
+            parent = key
+    groups: dict = defaultdict(list)   # (parent key, class) -> call keys, in first-node order
+    for key, (path, cls, parent, nodes) in info.items():
+        groups[(parent, cls)].append(key)
+    candidates = set()
+    for (parent, cls), keys in groups.items():
+        if not all(_does_block_work(info[k][3]) for k in keys):
+            continue
+        if len(keys) >= 2 or _INDEXED.match(info[keys[0]][0]):
+            candidates.update(keys)
+    blocks: dict = {}
+    repeats: dict = defaultdict(int)
+    for node in calls:
+        for key, path, cls in module_calls(node):   # outermost first
+            if key in candidates:
+                block = blocks.get(key)
+                if block is None:
+                    k = repeats[path]
+                    repeats[path] += 1
+                    name = path if k == 0 else f"{path}@{k}"
+                    m = _INDEXED.match(path)
+                    list_path, index = (m.group(1), int(m.group(2))) if m else (path.rsplit(".", 1)[0] if "." in path else "", k)
+                    block = blocks[key] = Block(name, list_path, index, _cls_name(cls))
+                block.nodes.append(node)
+                break
+    return list(blocks.values())

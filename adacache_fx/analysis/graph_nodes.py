@@ -115,6 +115,18 @@ def module_stack(node: fx.Node) -> list[tuple[str, type]]:
     return out
 
 
+def module_calls(node: fx.Node) -> list[tuple[str, str, type]]:
+    """The module calls enclosing ``node``, outermost first: (call key, normalised path, class).
+    Dynamo keys each call (``"<id>"``, ``"<id>@<k>"`` for the k-th repeated call of one module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, value in stack.items():
+        path = module_path(value[0])
+        if path:
+            out.append((str(key), path, value[1]))
+    return out
+
+
 def user_placeholder_name(node: fx.Node) -> str:
     """``L_timestep_`` -> ``timestep``; ``L_kwargs_timestep_`` -> ``timestep``."""
     name = str(node.target)
