@@ -1,40 +1,15 @@
-"""Shared benchmark helpers: machine description, interleaved timing, markdown output."""
+"""Shared benchmark helpers: interleaved timing, plus the machine description of
+:mod:`examples.machine` (re-exported here)."""
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from examples.machine import command_line, machine, machine_markdown
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                cpu = line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
+__all__ = ["command_line", "interleaved", "machine", "machine_markdown", "median", "sync"]
 
 
 def sync():
@@ -57,7 +32,3 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 def median(xs):
     return statistics.median(xs)
-
-
-def machine_markdown(info: dict) -> str:
-    return "\n".join(f"- {k}: {v}" for k, v in info.items())

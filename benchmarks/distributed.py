@@ -16,8 +16,10 @@ weights). Per process count ``P`` (gloo, this machine):
 
 Usage::
 
-    python benchmarks/distributed.py            # writes benchmarks/results/distributed.{md,json}
-    python benchmarks/distributed.py --quick    # small model, 1 repeat (a smoke run)
+    python -m benchmarks.distributed            # writes benchmarks/results/distributed.{md,json}
+    python -m benchmarks.distributed --quick    # small model, 1 repeat (a smoke run)
+
+(from the repository root).
 """
 from __future__ import annotations
 
@@ -28,17 +30,14 @@ import os
 import queue as queue_mod
 import socket
 import statistics
-import sys
 import time
 import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import command_line, machine, machine_markdown
 
-from common import machine, machine_markdown  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INF = float("inf")
 
@@ -231,7 +230,8 @@ def markdown(rows: list, info: dict, command: str) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--steps", type=int, default=30)
@@ -243,7 +243,7 @@ def main():
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "distributed_quick" if args.quick else "distributed")
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    command = command_line("benchmarks.distributed")
     info = machine()
     rows = []
     for world in [int(w) for w in args.worlds.split(",")]:

@@ -25,9 +25,9 @@ Sizes are real probe residuals (batch 2 = classifier-free guidance):
 On CPU the process runs single-threaded (OMP_NUM_THREADS=1, torch.set_num_threads(1)):
 the machine is shared. On CUDA the timings use ``triton.testing.do_bench``.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/kernels.py --sizes small,latte512,opensora480p --dtypes bf16,fp32 \
+    python -m benchmarks.kernels --sizes small,latte512,opensora480p --dtypes bf16,fp32 \
         --out benchmarks/results/kernels_cpu.md
 """
 
@@ -46,13 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from adacache_fx.triton_kernels import (  # noqa: E402
-    HAS_TRITON,
-    cache_metrics_reference,
-    fused_cache_metrics,
-)
+from adacache_fx.ops import NUM_METRICS, fused_cache_metrics  # noqa: E402
 
 # name -> (B, F, tokens per frame, hidden, description)
 SIZES = {
@@ -73,6 +67,22 @@ def composite(r: torch.Tensor, p: torch.Tensor, s: int = 1):
     motion_den_hi = r[:, s:].norm(p=1)
     motion_den_lo = r[:, :-s].norm(p=1)
     return dist_num, dist_den, motion_num, motion_den_hi, motion_den_lo
+
+
+def cache_metrics_reference(r: torch.Tensor, p: torch.Tensor, s: int = 1) -> torch.Tensor:
+    """float64 ``(B, 5)`` reference of :func:`fused_cache_metrics`: the five sums as separate passes."""
+    B, F = r.shape[0], r.shape[1]
+    r64 = r.to(torch.float64).reshape(B, F, -1)
+    p64 = p.to(torch.float64).reshape(B, F, -1)
+    out = torch.zeros(B, NUM_METRICS, dtype=torch.float64, device=r.device)
+    out[:, 0] = (r64 - p64).abs().sum(dim=(1, 2))
+    out[:, 1] = p64.abs().sum(dim=(1, 2))
+    if F >= s + 1:
+        hi, lo = r64[:, s:], r64[:, :-s]
+        out[:, 2] = (hi - lo).abs().sum(dim=(1, 2))
+        out[:, 3] = hi.abs().sum(dim=(1, 2))
+        out[:, 4] = lo.abs().sum(dim=(1, 2))
+    return out
 
 
 def _time_cpu(fn) -> float:
@@ -163,7 +173,8 @@ def run_size(name, dtype, device, repeats, warmup, copy_mib):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,latte512,opensora480p")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +207,7 @@ def main(argv=None):
 
 
 def write_report(args, rows):
-    cmd = "OMP_NUM_THREADS=1 python benchmarks/kernels.py " + " ".join(
+    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.kernels " + " ".join(
         a if " " not in a else repr(a) for a in sys.argv[1:]
     )
     try:
@@ -240,7 +251,7 @@ def write_report(args, rows):
             "",
             "No GPU was lent to this task: the Triton kernel was only run under the Triton",
             "interpreter (correctness tests), not timed. Rows to fill on a CUDA machine with",
-            "`python benchmarks/kernels.py --device cuda --sizes "
+            "`python -m benchmarks.kernels --device cuda --sizes "
             + ",".join(SIZES) + " --dtypes bf16,fp32`:",
             "",
             "| size | dtype | provider | median ms | GB/s | % of copy BW | speedup vs eager |",

@@ -10,27 +10,25 @@ benchmark size), each a full N-step generation, timed interleaved and repeated (
 
 plus the compile time of each (first call). Usage::
 
-    python benchmarks/overhead.py                  # writes benchmarks/results/overhead.{md,json}
-    python benchmarks/overhead.py --quick          # small model, few repeats (a smoke run)
+    python -m benchmarks.overhead                  # writes benchmarks/results/overhead.{md,json}
+    python -m benchmarks.overhead --quick          # small model, few repeats (a smoke run)
+
+(from the repository root).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
+from adacache_fx import AdaCacheConfig, adacache_backend
+from benchmarks.common import interleaved, machine, machine_markdown, median
+from examples.models.stdit import STDiT3, init_random_
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import interleaved, machine, machine_markdown, median  # noqa: E402
-from models.stdit import STDiT3, init_random_  # noqa: E402
-
-from adacache_fx import AdaCacheConfig, adacache_backend  # noqa: E402
 
 INF = float("inf")
 
@@ -62,7 +60,8 @@ def generation(compiled, x, y, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
@@ -116,7 +115,7 @@ def main():
     lines = [
         "# Overhead of the adacache rewrite (plain torch.compile vs adacache)",
         "",
-        f"Command: `python benchmarks/overhead.py{' --quick' if args.quick else ''} --steps {args.steps} "
+        f"Command: `python -m benchmarks.overhead{' --quick' if args.quick else ''} --steps {args.steps} "
         f"--repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}`",
         "",
         f"Load average when it started: {load}",

@@ -1,12 +1,17 @@
 """Regenerate the README's results section from the committed benchmark output.
 
-    python benchmarks/readme_results.py          # rewrites README.md between the markers
+    python -m benchmarks.readme_results          # rewrites README.md between the markers
+    python -m benchmarks.readme_results --readme /tmp/README.md   # another copy
+    python -m benchmarks.readme_results --print  # only print the section
+
+(from the repository root).
 
 Every number in the section is read from a file under benchmarks/results/ (or the
 reference model's card); nothing is typed by hand.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -27,7 +32,7 @@ def _load(name):
 def overhead_section() -> list:
     d = _load("overhead.json")
     if d is None:
-        return ["Overhead: not measured yet (`python benchmarks/overhead.py`)."]
+        return ["Overhead: not measured yet (`python -m benchmarks.overhead`)."]
     m = d["machine"]
     med, comp = d["median_generation_s"], d["compile_s"]
     lines = [
@@ -56,7 +61,7 @@ def overhead_section() -> list:
 def demo_section() -> list:
     d = _load(os.path.join("demo", "report.json"))
     if d is None:
-        return ["Demo: not measured yet (`python examples/generate.py --out benchmarks/results/demo`)."]
+        return ["Demo: not measured yet (`python -m examples.generate --out benchmarks/results/demo`)."]
     m = d["machine"]
     comp = d["computed_steps"]
     lines = [f"**The main job** (`{d['command']}`; {m['cpu']}, torch {m['torch']}, {m['date']}; "
@@ -103,7 +108,7 @@ def text_section(name: str, title: str, header: str = "Summary") -> list:
 def e2e_section() -> list:
     d = _load("e2e.json")
     if d is None:
-        return ["End-to-end comparison: not measured yet (`python benchmarks/e2e.py`)."]
+        return ["End-to-end comparison: not measured yet (`python -m benchmarks.e2e`)."]
     m = d["machine"]
     lines = [f"**End to end on the trained reference model: AdaCache vs diffusers' caches** "
              f"([benchmarks/results/e2e.md](benchmarks/results/e2e.md), `{d['command']}`; {m['cpu']}, "
@@ -147,41 +152,76 @@ def e2e_section() -> list:
     return lines
 
 
+#: the columns of benchmarks/results/coverage.md shown in the README (the graph-break reasons and
+#: the case notes stay in coverage.md)
+COVERAGE_COLUMNS = ("class", "case", "kind", "one graph", "caching", "regions / reason")
+
+
+def _cells(row: str) -> list:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
 def coverage_section() -> list:
     md = _load("coverage.md")
     if md is None:
         return []
     headline = re.search(r"\*\*(\d+ of \d+ cases pass)\*\*([^\n]*)", md)
-    fails = [r for r in md.splitlines() if r.startswith("| `") and "**fail**" in r]
     lines = [f"**Model coverage** over every diffusers transformer class in the test zoo "
-             f"([benchmarks/results/coverage.md](benchmarks/results/coverage.md), per-class status and reasons): "
-             f"**{headline.group(1)}**{headline.group(2)}" if headline else
+             f"([benchmarks/results/coverage.md](benchmarks/results/coverage.md), per-case capture and caching "
+             f"status and reasons): **{headline.group(1)}**{headline.group(2)}" if headline else
              "**Model coverage**: see [benchmarks/results/coverage.md](benchmarks/results/coverage.md)."]
-    table = [r for r in md.splitlines() if r.startswith("| ")]
+    # the first table of coverage.md: the matrix
+    table = []
+    for row in md.splitlines():
+        if row.startswith("|"):
+            table.append(row)
+        elif table:
+            break
     if table:
-        lines += ["", "<details><summary>Every class, its status and, for failures, the reason and what a fix "
-                  "would take</summary>", ""] + table[:1] + ["|---|---|---|---|---|"] + table[1:] + ["", "</details>"]
+        header = _cells(table[0])
+        keep = [header.index(c) for c in COVERAGE_COLUMNS if c in header]
+        body = [_cells(r) for r in table[1:] if not r.startswith("|---")]
+        pick = lambda cells: "| " + " | ".join(cells[i] for i in keep) + " |"  # noqa: E731
+        lines += ["", "<details><summary>Every case: one-graph capture, caching status and, for failures, the "
+                  "reason and what a fix would take</summary>", "", pick(header), "|" + "---|" * len(keep)]
+        lines += [pick(cells) for cells in body if len(cells) == len(header)]
+        # the other tables (classes without a zoo case, non-DiT classes) under their headings
+        for title, rows in re.findall(r"\n## ([^\n]+)\n\n((?:\|[^\n]*\n?)+)", md):
+            lines += ["", f"*{title}*", "", rows.rstrip("\n")]
+        lines += ["", "</details>"]
     return lines
 
 
-def main():
+def block() -> str:
     parts = []
     for section in (demo_section(), e2e_section(), overhead_section(), kernels_section(),
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     coverage_section()):
         if section:
             parts.append("\n".join(section))
-    block = f"{BEGIN}\n" + "\n\n".join(parts) + f"\n{END}"
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as f:
+    return f"{BEGIN}\n" + "\n\n".join(parts) + f"\n{END}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.readme_results", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="the file to rewrite")
+    ap.add_argument("--print", dest="print_only", action="store_true", help="print the section, write nothing")
+    a = ap.parse_args(argv)
+    text = block()
+    if a.print_only:
+        print(text)
+        return text
+    with open(a.readme) as f:
         readme = f.read()
     if BEGIN in readme:
-        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
+        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, readme, flags=re.S)
     else:
-        readme = readme.replace("RESULTS_PLACEHOLDER", block)
-    with open(path, "w") as f:
+        readme = readme.replace("RESULTS_PLACEHOLDER", text)
+    with open(a.readme, "w") as f:
         f.write(readme)
-    print(block)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

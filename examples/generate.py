@@ -1,8 +1,10 @@
 """Demo: the shipped reference model, uncached (plain torch.compile) vs AdaCache.
 
-    python examples/generate.py "blue square bouncing fast"
-    python examples/generate.py                      # a few default prompts, low to high motion
-    python examples/generate.py --mode slow --steps 30 --inner eager "red circle static"
+    python -m examples.generate "blue square bouncing fast"
+    python -m examples.generate                      # a few default prompts, low to high motion
+    python -m examples.generate --mode slow --steps 30 --inner eager "red circle static"
+
+(from the repository root).
 
 Writes to --out (default out/): side_by_side.gif (baseline | AdaCache per prompt),
 schedule.png (distance, motion score, cache rate, computed steps), report.json; prints the
@@ -22,12 +24,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.reference import CONFIG_FILE, load_reference_model, sample  # noqa: E402
-from examples.reference.quality import psnr, ssim  # noqa: E402
+from examples.machine import command_line, machine
+from examples.reference import CONFIG_FILE, load_reference_model, sample
+from examples.reference.quality import psnr, ssim
 
 DEFAULT_PROMPTS = ["red circle static", "green square moving right slow", "blue triangle bouncing fast"]
 
@@ -91,7 +90,8 @@ def timed_sample(model_fn, transformer, emb, neg, a, desc):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m examples.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompts", nargs="*", help=f"default: {DEFAULT_PROMPTS}")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=None,
@@ -168,11 +168,8 @@ def main():
 
     save_gif(base, cached, a.out / "side_by_side.gif")
     plot_schedule(report, a.steps, a.out / "schedule.png", f"AdaCache-{a.mode}: {', '.join(prompts)}")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine
-
     res = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:]),
+        "command": command_line("examples.generate"),
         "machine": machine(),
         "prompts": prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed, "mode": a.mode,
         "inner": a.inner, "repeats": a.repeats, "baseline_s": t_base, "adacache_s": t_ada, "speedup": speedup,

@@ -10,8 +10,10 @@ count only); --minutes is a safety limit that stops early and still saves. The d
 the recipe of the shipped weights (3200 steps, 83 minutes on 2 CPU threads). Logs to
 <out>/train_log.jsonl, checkpoints every --ckpt-every steps.
 
-    python examples/train_reference.py --out examples/weights
-    python examples/train_reference.py --bench 5        # steps/s of the configuration
+    python -m examples.train_reference --out examples/weights
+    python -m examples.train_reference --bench 5        # steps/s of the configuration
+
+(from the repository root).
 """
 from __future__ import annotations
 
@@ -20,24 +22,21 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from examples.reference.data import MovingShapes
+from examples.reference.model import DEFAULT_TRANSFORMER_CONFIG, build_reference_model, state_dict_for_saving
 
-from examples.reference.data import MovingShapes  # noqa: E402
-from examples.reference.model import (DEFAULT_TRANSFORMER_CONFIG, build_reference_model,  # noqa: E402
-                                      state_dict_for_saving)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m examples.train_reference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3200)
     ap.add_argument("--minutes", type=float, default=90.0, help="wall-time limit (stops early, still saves)")
     ap.add_argument("--batch", type=int, default=8)

@@ -1,39 +1,39 @@
-"""benchmarks/e2e.py end to end on a smoke configuration (eager inner, 2 prompts, 8 steps).
+"""benchmarks/e2e (``python -m benchmarks.e2e``) end to end on a smoke configuration (eager
+inner, 2 prompts, 8 steps), and its pieces.
 
 Timings are not checked (no timing asserts); what is checked is that every method family
 really runs on the reference model and that the measured columns mean what they say.
 """
-import importlib.util
 import json
 import math
-import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.e2e import cli  # noqa: E402
+from benchmarks.e2e.analysis import analyse, spearman  # noqa: E402
+from benchmarks.e2e.methods import closest_fixed_rate, fixed_config, fixed_schedule, fixed_schedule_size  # noqa: E402
+from benchmarks.e2e.report import merge, write_outputs  # noqa: E402
 
+from adacache_fx import adacache_backend  # noqa: E402
+from helpers import sample_loop, timesteps  # noqa: E402
+from toy_models import ToyDiT, seeded  # noqa: E402
 
-def load_e2e():
-    if "e2e_bench" in sys.modules:
-        return sys.modules["e2e_bench"]
-    spec = importlib.util.spec_from_file_location("e2e_bench", os.path.join(ROOT, "benchmarks", "e2e.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_bench"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    e2e = load_e2e()
     out_dir = tmp_path_factory.mktemp("e2e")
-    out = e2e.main(["--quick", "--threads", "1", "--check-steps", "3", "--out", str(out_dir), "--methods",
+    out = cli.main(["--quick", "--threads", "1", "--check-steps", "3", "--out", str(out_dir), "--methods",
                     "adacache-fast", "fixed", "fbc-0.2", "pab-2", "taylorseer-3", "magcache-0.24"])
-    return e2e, out, out_dir
+    return out, out_dir
 
 
 def rows(out):
@@ -42,7 +42,7 @@ def rows(out):
 
 
 def test_writes_every_output(quick_run):
-    _, out, out_dir = quick_run
+    out, out_dir = quick_run
     for name in ("e2e.json", "e2e.md", "e2e_pareto.png", "e2e_motion.png"):
         assert (out_dir / name).stat().st_size > 0, name
     saved = json.loads((out_dir / "e2e.json").read_text())
@@ -50,10 +50,24 @@ def test_writes_every_output(quick_run):
     md = (out_dir / "e2e.md").read_text()
     for r in out["runs"][0]["methods"]:
         assert f"| {r['method']} |" in md
+    # the recorded command is the module invocation with the arguments given
+    assert saved["command"].startswith("python -m benchmarks.e2e --quick --threads 1"), saved["command"]
+    assert f"Command: `{saved['command']}`" in md
+
+
+def test_merge_combines_runs(quick_run, tmp_path):
+    _, out_dir = quick_run
+    path = str(out_dir / "e2e.json")
+    merged = write_outputs(merge([path, path]), str(tmp_path))
+    assert [run["steps"] for run in merged["runs"]] == [8, 8]
+    assert merged["command"].count("python -m benchmarks.e2e") == 2
+    assert len(merged["machines"]) == 2
+    for name in ("e2e.json", "e2e.md", "e2e_pareto.png", "e2e_motion.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_every_family_runs(quick_run):
-    _, out, _ = quick_run
+    out, _ = quick_run
     run, by = rows(out)
     families = {r["family"] for r in run["methods"]}
     assert families == {"baseline", "adacache", "fixed", "diffusers"}
@@ -66,7 +80,7 @@ def test_every_family_runs(quick_run):
 
 
 def test_baseline_is_the_reference(quick_run):
-    _, out, _ = quick_run
+    out, _ = quick_run
     _, by = rows(out)
     for name in ("baseline", "eager-baseline"):
         assert math.isinf(by[name]["psnr_worst"]) and by[name]["ssim_worst"] == pytest.approx(1.0)
@@ -75,7 +89,7 @@ def test_baseline_is_the_reference(quick_run):
 def test_diffusers_caches_are_timed_eagerly_and_checked_under_compile(quick_run):
     """Their speedup is against the eager baseline; their graph counts come from the compile
     check (graph breaks around the hooks' Python decisions)."""
-    _, out, _ = quick_run
+    out, _ = quick_run
     run, _ = rows(out)
     for r in run["methods"]:
         assert r["timed"] == ("eager" if r["family"] == "diffusers" or r["method"] == "eager-baseline"
@@ -89,7 +103,7 @@ def test_diffusers_caches_are_timed_eagerly_and_checked_under_compile(quick_run)
 def test_skipping_changes_the_video_and_computing_all_does_not(quick_run):
     """A method that skipped steps gives a different video; an AdaCache run that computed
     every step gives the baseline's video exactly (caching off = uncached)."""
-    _, out, _ = quick_run
+    out, _ = quick_run
     run, by = rows(out)
     for r in run["methods"]:
         if r["computed_steps"] is None:
@@ -103,44 +117,73 @@ def test_skipping_changes_the_video_and_computing_all_does_not(quick_run):
 
 def test_taylorseer_really_caches(quick_run):
     """diffusers' default TaylorSeer patterns match no Wan module; the benchmark names them."""
-    _, out, _ = quick_run
+    out, _ = quick_run
     _, by = rows(out)
     ts = by["taylorseer-3"]
     assert ts["computed_fraction"] < 1 and math.isfinite(ts["psnr_mean"]) and ts["cache_mib"] > 0
 
 
 def test_fixed_control_follows_its_schedule(quick_run):
-    e2e, out, _ = quick_run
+    out, _ = quick_run
     run, by = rows(out)
     fixed = run["fixed"]
     row = by[f"fixed-{fixed['rate']}"]
-    assert set(row["computed_steps"]) == {e2e.fixed_schedule_size(fixed["rate"], run["steps"])}
+    assert fixed["fixed_computed"] == fixed_schedule_size(fixed["rate"], run["steps"])
+    assert set(row["computed_steps"]) == {fixed_schedule_size(fixed["rate"], run["steps"])}
+    assert fixed["rate"] == closest_fixed_rate(fixed["adacache_fast_mean_computed"], run["steps"])
 
 
 def test_fixed_schedule_size():
-    e2e = load_e2e()
-    assert e2e.fixed_schedule_size(1, 30) == 30
-    assert e2e.fixed_schedule_size(3, 30) == len({1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 30})
-    assert e2e.fixed_schedule_size(100, 10) == len({1, 2, 9, 10})
+    """The schedule contract: step 1, step 2 (the first computed step has no previous probe,
+    so its rate is 1), every k-th step from there, and the last two steps."""
+    assert fixed_schedule_size(1, 30) == 30
+    assert fixed_schedule(3, 30) == [1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 30]
+    assert fixed_schedule_size(3, 30) == len({1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 30})
+    assert fixed_schedule(100, 10) == [1, 2, 9, 10]
+    assert fixed_schedule_size(100, 10) == len({1, 2, 9, 10})
+    assert fixed_schedule(3, 12) == [1, 2, 5, 8, 11, 12]   # the zoo matrix's contract
+    assert fixed_schedule(2, 2) == [1, 2] and fixed_schedule(5, 1) == [1]
+
+
+@pytest.mark.parametrize("rate,steps", [(1, 6), (2, 9), (3, 12), (4, 8), (6, 30), (50, 7)])
+def test_fixed_schedule_is_what_the_backend_computes(rate, steps):
+    """``fixed_schedule`` equals the steps the real backend computes under the fixed control's
+    config (a toy DiT through ``torch.compile``), so the benchmark's choice of rate cannot
+    drift from the scheduler."""
+    torch._dynamo.reset()
+    backend = adacache_backend(fixed_config(rate, steps), inner="eager")
+    model = torch.compile(seeded(ToyDiT()), backend=backend)
+    sample_loop(model, lambda b, t: ((torch.randn(b, 7, 5, generator=torch.Generator().manual_seed(0)),
+                                      torch.full((b,), t)), {}), timesteps(steps))
+    assert backend.report().computed_steps == fixed_schedule(rate, steps)
+    assert len(backend.report().computed_steps) == fixed_schedule_size(rate, steps)
 
 
 def test_spearman():
-    e2e = load_e2e()
-    assert e2e.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert e2e.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert e2e.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1, 2], [1, 2]) is None
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)   # ties: average ranks
 
 
 def test_dominance_analysis():
-    e2e = load_e2e()
     rows_ = [
         {"method": "a", "family": "adacache", "speedup": 2.0, "psnr_mean": 30.0, "computed_steps": None},
         {"method": "x", "family": "diffusers", "speedup": 1.5, "psnr_mean": 25.0},
         {"method": "y", "family": "diffusers", "speedup": 2.5, "psnr_mean": 28.0},
     ]
-    an = e2e.analyse(rows_, [0.1, 0.2])
+    an = analyse(rows_, [0.1, 0.2])
     by = {d["method"]: d for d in an["dominance"]}
     assert by["x"]["dominated_by"] == ["a"]
     assert by["y"]["dominated_by"] == [] and by["y"]["more_speed_at_its_psnr"] == []
     assert by["y"]["higher_psnr_at_its_speed"] == []
     assert an["all_dominated"] is False
+
+
+def test_runs_as_a_module_from_the_repository_root():
+    """``python -m benchmarks.e2e --help`` from the repository root, with no import-path set-up."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "python -m benchmarks.e2e --quick" in res.stdout and "--merge" in res.stdout

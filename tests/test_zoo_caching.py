@@ -13,8 +13,9 @@ graph (and, separately, for the ones it does not),
 The inner compiler is ``eager`` (CI budget). By default a representative subset runs (the core
 cases, the MMDiT / Flux-style / video / audio families and the graph-break cases); set
 ``ADACACHE_ZOO_ALL=1`` for every case (about 72 x 10 s on 2 cores). The results of a full run are
-in benchmarks/results/coverage.md. Known failures are ``xfail(strict=True)`` with the exact
-reason: a case that starts passing must be moved out of ``XFAIL``.
+in benchmarks/results/coverage.md (``PYTHONPATH=tests python -m zoo.coverage run|render``). Known
+failures are ``xfail(strict=True)`` with the exact reason: a case that starts passing must be moved
+out of ``XFAIL``.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ XFAIL: dict[str, str] = {
                        "as an int argument: no 5-D input to follow (as ltx_video)",
 }
 
-#: cases whose graph breaks (see tests/zoo/COVERAGE.md): the block stack is in one of the graphs or not.
+#: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.
 GRAPH_BREAK = sorted(n for n, c in ZOO.items() if c.one_graph is False)
 ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 
@@ -167,7 +168,7 @@ def test_one_graph_case_caches(name):
     check_explain(name)
     check_caching_off(name)
     backend = check_fixed_codebook(name)
-    assert all(reason.startswith("no residual block stack") for reason in backend.uncached_graphs), \
+    assert all(reason.startswith("no block stack found") for reason in backend.uncached_graphs), \
         backend.uncached_graphs
 
 

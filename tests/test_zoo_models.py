@@ -1,8 +1,9 @@
 """The core zoo models (tests/zoo): eager determinism, non-vacuous residuals, one Dynamo graph
 with fullgraph=True that matches eager, and nn_module_stack naming the block lists.
 
-Only the cases flagged ``core`` run here (the wider diffusers coverage is in tests/zoo/COVERAGE.md,
-and checked by ``python -m zoo.check`` from tests/)."""
+Only the cases flagged ``core`` run here (the wider diffusers coverage is the matrix in
+benchmarks/results/coverage.md, run by ``PYTHONPATH=tests python -m zoo.coverage run`` from the
+repository root)."""
 
 from __future__ import annotations
 

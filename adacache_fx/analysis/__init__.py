@@ -41,9 +41,16 @@ class GraphAnalysis:
         return bool(self.regions) and self.probe is not None
 
     def why_uncacheable(self) -> str:
-        reason = ("no residual block stack found" if not self.blocks
-                  else "blocks found but no region whose outputs are residual streams")
-        return reason + "; " + "; ".join(self.log[-3:])
+        """What stopped the pass, and what the user can do."""
+        if not self.blocks:
+            return ("no block stack found: no module list of blocks, no repeated module calls doing block work "
+                    "(a residual add and two matmuls each) and no chain of residual adds in this graph. If the "
+                    "model breaks Dynamo's graph inside its blocks, the stack reaches the backend in fragments: "
+                    "torch._dynamo.explain(model)(*inputs) lists the breaks. Details: " + "; ".join(self.log[-2:]))
+        if not self.regions:
+            return ("blocks found but no cacheable region: " + "; ".join(m for m in self.log if "left uncached" in m)
+                    + ". adacache_fx.explain(model, *inputs) shows the blocks and streams")
+        return "no probe: " + "; ".join(self.log[-2:])
 
     def note(self, message: str) -> None:
         self.log.append(message)

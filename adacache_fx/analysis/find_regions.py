@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from .find_blocks import Block
-from .graph_nodes import (example_value, is_glue, is_parameter_placeholder, is_residual_add,
+from .graph_nodes import (describe_node, example_value, is_glue, is_parameter_placeholder, is_residual_add,
                           is_tensor_node, numel_hint, sizes_equal, topo_index)
 
 
@@ -179,9 +179,12 @@ def _boundary_stream(out: fx.Node, nodes: set, free_inputs: list) -> Optional[St
     return Stream(input=matches[0], output=out, path=[], adds=[], kind="boundary")
 
 
-def _make_region(blocks: list, nodes: set, block_of: dict) -> Optional[Region]:
+def _make_region(blocks: list, nodes: set, block_of: dict, why: Optional[list] = None) -> Optional[Region]:
+    """The region of ``blocks``, or None (then ``why`` gets the reason)."""
+    why = why if why is not None else []
     outs = _outputs(nodes)
     if not outs:
+        why.append("nothing leaves the blocks")
         return None
     streams, others = [], []
     for out in outs:
@@ -195,10 +198,15 @@ def _make_region(blocks: list, nodes: set, block_of: dict) -> Optional[Region]:
         for out in others:
             stream = _boundary_stream(out, nodes, free)
             if stream is None:
+                shape = tuple(example_value(out).shape) if is_tensor_node(out) else type(example_value(out)).__name__
+                why.append(f"its output {describe_node(out)} (shape {shape}) is neither a residual stream nor "
+                           "shaped like exactly one region input it depends on")
                 return None
             free.remove(stream.input)
             streams.append(stream)
     if len({s.input for s in streams}) != len(streams):
+        why.append("two of its outputs are streams of the same input "
+                   f"({sorted({s.input.name for s in streams if sum(t.input is s.input for t in streams) > 1})})")
         return None
     streams.sort(key=lambda s: -_numel(s.output))
     return Region(blocks=list(blocks), nodes=set(nodes), streams=streams)
@@ -238,21 +246,20 @@ def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> l
     for chain_blocks, chain_glue in chains:
         start = 0
         while start < len(chain_blocks):
-            found = None
+            found, why = None, []
             for stop in range(len(chain_blocks), start, -1):
                 nodes = set()
                 for i in range(start, stop):
                     nodes |= set(chain_blocks[i].nodes)
                     if i > start:
                         nodes |= chain_glue[i]
-                region = _make_region(chain_blocks[start:stop], nodes, block_of)
+                region = _make_region(chain_blocks[start:stop], nodes, block_of, why if stop == start + 1 else None)
                 if region is not None:
                     found = (region, stop)
                     break
             if found is None:
                 if log is not None:
-                    log.append(f"block {chain_blocks[start].path}: an output is neither a residual stream nor "
-                               "shaped like exactly one region input it depends on; left uncached")
+                    log.append(f"block {chain_blocks[start].path} left uncached: {'; '.join(why)}")
                 start += 1
             else:
                 regions.append(found[0])

@@ -115,6 +115,19 @@ def module_stack(node: fx.Node) -> list[tuple[str, type]]:
     return out
 
 
+def describe_node(node: fx.Node) -> str:
+    """``name = op(...)`` and the user source line that produced it (for messages)."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    where = ""
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        files = [ln for ln in lines if ln.startswith("File ")]
+        if files:
+            where = " at " + files[-1].replace("File ", "", 1) + (f": {lines[-1]}" if not lines[-1].startswith("File ") else "")
+    return f"{node.name} = {node.op} {target}{where}"
+
+
 def module_calls(node: fx.Node) -> list[tuple[str, str, type]]:
     """The module calls enclosing ``node``, outermost first: (call key, normalised path, class).
     Dynamo keys each call (``"<id>"``, ``"<id>@<k>"`` for the k-th repeated call of one module)."""

@@ -288,18 +288,6 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)
         return self.unpatchify(x)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Classifier-free guidance with the batch holding [cond; uncond] halves (guides eps only)."""
-        half = x[: x.shape[0] // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        c = self.in_channels
-        eps, rest = model_out[:, :c], model_out[:, c:]
-        cond_eps, uncond_eps = torch.split(eps, eps.shape[0] // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
-
 
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:

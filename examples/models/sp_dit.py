@@ -43,23 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # imported as part of the ``examples.models`` package
-    from .dit import get_2d_sincos_pos_embed, init_random_, timestep_embedding
-except ImportError:  # imported by file path: load the sibling dit.py by path
-    import importlib.util as _ilu
-    import pathlib as _pl
-    import sys as _sys
-
-    _DIT_NAME = "_adacache_examples_models_dit"
-    _dit = _sys.modules.get(_DIT_NAME)
-    if _dit is None:
-        _spec = _ilu.spec_from_file_location(_DIT_NAME, _pl.Path(__file__).with_name("dit.py"))
-        _dit = _ilu.module_from_spec(_spec)
-        _sys.modules[_DIT_NAME] = _dit
-        _spec.loader.exec_module(_dit)
-    get_2d_sincos_pos_embed = _dit.get_2d_sincos_pos_embed
-    init_random_ = _dit.init_random_
-    timestep_embedding = _dit.timestep_embedding
+from .dit import get_2d_sincos_pos_embed, init_random_, timestep_embedding
 
 __all__ = ["SPVideoDiT", "SPBlock", "make_inputs", "init_random_"]
 

@@ -15,7 +15,7 @@ Image coordinates: x to the right, y downwards, so "up" is decreasing y.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 
@@ -70,9 +70,6 @@ class ShapeSpec:
         direction = next((x for x in w if x in DIRECTIONS), None) if motion == "moving" else None
         speed = next((x for x in w if x in SPEEDS), "slow") if motion in ("moving", "bouncing") else None
         return cls(colour, shape, motion, direction, speed)
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def all_specs() -> list[ShapeSpec]:

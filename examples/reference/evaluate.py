@@ -11,8 +11,10 @@ prompt (i.e. the data generator's attributes) implies:
 
 A video adheres when colour and motion class (including direction) are both right.
 
-    python examples/reference/evaluate.py --n 52 --steps 30 --guidance 3.0
-    python examples/reference/evaluate.py --check-data      # the measurement on real data
+    python -m examples.reference.evaluate --n 52 --steps 30 --guidance 3.0
+    python -m examples.reference.evaluate --check-data      # the measurement on real data
+
+(from the repository root).
 """
 from __future__ import annotations
 
@@ -24,11 +26,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    __package__ = "examples.reference"
-
-from .data import COLOURS, ShapeSpec, all_specs, render  # noqa: E402
+from .data import COLOURS, ShapeSpec, all_specs, render
 
 PALETTE = torch.tensor(list(COLOURS.values()))
 NAMES = list(COLOURS)
@@ -169,7 +167,8 @@ def save_grid(videos: torch.Tensor, prompts: list[str], path, scale: int = 3):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m examples.reference.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=52)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=3.0)

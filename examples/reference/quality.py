@@ -1,6 +1,6 @@
 """Video quality metrics against a reference video: PSNR and SSIM, on videos in [-1, 1].
 
-Used by the demo (examples/generate.py) and the end-to-end benchmark (benchmarks/e2e.py).
+Used by the demo (examples/generate.py) and the end-to-end benchmark (benchmarks/e2e/).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Part 2 of the zoo: every transformer class in ``diffusers.models.transformers`` that denoises
 images, video or audio with a stack of residual blocks, as a tiny, randomly initialised
 :class:`~zoo.ModelCase` (non-core). Classes that are not DiT denoisers are listed in
-:data:`NOT_DIT` with the reason. ``one_graph`` / ``graph_break`` record the result of
-``python -m zoo.check`` (torch 2.13, diffusers 0.42.1, CPU); see COVERAGE.md.
+:data:`NOT_DIT` with the reason. ``one_graph`` / ``graph_break`` are the capture results of
+the committed coverage matrix (benchmarks/results/coverage.jsonl, written by
+``PYTHONPATH=tests python -m zoo.coverage run``; torch 2.13, diffusers 0.42.1, CPU); see
+benchmarks/results/coverage.md.
 
 Configs were chosen here by reading each class's constructor and forward (no copied test
 configs): 1-2 blocks per list, hidden sizes 16-64, 8x8 latents (video: 2-4 frames)."""
@@ -937,18 +939,15 @@ _dcase(
 )
 
 # ---------------------------------------------------------------------------------------------
-# one_graph / graph_break from the last `python -m zoo.check --coverage` run (graph_status.json)
+# one_graph / graph_break from the capture results of the coverage matrix
+# (benchmarks/results/coverage.jsonl, `PYTHONPATH=tests python -m zoo.coverage run`)
 # ---------------------------------------------------------------------------------------------
 
 
 def _apply_graph_status() -> None:
-    import json
-    from pathlib import Path
+    from .results import capture_status
 
-    path = Path(__file__).with_name("graph_status.json")
-    if not path.exists():
-        return
-    status = json.loads(path.read_text())
+    status = capture_status()
     for name, case in _ZOO.items():
         st = status.get(name)
         if st is None or case.core:

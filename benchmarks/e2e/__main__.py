@@ -1,0 +1,4 @@
+"""``python -m benchmarks.e2e``: see :mod:`benchmarks.e2e`."""
+from .cli import main
+
+main()
