@@ -8,11 +8,19 @@ import torch.fx as fx
 
 from .config import AdaCacheConfig
 from .analysis import analyze
+from .compile import flops_by_node
 
 
 @dataclass
 class Explanation:
     graphs: list = field(default_factory=list)   # [GraphAnalysis], one per Dynamo graph
+    flops: list = field(default_factory=list)    # per graph: (FLOPs inside its regions, FLOPs of one call)
+
+    @property
+    def cached_flops_fraction(self) -> float:
+        """Share of one forward's FLOPs (every graph) inside the regions that would be cached."""
+        total = sum(t for _, t in self.flops)
+        return sum(c for c, _ in self.flops) / total if total else 0.0
 
     @property
     def regions(self) -> list:
@@ -31,7 +39,8 @@ class Explanation:
         return next((g.frame_layout for g in self.graphs if g.frame_layout is not None), None)
 
     def __str__(self) -> str:
-        parts = [f"{len(self.graphs)} graph(s)"]
+        parts = [f"{len(self.graphs)} graph(s); {self.cached_flops_fraction:.1%} of one forward's FLOPs inside "
+                 "the regions that would be cached"]
         for i, g in enumerate(self.graphs):
             parts.append(f"-- graph {i} ({len(g.graph.nodes)} nodes)\n{g.describe()}")
         return "\n".join(parts)
@@ -43,7 +52,11 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, **kwar
     result = Explanation()
 
     def capture(gm: fx.GraphModule, example_inputs):
-        result.graphs.append(analyze(gm.graph, config))
+        analysis = analyze(gm.graph, config)
+        result.graphs.append(analysis)
+        per_node = flops_by_node(gm, example_inputs)
+        inside = {n for region in analysis.regions for n in region.nodes}
+        result.flops.append((sum(f for n, f in per_node.items() if n in inside), sum(per_node.values())))
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)

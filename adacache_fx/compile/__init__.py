@@ -20,7 +20,7 @@ from ..analysis.graph_nodes import example_value
 from ..rewrite import Rewrite
 from .inner import resolve_inner
 
-__all__ = ["CompiledPieces", "compile_pieces", "count_flops", "graph_inputs", "resolve_inner"]
+__all__ = ["CompiledPieces", "compile_pieces", "count_flops", "flops_by_node", "graph_inputs", "resolve_inner"]
 
 
 @dataclass
@@ -73,6 +73,31 @@ def count_flops(module, inputs: list, mode=None) -> int:
     except Exception:  # counting is informative only: never let it stop the rewrite
         return 0
     return int(counter.get_total_flops())
+
+
+class _FlopsByNode(fx.Interpreter):
+    def __init__(self, gm, counter):
+        super().__init__(gm)
+        self.counter = counter
+        self.flops: dict = {}
+
+    def run_node(self, n):
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        self.flops[n] = self.counter.get_total_flops() - before
+        return out
+
+
+def flops_by_node(gm: fx.GraphModule, example_inputs) -> dict:
+    """node -> FLOPs of one call, counted on fake inputs ({} if the count fails)."""
+    fakes = graph_inputs(gm, example_inputs)
+    try:
+        with FlopCounterMode(display=False) as counter, _fake_mode(fakes):
+            interpreter = _FlopsByNode(gm, counter)
+            interpreter.run(*fakes)
+    except Exception:  # informative only
+        return {}
+    return interpreter.flops
 
 
 def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPieces:
