@@ -57,22 +57,30 @@ def _validate(r: Tensor, p: Tensor, frame_stride: int) -> None:
                          f"and p on {p.device}")
 
 
+# Elements of one (B, F, chunk) slab: a few MB of float32 temporaries stay in cache, which makes
+# the composite 5-10x faster on CPU than whole-tensor passes (measured, benchmarks/results/kernels_cpu.md).
+_CHUNK_ELEMENTS = 1 << 19
+
+
 def cache_metrics_torch(r: Tensor, p: Tensor, frame_stride: int = 1) -> Tensor:
-    """The torch composite: float32 ``(B, 5)``, accumulated in float32 (torch's sums are
-    pairwise on CPU, so large probes keep their precision)."""
+    """The torch composite: float32 ``(B, 5)``, accumulated in float32, over chunks of the
+    element axis (each chunk's partial sums added in order: deterministic)."""
     s = frame_stride
     B, F, N = r.shape[0], r.shape[1], math.prod(r.shape[2:])
-    rf = r.reshape(B, F, N).to(torch.float32)
-    pf = p.reshape(B, F, N).to(torch.float32)
-    distance = (rf - pf).abs().sum(dim=(1, 2))
-    base = pf.abs().sum(dim=(1, 2))
-    if F >= s + 1:
-        hi, lo = rf[:, s:], rf[:, :-s]
-        motion = (hi - lo).abs().sum(dim=(1, 2))
-        hi_norm, lo_norm = hi.abs().sum(dim=(1, 2)), lo.abs().sum(dim=(1, 2))
-    else:
-        motion = hi_norm = lo_norm = torch.zeros_like(distance)
-    return torch.stack([distance, base, motion, hi_norm, lo_norm], dim=1)
+    r, p = r.reshape(B, F, N), p.reshape(B, F, N)
+    out = torch.zeros(B, NUM_METRICS, dtype=torch.float32, device=r.device)
+    chunk = max(1024, _CHUNK_ELEMENTS // max(1, B * F))
+    for start in range(0, N, chunk):
+        rf = r[:, :, start:start + chunk].to(torch.float32)   # may alias r: no in-place ops on rf / pf
+        pf = p[:, :, start:start + chunk].to(torch.float32)
+        out[:, 0] += (rf - pf).abs_().sum(dim=(1, 2))
+        out[:, 1] += pf.abs().sum(dim=(1, 2))
+        if F >= s + 1:
+            magnitude = rf.abs()
+            out[:, 2] += (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))
+            out[:, 3] += magnitude[:, s:].sum(dim=(1, 2))
+            out[:, 4] += magnitude[:, :-s].sum(dim=(1, 2))
+    return out
 
 
 @torch.library.custom_op("adacache_fx::cache_metrics", mutates_args=())
