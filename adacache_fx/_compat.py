@@ -33,12 +33,3 @@ def triton_installed() -> bool:
     broken install raises its import error where the Triton kernel is first needed."""
     return importlib.util.find_spec("triton") is not None
 
-
-def is_contiguous_or_false(value) -> bool:
-    """``value.is_contiguous()`` without installing a shape guard on symbolic sizes (False when
-    it cannot be told); older torch has no guard-free variant and asks the tensor."""
-    try:
-        from torch._prims_common import is_contiguous_or_false as check
-    except ImportError:  # torch < 2.8
-        return bool(value.is_contiguous())
-    return bool(check(value))

@@ -56,7 +56,7 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
     """Return the blocks of ``graph`` in graph order (empty if there is no module metadata).
 
     Rule 1, module lists: children ``<list>.<i>`` of a list holding at least two indices of one
-    class. Rule 2, module calls, for the nodes rule 1 leaves: sibling calls of one class under one
+    class, each doing block work (below). Rule 2, module calls, for the nodes rule 1 leaves: sibling calls of one class under one
     parent call (blocks held as named attributes ``block_0 .. block_5``, a ``ModuleDict``, one
     module applied N times) and indexed children that stand alone (a list of one block), where
     every such call does block work (a residual add and at least two matmul-like ops), so that an
@@ -78,6 +78,16 @@ def _module_list_blocks(calls: list) -> list:
                 seen[m.group(1)][int(m.group(2))].add(_cls_name(cls))
     block_lists = {list_path for list_path, by_index in seen.items()
                    if len(by_index) >= 2 and len(set().union(*by_index.values())) == 1}
+    members: dict = defaultdict(list)   # child path -> its nodes
+    for node in calls:
+        for path, _cls in module_stack(node):
+            m = _INDEXED.match(path)
+            if m and m.group(1) in block_lists:
+                members[path].append(node)
+                break
+    # a list of layers that do no block work (an MLP's stack of linears) is no block list
+    block_lists = {lp for lp in block_lists
+                   if all(_does_block_work(nodes) for path, nodes in members.items() if _INDEXED.match(path).group(1) == lp)}
     blocks: dict = {}
     for node in calls:
         for path, cls in module_stack(node):  # outermost first

@@ -26,14 +26,12 @@ This pass refuses to run twice on one graph.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .._compat import is_contiguous_or_false
-from ..analysis.graph_nodes import example_value, is_residual_add
+from ..analysis.graph_nodes import is_residual_add
 
 _MARK = "_adacache_outputs_added"
 
@@ -48,27 +46,6 @@ class CacheOutputs:
     probe_index: int = -1
 
 
-def _make_dense(graph: fx.Graph, region, stream) -> None:
-    """A stream output that is a strided view (Flux's image tokens sliced out of the joint
-    sequence) becomes ``contiguous()`` inside the region, so that the compute and the reuse path
-    hand the pieces after the region tensors of one layout (inductor asserts input strides)."""
-    value = example_value(stream.output)
-    if not isinstance(value, torch.Tensor) or is_contiguous_or_false(value):
-        return
-    with graph.inserting_after(stream.output):
-        dense = graph.call_method("contiguous", (stream.output,))
-    with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
-        dense_value = value.contiguous()
-    dense.meta = {k: dense_value for k in ("example_value", "val") if k in stream.output.meta}
-    for user in list(stream.output.users):
-        if user is not dense and user not in region.nodes:
-            user.replace_input_with(stream.output, dense)
-    region.nodes.add(dense)
-    if stream.path:
-        stream.path.append(dense)   # glue on the trunk: the skeleton gets it too
-    stream.output = dense
-
-
 def add_cache_outputs(graph: fx.Graph, regions: list, probe) -> CacheOutputs:
     if getattr(graph, _MARK, False):
         raise RuntimeError("add_cache_outputs was already applied to this graph; apply it once, to a fresh copy")
@@ -80,7 +57,6 @@ def add_cache_outputs(graph: fx.Graph, regions: list, probe) -> CacheOutputs:
     extra = []
     for r, region in enumerate(regions):
         for s, stream in enumerate(region.streams):
-            _make_dense(graph, region, stream)
             env = {stream.input: stream.input}
             cursor = stream.output
             prev = stream.input

@@ -55,12 +55,29 @@ class RegionRunner(torch.nn.Module):
         self.reuse_fn = reuse_fn
         self.state = state
         self.executions = 0   # how often the blocks really ran (tests count this)
+        self.layouts: list = []   # (shape, stride) of each output on the last computed call
 
     def forward(self, *args):
         if self.state.compute:
             self.executions += 1
-            return self.compute_fn(*args)
-        return self.reuse_fn(*args, *self.state.deltas[self.index])
+            outputs = self.compute_fn(*args)
+            self.layouts = [(o.shape, o.stride()) if isinstance(o, torch.Tensor) else None for o in outputs]
+            return outputs
+        outputs = self.reuse_fn(*args, *self.state.deltas[self.index])
+        return tuple(_same_layout(o, layout) for o, layout in zip(outputs, self.layouts))
+
+
+def _same_layout(value, layout):
+    """``value`` with the strides the compute path gave that output (a stream that is a strided
+    view there, Flux's image tokens sliced out of the joint sequence, comes out of ``in + delta``
+    dense): the pieces after the region are compiled for one layout (inductor asserts strides)."""
+    if layout is None or not isinstance(value, torch.Tensor):
+        return value
+    shape, stride = layout
+    if value.shape != shape or value.stride() == stride:
+        return value
+    out = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
+    return out.copy_(value)
 
 
 @dataclass

@@ -60,6 +60,7 @@ def run_caching(name: str) -> dict:
         res["graphs"] = len(ex.graphs)
         res["regions"] = [len(r.blocks) for r in ex.regions]
         res["streams"] = [len(r.streams) for r in ex.regions]
+        res["stream_kinds"] = [[s.kind for s in r.streams] for r in ex.regions]
         res["probe"] = ex.probe.block if ex.probe else None
         res["frame"] = ex.frame_layout.describe() if ex.frame_layout else None
         stage = "caching off"
@@ -67,6 +68,7 @@ def run_caching(name: str) -> dict:
         stage = "fixed codebook"
         backend = T.check_fixed_codebook(name)
         res["runners"] = sum(len(g.runners) for g in backend.graphs)
+        res["flops_cached"] = round(backend.report().cached_flops_fraction, 4)
         res["status"] = "pass"
     except BaseException as exc:  # noqa: BLE001 - recorded, not raised
         if isinstance(exc, KeyboardInterrupt):
@@ -133,6 +135,8 @@ def _caching_cells(name: str, cach: dict | None, xfail: dict) -> tuple:
             detail += f"; frames: {cach['frame']}"
         if cach.get("graphs", 1) > 1:
             detail += f"; {cach['graphs']} Dynamo graphs"
+        if cach.get("flops_cached") is not None:
+            detail += f"; {cach['flops_cached']:.0%} of a forward's FLOPs cached"
         return "pass", detail
     reason = xfail.get(name) or f"{cach['stage']}: {cach['error']}"
     return f"**fail** ({cach['stage']})", _md(reason)
