@@ -83,7 +83,7 @@ class AdaCacheConfig:
             (official: 0.385, 8, 1).
         moreg_gradient_scale: ``mg = scale * (m' - m'_prev) / k`` (official: 10).
         probe_block: which block's residual is the probe: an index into the blocks of
-            the first cached region in graph order (negative counts from the end), or a
+            the cached region with the most blocks, in graph order (negative counts from the end), or a
             module path such as ``"transformer_blocks.13"``. ``None``: the middle block.
         probe_branch: which residual branch of that block (0: the first, usually
             self-attention).

@@ -1,8 +1,9 @@
 """Choose the probe: the tensor whose change across steps drives the schedule.
 
 Rule ``residual branch`` (as the official AdaCache code): a middle block's first residual
-branch, which is its self-attention. ``probe_block`` picks another block by index (graph
-order over the first region's blocks, negative from the end) or by module path;
+branch, which is its self-attention, in the region with the most blocks. ``probe_block`` picks
+another block by index (graph order over that region's blocks, negative from the end) or by
+module path;
 ``probe_branch`` picks another residual of that block (0: attention, then cross-attention / MLP).
 
 Rule ``block delta``, when the region's primary stream has no residual add inside a block
@@ -69,13 +70,17 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
             for path, block_adds in adds.items():
                 if path == probe_block or path.endswith("." + probe_block) or path.endswith(probe_block):
                     return _pick(r, path, block_adds, probe_branch)
+        for r, region in enumerate(regions):   # a block without residual branches: its output delta
+            if any(_names(path, probe_block) for path in region.block_paths):
+                return _block_delta(r, region, probe_block)
         raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
                          f"(blocks: {[b for reg in regions for b in reg.block_paths]})")
-    region = regions[0]
+    r = main_region(regions)
+    region = regions[r]
     adds = _adds_by_block(region)
     paths = [b.path for b in region.blocks if b.path in adds]
     if not paths:
-        return _block_delta(region, probe_block)
+        return _block_delta(r, region, probe_block)
     if probe_block is None:
         index = len(paths) // 2
     else:
@@ -83,7 +88,17 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
             raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {len(paths)} blocks")
         index = probe_block
     path = paths[index]
-    return _pick(0, path, adds[path], probe_branch)
+    return _pick(r, path, adds[path], probe_branch)
+
+
+def main_region(regions: list) -> int:
+    """The region the probe is taken from by default: the one with the most blocks (the first
+    of those), so that a one-block text encoder before the main stack never holds the probe."""
+    return max(range(len(regions)), key=lambda i: (len(regions[i].blocks), -i))
+
+
+def _names(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
 
 
 def _pick(region: int, path: str, block_adds: list, branch: int) -> Probe:
@@ -92,13 +107,13 @@ def _pick(region: int, path: str, block_adds: list, branch: int) -> Probe:
     return Probe(region, path, branch, block_adds[branch])
 
 
-def _block_delta(region: Region, probe_block) -> Probe:
+def _block_delta(r: int, region: Region, probe_block) -> Probe:
     """Rule "block delta": the chosen block's output minus its input on the primary stream."""
     stream = region.streams[0]
     shape = example_value(stream.output).shape
     blocks = region.blocks
     if isinstance(probe_block, str):
-        matches = [i for i, b in enumerate(blocks) if b.path == probe_block or b.path.endswith("." + probe_block)]
+        matches = [i for i, b in enumerate(blocks) if _names(b.path, probe_block)]
         if not matches:
             raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
                                       f"(blocks: {region.block_paths})")
@@ -119,4 +134,4 @@ def _block_delta(region: Region, probe_block) -> Probe:
         raise ValueError(f"no probe: block {block.path} has no residual branch on the primary stream and no "
                          f"single output/input of the stream's shape ({len(outs)} outputs, {len(ins)} inputs); "
                          "set probe_block to another block")
-    return Probe(0, block.path, 0, None, output=outs[0], minus=ins[0])
+    return Probe(r, block.path, 0, None, output=outs[0], minus=ins[0])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .graph_nodes import is_residual_add, module_calls, module_stack, op_kind
+from .graph_nodes import example_value, is_residual_add, module_calls, module_stack, op_kind
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -87,7 +87,7 @@ def _module_list_blocks(calls: list) -> list:
                 break
     # a list of layers that do no block work (an MLP's stack of linears) is no block list
     block_lists = {lp for lp in block_lists
-                   if all(_does_block_work(nodes) for path, nodes in members.items() if _INDEXED.match(path).group(1) == lp)}
+                   if all(_does_block_work(nodes, unknown=True) for path, nodes in members.items() if _INDEXED.match(path).group(1) == lp)}
     blocks: dict = {}
     for node in calls:
         for path, cls in module_stack(node):  # outermost first
@@ -101,8 +101,12 @@ def _module_list_blocks(calls: list) -> list:
     return list(blocks.values())
 
 
-def _does_block_work(nodes: list) -> bool:
-    heavy = sum(1 for n in nodes if op_kind(n) in ("matmul", "last_dim", "conv"))
+def _does_block_work(nodes: list, unknown: bool = False) -> bool:
+    """A residual add and two matmul-like ops (``unknown`` where the graph records no values to
+    tell tensors apart: a symbolic_trace graph)."""
+    if not any(example_value(n) is not None for n in nodes):
+        return unknown
+    heavy = sum(1 for n in nodes if op_kind(n) in ("matmul", "last_dim", "conv") or n.op == "call_module")
     return heavy >= 2 and any(is_residual_add(n) for n in nodes)
 
 
