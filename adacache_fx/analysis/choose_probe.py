@@ -81,14 +81,17 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
     paths = [b.path for b in region.blocks if b.path in adds]
     if not paths:
         return _block_delta(r, region, probe_block)
-    if probe_block is None:
-        index = len(paths) // 2
-    else:
-        if not -len(paths) <= probe_block < len(paths):
-            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {len(paths)} blocks")
-        index = probe_block
-    path = paths[index]
+    path = paths[_block_index(probe_block, len(paths))]
     return _pick(r, path, adds[path], probe_branch)
+
+
+def _block_index(probe_block: Optional[int], count: int) -> int:
+    """The middle block by default, else ``probe_block`` (negative from the end)."""
+    if probe_block is None:
+        return count // 2
+    if not -count <= probe_block < count:
+        raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {count} blocks")
+    return probe_block
 
 
 def main_region(regions: list) -> int:
@@ -118,12 +121,8 @@ def _block_delta(r: int, region: Region, probe_block) -> Probe:
             raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
                                       f"(blocks: {region.block_paths})")
         index = matches[0]
-    elif probe_block is None:
-        index = len(blocks) // 2
     else:
-        if not -len(blocks) <= probe_block < len(blocks):
-            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {len(blocks)} blocks")
-        index = probe_block
+        index = _block_index(probe_block, len(blocks))
     block = blocks[index]
     inside = set(block.nodes)
     same = lambda n: isinstance(example_value(n), torch.Tensor) and sizes_equal(example_value(n).shape, shape)  # noqa: E731
