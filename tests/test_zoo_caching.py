@@ -39,9 +39,6 @@ XFAIL: dict[str, str] = {
     "dreamlite": "no timestep input: this transformer (a UNet-style Transformer2D layer, norm_type layer_norm) "
                  "never uses its `timestep` argument, so no graph input feeds a sinusoid; caching works with "
                  "AdaCacheConfig(num_steps=...) (each call a step), but the matrix requires a timestep",
-    "helios": "no region: find_regions reports that the outputs of blocks.0 and blocks.1 are not residual streams "
-              "(the block output is not reached from its input through residual adds and reshapes/casts only); "
-              "would take a trunk op for what HeliosTransformerBlock does between its adds",
     "kandinsky6_sr": _NO_FRAME_AXIS + ": channels-last input (B, F, H, W, C) concatenated with the condition "
                      "along channels; would take channels-last frame dims (video_frame_dim=1 with C last) in "
                      "infer_frame_layout",
@@ -84,7 +81,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: the default subset: one or two cases per family (DiT/adaLN, cross-attention, MMDiT, Flux-style
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
-          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen"]
+          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios"]
 
 _models: dict = {}
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from ..config import AdaCacheConfig
+from ..config import AdaCacheConfig, AdaCacheConfigError
 from .choose_probe import Probe, choose_probe
 from .find_blocks import find_blocks
 from .find_regions import find_regions
@@ -100,7 +100,13 @@ def _pass_find_timestep(a: GraphAnalysis) -> None:
 
 def _pass_choose_probe(a: GraphAnalysis) -> None:
     if a.regions:
-        a.probe = choose_probe(a.regions, a.config.probe_block, a.config.probe_branch)
+        try:
+            a.probe = choose_probe(a.regions, a.config.probe_block, a.config.probe_branch)
+        except AdaCacheConfigError:
+            raise   # the user's probe setting does not fit the model: say so
+        except ValueError as exc:   # no usable probe: the graph runs uncached, with this reason
+            a.note(f"choose_probe: {exc}")
+            return
         a.note(f"choose_probe ({a.probe.rule}): {a.probe.describe()}")
 
 

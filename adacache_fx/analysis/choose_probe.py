@@ -129,6 +129,8 @@ def _block_delta(r: int, region: Region, probe_block) -> Probe:
     outs = [n for n in block.nodes if same(n) and any(u not in inside for u in n.users)]
     ins = list(dict.fromkeys(a for n in block.nodes for a in n.all_input_nodes
                              if a not in inside and same(a) and not is_parameter_placeholder(a) and a.op != "get_attr"))
+    if len(ins) > 1:   # prefer what flows along the stream: an earlier block's value or the region input
+        ins = [a for a in ins if a in region.nodes or a is stream.input] or ins
     if len(outs) != 1 or len(ins) != 1:
         raise ValueError(f"no probe: block {block.path} has no residual branch on the primary stream and no "
                          f"single output/input of the stream's shape ({len(outs)} outputs, {len(ins)} inputs); "
