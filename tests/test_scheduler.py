@@ -92,11 +92,14 @@ def test_codebook_lookup():
     assert codebook_rate(cb, 0.39) == 2
     assert codebook_rate(cb, 5.0) == 1    # past every threshold: the last rate
     assert codebook_rate({0.1: 4, 0.2: 2}, 7.0) == 2
-    assert codebook_rate(cb, math.nan) == 1 and codebook_rate(cb, math.inf) == 1
+    # non-finite: rate 1, on codebooks whose last rate is not 1 (there "the last rate" would differ)
+    for book in ({0.1: 4, 0.2: 2}, {INF: 3}, CODEBOOK_30_FAST):
+        for bad in (math.nan, math.inf, -math.inf):
+            assert codebook_rate(book, bad) == 1, (book, bad)
 
 
 def test_nan_or_inf_metric_means_compute():
-    cfg = AdaCacheConfig(codebook={INF: 5}, num_steps=12)
+    cfg = AdaCacheConfig(codebook={INF: 5}, num_steps=12)   # last rate 5: "the last rate" would skip
     sched, _ = run(cfg, countdown(12), distance=lambda s: math.nan if s == 2 else 0.01)
     assert sched.computed_steps[:3] == [1, 2, 3]
     sched, _ = run(cfg, countdown(12), distance=lambda s: math.inf if s == 2 else 0.01)
@@ -111,18 +114,25 @@ def test_rule5_branches_share_one_decision():
         assert (cond.branch, uncond.branch) == (0, 1)
 
 
-def test_rule5_branch_sums_are_pooled():
-    sched = AdaCacheScheduler(AdaCacheConfig(codebook={0.5: 3, INF: 1}, num_steps=10, moreg=False))
+@pytest.mark.parametrize("order", ["cond_first", "uncond_first"])
+def test_rule5_branch_sums_are_pooled(order):
+    """Step 2: cond distance 0.2 (sums 0.2 / 1.0), uncond 1.0 (sums 3.0 / 3.0): pooled
+    (0.2 + 3.0) / (1.0 + 3.0) = 0.8 (not the mean of the two distances, 0.6). Thresholds put the
+    pooled distance, either branch alone and the mean in four different bins."""
+    book = {0.5: 4, 0.7: 3, 0.9: 2, INF: 1}
+    sched = AdaCacheScheduler(AdaCacheConfig(codebook=book, num_steps=10, moreg=False))
     for t in (900.0, 800.0):
         sched.begin_call(t)
         sched.begin_call(t)
-    # step 2: cond distance 0.2, uncond 1.0 -> pooled (0.2 + 1.0) / (1 + 1) = 0.6 -> rate 1
-    sched._pending.sums = None
-    sched.add_metric_sums(torch.tensor([0.2, 1.0, 0, 0, 0]), False)
-    sched.add_metric_sums(torch.tensor([1.0, 1.0, 0, 0, 0]), False)
-    sched.finalize()
-    assert sched.metrics[-1].distance == pytest.approx(0.6)
-    assert sched.metrics[-1].rate == 1
+    branches = [torch.tensor([0.2, 1.0, 0, 0, 0]), torch.tensor([3.0, 3.0, 0, 0, 0])]
+    for sums in (branches if order == "cond_first" else branches[::-1]):
+        sched.add_metric_sums(sums, False)
+    decisions = [sched.begin_call(700.0), sched.begin_call(700.0)]   # step 3: both branches
+    assert sched.metrics[-1].step == 2
+    assert sched.metrics[-1].distance == pytest.approx(0.8)
+    assert sched.metrics[-1].rate == 2 and sched.metrics[-1].next_step == 4
+    assert [d.compute for d in decisions] == [False, False]
+    assert [sched.begin_call(600.0).compute for _ in range(2)] == [True, True]   # step 4
 
 
 def test_rule6_reset_when_timestep_goes_back_up():

@@ -1,6 +1,10 @@
 """Shapes and batches (issue 4): a second generation at another batch size works (compiled per
 shape, or once with dynamic shapes) and cached deltas never mix shapes; torch.compile(dynamic=True)
-keeps the MoReg frame layout with symbolic sizes."""
+keeps the MoReg frame layout with symbolic sizes.
+
+Every loop is a flow-Euler loop (the latent changes every step); every step is checked against
+the independent reference of helpers.BlockStackReference (the plain model on computed steps,
+``skeleton(input) + the last computed step's delta`` on reused ones)."""
 from __future__ import annotations
 
 
@@ -8,46 +12,49 @@ import pytest
 import torch
 
 
-from helpers import INF, cached, no_recompiles, sample_loop, timesteps  # noqa: E402
+from helpers import (INF, BlockStackReference, assert_matches_reference, cached, euler_loop,  # noqa: E402
+                     no_recompiles, relative_l1, timesteps, zoo_block_paths)
 from zoo import get_case  # noqa: E402
 
 CONTRACT = [1, 2, 5, 8, 11, 12]
+
+
+def reference(case, model, output=lambda o: o):
+    return BlockStackReference(model, zoo_block_paths(case, model), output=output)
 
 
 def test_second_generation_at_another_batch_size():
     case = get_case("ref_dit")
     model = case.build()
     compiled, backend = cached(model, {INF: 3}, num_steps=12)
-    first = sample_loop(compiled, case.make_inputs, timesteps(12), batch=2)
+    first = euler_loop(compiled, case.make_inputs, timesteps(12), batch=2)
     assert backend.report().computed_steps == CONTRACT
-    second = sample_loop(compiled, case.make_inputs, timesteps(12), batch=3)
+    second = euler_loop(compiled, case.make_inputs, timesteps(12), batch=3)
     report = backend.report()
     assert report.computed_steps == CONTRACT
-    assert first[-1].shape[0] == 2 and second[-1].shape[0] == 3
-    assert all(torch.isfinite(o).all() for o in second)
-    # the step-1 output of the new generation is exactly the uncached model's
-    with torch.no_grad():
-        args, kwargs = case.make_inputs(3, timesteps(12)[0])
-        torch.testing.assert_close(second[0], model(*args, **kwargs), rtol=1e-5, atol=1e-5)
+    assert first.final.shape[0] == 2 and second.final.shape[0] == 3
+    # nothing cached at batch 2 reaches batch 3: every step of the second generation is the
+    # plain model or skeleton(input) + a batch-3 delta of this generation
+    ref = reference(case, model)
+    assert_matches_reference(second, ref.expected(second, CONTRACT))
+    assert_matches_reference(first, ref.expected(first, CONTRACT))
 
 
 def test_dynamic_shapes_keep_the_frame_layout():
     case = get_case("ref_stdit")
     model = case.build()
-    torch._dynamo.reset()
-    from adacache_fx import AdaCacheConfig, adacache_backend
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    sample_loop(compiled, case.make_inputs, timesteps(12), batch=2)
+    compiled, backend = cached(model, {INF: 3}, num_steps=12, dynamic=True)
+    euler_loop(compiled, case.make_inputs, timesteps(12), batch=2)
     report = backend.report()
     assert report.computed_steps == CONTRACT
     assert len(backend.graphs) == 1 and backend.graphs[0].frame_axis is not None
     assert report.metrics and all(m.motion is not None for m in report.metrics)
     with no_recompiles():   # another batch size: the same graph, a new generation, MoReg still on
-        out = sample_loop(compiled, case.make_inputs, timesteps(12), batch=3)
+        run = euler_loop(compiled, case.make_inputs, timesteps(12), batch=3)
     report = backend.report()
-    assert report.computed_steps == CONTRACT and out[-1].shape[0] == 3
+    assert report.computed_steps == CONTRACT and run.final.shape[0] == 3
     assert all(m.motion is not None for m in report.metrics)
+    assert_matches_reference(run, reference(case, model).expected(run, CONTRACT))
 
 
 def wan_inputs(frames: int, size: int):
@@ -64,25 +71,24 @@ def wan_inputs(frames: int, size: int):
 def test_generations_at_other_frame_counts_and_resolutions(dynamic):
     """Wan at (frames, size) = (3, 8), (5, 8), (6, 12): each generation follows the contract,
     MoReg finds the frames at each shape, and nothing cached at one shape reaches another
-    (the first step of each generation is exactly the uncached model's output)."""
+    (every step equals the independent reference built from this generation's own calls)."""
     from adacache_fx import AdaCacheConfig, adacache_backend
 
-    model = get_case("wan").build()
+    case = get_case("wan")
+    model = case.build()
     torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     compiled = torch.compile(model, backend=backend, dynamic=True if dynamic else False)
+    ref = reference(case, model, output=lambda o: o[0])
     for frames, size in [(3, 8), (5, 8), (6, 12)]:
-        make = wan_inputs(frames, size)
-        outs = sample_loop(compiled, make, timesteps(12), output=lambda o: o[0])
+        run = euler_loop(compiled, wan_inputs(frames, size), timesteps(12), output=lambda o: o[0])
         report = backend.report()
         assert report.computed_steps == CONTRACT, (frames, size)
         assert report.metrics and all(m.motion is not None for m in report.metrics), (frames, size)
-        assert outs[-1].shape == (2, 4, frames, size, size)
-        with torch.no_grad():
-            args, kwargs = make(2, timesteps(12)[0])
-            torch.testing.assert_close(outs[0], model(*args, **kwargs)[0], rtol=1e-5, atol=1e-5)
-            args, kwargs = make(2, timesteps(12)[2])     # step 3 is reused: not the uncached output
-            assert not torch.allclose(outs[2], model(*args, **kwargs)[0], rtol=1e-5, atol=1e-5)
+        assert run.final.shape == (2, 4, frames, size, size)
+        assert_matches_reference(run, ref.expected(run, CONTRACT))
+        (call,) = run.calls[2]                    # step 3 is reused: close to the plain model, not it
+        assert 1e-5 < relative_l1(call.output, ref.plain(call)) < 0.1
     assert all(g.frame_axis is not None for g in backend.graphs)
     if dynamic:
         assert len(backend.graphs) == 1   # one symbolic graph served every shape
@@ -93,12 +99,10 @@ def test_generations_at_other_frame_counts_and_resolutions(dynamic):
 def test_dynamic_shapes_with_batch_equal_to_frames():
     """dynamo duck-sizes equal dims to one symbol: with batch == frames == 2 a linear's token
     count comes out as ``(s**2 * h) // s``; the frame axis must still be found (MoReg on)."""
-    from adacache_fx import AdaCacheConfig, adacache_backend
-
-    model = get_case("wan").build()
-    torch._dynamo.reset()
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    sample_loop(compiled, wan_inputs(2, 8), timesteps(12), batch=2, output=lambda o: o[0])
+    case = get_case("wan")
+    model = case.build()
+    compiled, backend = cached(model, {INF: 3}, num_steps=12, dynamic=True)
+    run = euler_loop(compiled, wan_inputs(2, 8), timesteps(12), batch=2, output=lambda o: o[0])
     assert backend.graphs[0].frame_axis is not None
     assert all(m.motion is not None for m in backend.report().metrics)
+    assert_matches_reference(run, reference(case, model, output=lambda o: o[0]).expected(run, CONTRACT))

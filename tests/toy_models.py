@@ -261,3 +261,23 @@ class ToyPosEmbDiT(ToyDiT):
         for block in self.blocks:
             h = block(h, temb, pos)
         return self.out(h)
+
+
+class ToyFlowDiT(nn.Module):
+    """Blocks only, class-conditioned: the block stack's input is the model input and its output
+    is the model output (the skeleton is the identity). A reused step must therefore return
+    exactly ``x_s + (out_p - x_p)`` (``p``: the branch's last computed step), which a test can
+    compute from the loop's own inputs and outputs. Tokens (B, N, C); ``y``: labels in [0, classes)."""
+
+    def __init__(self, c=12, depth=4, classes=4):
+        super().__init__()
+        self.t_mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.label = nn.Embedding(classes, c)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
+        self.c = c
+
+    def forward(self, x, timestep, y):
+        temb = self.t_mlp(sinusoid(timestep, self.c)) + self.label(y)
+        for block in self.blocks:
+            x = block(x, temb)
+        return x

@@ -72,7 +72,16 @@ def count_flops(module, inputs: list, mode=None) -> int:
             module(*inputs)
     except Exception:  # counting is informative only: never let it stop the rewrite
         return 0
-    return int(counter.get_total_flops())
+    return _hint(counter.get_total_flops())
+
+
+def _hint(value) -> int:
+    """An int from a FLOP count without a shape guard: ``int()`` on a SymInt would specialise a
+    dynamic shape (and recompile for every other one), so symbolic counts are read by their hint."""
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else 0
+    return int(value)
 
 
 class _FlopsByNode(fx.Interpreter):
@@ -84,7 +93,7 @@ class _FlopsByNode(fx.Interpreter):
     def run_node(self, n):
         before = self.counter.get_total_flops()
         out = super().run_node(n)
-        self.flops[n] = self.counter.get_total_flops() - before
+        self.flops[n] = _hint(self.counter.get_total_flops()) - _hint(before)
         return out
 
 

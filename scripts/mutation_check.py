@@ -1,0 +1,394 @@
+"""Mutation check: break each core promise of the library on purpose and see a test fail.
+
+Every mutation is a textual patch (exact anchor text -> replacement) of one or more library
+files. For each one the script copies a pristine snapshot of the repository to a temporary
+directory, applies the patch there (the real checkout is never touched), runs the test files
+that guard that promise with ``python -m pytest -x -q -p no:logging <files>`` (cwd = the copy,
+which is first on the import path), and records which test caught it. It exits non-zero if any
+mutation survives, if an anchor is not found (the library changed: update the mutation, so
+that the list cannot rot silently), or if the unmutated tests fail (then "caught" would mean
+nothing; ``--allow-baseline-failures`` deselects the failing tests and says so in the table).
+
+    python scripts/mutation_check.py                      # everything; writes benchmarks/results/mutation_check.md
+    python scripts/mutation_check.py --list
+    python scripts/mutation_check.py --only reuse_input_only --only shape_guard_skipped --no-write
+    python scripts/mutation_check.py --all-failures       # no -x: every test that catches each mutation
+
+Not part of CI. On a 2-core CPU machine (OMP_NUM_THREADS=1, the default here) a full run takes
+about 6-7 minutes: 2.5 for the baseline run of every test file involved, then 4-20 s per
+mutation (one pytest run, stopped at its first failure); ``--all-failures`` about 14 minutes.
+``--check-anchors`` (a second) only checks that every patch still applies.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "results", "mutation_check.md")
+# what the snapshot leaves out: not needed by the tests, or large, or the machine's own state
+IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache",
+                                "*.pyc", ".mypy_cache", ".ruff_cache")
+PER_RUN_TIMEOUT_S = 1200
+# short collective / launch timeouts for the distributed tests: a mutation that makes ranks
+# diverge fails their launch instead of waiting for the defaults
+DIST_ENV = {"ADACACHE_DIST_TEST_TIMEOUT": "240", "ADACACHE_DIST_GLOO_TIMEOUT": "60"}
+
+
+@dataclasses.dataclass
+class Mutation:
+    name: str
+    promise: str
+    patches: list          # [(file relative to the repository root, anchor, replacement)]
+    tests: list            # test files to run, most likely catcher first
+
+
+SCHED = "adacache_fx/runtime/scheduler.py"
+GRAPH = "adacache_fx/runtime/cached_graph.py"
+REUSE = "adacache_fx/rewrite/build_reuse.py"
+OPS = "adacache_fx/ops/cache_metrics.py"
+DIST = "adacache_fx/runtime/distributed.py"
+CLOCK = "adacache_fx/runtime/clock.py"
+STATE = "adacache_fx/runtime/state.py"
+
+T_BACKEND = "tests/test_backend.py"
+T_GUIDANCE = "tests/test_guidance.py"
+T_SHAPES = "tests/test_shapes.py"
+T_SCHED = "tests/test_scheduler.py"
+T_DIST = "tests/test_distributed.py"
+T_STATE = "tests/test_runtime_state.py"
+T_DIFFUSERS = "tests/test_integrations_diffusers.py"
+T_KERNELS = "tests/test_kernels.py"
+
+MUTATIONS = [
+    # ----- the schedule contract ---------------------------------------------------------------
+    Mutation("contract_next_step_off_by_one", "next computed step is s + tau",
+             [(SCHED, "reg, rate, s + rate)", "reg, rate, s + rate + 1)")],
+             [T_SCHED, T_BACKEND]),
+    Mutation("contract_last_two_not_forced", "steps N-1 and N are computed",
+             [(SCHED, "s > n - cfg.last_computed_steps)", "s > n - cfg.last_computed_steps + 1)")],
+             [T_SCHED, T_BACKEND]),
+    Mutation("contract_rate_not_starting_at_1", "the rate starts at 1: step 2 is computed",
+             [(SCHED, "self.next_compute_step = pending.step + 1", "self.next_compute_step = pending.step + 2")],
+             [T_SCHED, T_BACKEND]),
+    # ----- the reuse arithmetic ------------------------------------------------------------------
+    Mutation("reuse_last_computed_output", "a reused step is skeleton(input) + cached delta, not the last output",
+             [(GRAPH, "            outputs = self.compute_fn(*args)\n",
+               "            outputs = self.compute_fn(*args)\n            self._mutation_last = outputs\n"),
+              (GRAPH, "        outputs = self.reuse_fn(*args, *self.state.deltas[self.index])\n",
+               "        outputs = self._mutation_last\n")],
+             [T_BACKEND, T_GUIDANCE]),
+    Mutation("reuse_input_only", "a reused step adds the cached delta",
+             [(REUSE, "new = graph.call_function(torch.add, (skeletons[j], cached[j]))",
+               "new = graph.call_function(torch.add, (skeletons[j], cached[j]), {'alpha': 0})")],
+             [T_BACKEND, T_GUIDANCE]),
+    Mutation("reuse_input_plus_2_delta", "a reused step adds the cached delta once",
+             [(REUSE, "new = graph.call_function(torch.add, (skeletons[j], cached[j]))",
+               "new = graph.call_function(torch.add, (skeletons[j], cached[j]), {'alpha': 2})")],
+             [T_BACKEND, T_GUIDANCE]),
+    Mutation("branches_share_one_cache", "each guidance branch keeps its own deltas",
+             [(GRAPH, "cache = branches.get(decision.branch)", "cache = branches.get(0)"),
+              (GRAPH, "branches[decision.branch] = self._store(", "branches[0] = self._store(")],
+             [T_GUIDANCE, T_BACKEND]),
+    # ----- one decision per step from the pooled sums of all branches ---------------------------
+    Mutation("pooling_sums_replaced", "branch sums are summed (last branch's replaced the others)",
+             [(SCHED, "pending.sums = sums if pending.sums is None else pending.sums + sums", "pending.sums = sums")],
+             [T_GUIDANCE, T_SCHED]),
+    Mutation("pooling_first_branch_only", "branch sums are summed (first branch's kept alone)",
+             [(SCHED, "pending.sums = sums if pending.sums is None else pending.sums + sums",
+               "pending.sums = sums if pending.sums is None else pending.sums")],
+             [T_GUIDANCE, T_SCHED]),
+    Mutation("pooling_separate_decisions", "all branches of a step follow one decision",
+             [(GRAPH, "        scheduler = self.runtime.scheduler(instance)\n"
+                      "        if scheduler.process_group is None:\n"
+                      "            scheduler.process_group = self.process_group\n"
+                      "        ts = self.layout.timestep_index\n"
+                      "        decision = scheduler.begin_call(self.runtime.clock.timestep(args[ts] if ts is not None "
+                      "else None), key=self)\n",
+               "        ts = self.layout.timestep_index\n"
+               "        _t = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n"
+               "        _branch = self.runtime.scheduler(instance).begin_call(_t, key=self).branch\n"
+               "        scheduler = self.runtime.scheduler(64 * (1 + _branch) + instance)\n"
+               "        if scheduler.process_group is None:\n"
+               "            scheduler.process_group = self.process_group\n"
+               "        decision = scheduler.begin_call(_t, key=self)\n"
+               "        decision.branch = _branch\n")],
+             [T_GUIDANCE, T_BACKEND]),
+    # ----- shapes --------------------------------------------------------------------------------
+    Mutation("shape_guard_skipped", "a shape change inside a generation computes",
+             [(GRAPH, "if not compute and cache.stream_shapes != self._current_shapes(args):",
+               "if False and cache.stream_shapes != self._current_shapes(args):")],
+             [T_BACKEND, T_SHAPES]),
+    # ----- the metric ----------------------------------------------------------------------------
+    Mutation("metric_ratio_inverted", "c = sum|r - p| / sum|p| (numerator and denominator swapped)",
+             [(SCHED, "distance = _safe_div(diff, base) / k", "distance = _safe_div(base, diff) / k")],
+             [T_SCHED, T_BACKEND]),
+    Mutation("metric_not_divided_by_k", "c is divided by the steps since the previous probe",
+             [(SCHED, "distance = _safe_div(diff, base) / k", "distance = _safe_div(diff, base)")],
+             [T_SCHED, T_BACKEND]),
+    Mutation("metric_probes_swapped", "the distance is relative to the previous probe (r and p swapped)",
+             [(GRAPH, "fused_cache_metrics(current, previous, self.layout.moreg_stride)",
+               "fused_cache_metrics(previous, current, self.layout.moreg_stride)")],
+             [T_BACKEND]),
+    Mutation("metric_motion_sums_dropped", "the MoReg motion numerator is measured",
+             [(OPS, "out[:, 2] += (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))",
+               "out[:, 2] += 0.0 * (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))")],
+             [T_BACKEND, T_KERNELS]),
+    Mutation("metric_nan_takes_last_rate", "a NaN or Inf metric means compute (rate 1)",
+             [(SCHED, "if not math.isfinite(distance):\n        return 1", "if False:\n        return 1")],
+             [T_SCHED, T_BACKEND]),
+    # ----- ranks -----------------------------------------------------------------------------------
+    Mutation("rank_reduction_skipped", "every rank decides from the sums of all ranks",
+             [(DIST, "if group is None:\n        return sums", "if True:\n        return sums")],
+             [T_DIST]),
+    # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
+    Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",
+             [(SCHED, "self.requested_num_steps if self.requested_num_steps is not None",
+               "self.config.num_steps if True")],
+             [T_STATE, T_DIFFUSERS]),
+    Mutation("timestep_read_on_host", "with backend.step(t) no call reads the timestep input on the host",
+             [(CLOCK, "if self.announced is not None:\n            return self.announced",
+               "if self.announced is not None and not isinstance(value, torch.Tensor):\n"
+               "            return self.announced")],
+             [T_STATE]),
+    Mutation("schedulers_shared_between_models", "two compiled models keep separate schedules",
+             [(STATE, "return self.schedulers[instance]", "return self.schedulers[0]")],
+             [T_STATE]),
+]
+
+
+# ----- running ---------------------------------------------------------------------------------
+def snapshot(dest: str) -> None:
+    shutil.copytree(ROOT, dest, ignore=IGNORE, symlinks=True)
+
+
+def apply(mutation: Mutation, tree: str) -> list:
+    """Apply the patches in ``tree``; returns the problems (an anchor missing or not unique)."""
+    problems = []
+    for rel, anchor, replacement in mutation.patches:
+        path = os.path.join(tree, rel)
+        text = open(path).read()
+        count = text.count(anchor)
+        if count != 1:
+            problems.append(f"{rel}: anchor {'not found' if count == 0 else f'found {count} times'}: {anchor!r}")
+            continue
+        with open(path, "w") as f:
+            f.write(text.replace(anchor, replacement))
+    return problems
+
+
+def environment(tree: str, threads: str) -> dict:
+    env = dict(os.environ)
+    env.update(DIST_ENV)
+    env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    return env
+
+
+def check_imports_from(tree: str, env: dict) -> None:
+    out = subprocess.run([sys.executable, "-c", "import adacache_fx; print(adacache_fx.__file__)"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    where = out.stdout.strip()
+    if not where.startswith(os.path.realpath(tree)) and not where.startswith(tree):
+        raise SystemExit(f"mutation_check: adacache_fx imports from {where!r}, not from the copy {tree}: "
+                         "the mutations would not be tested")
+
+
+_FAILED = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+
+
+def pytest(tree: str, files: list, env: dict, stop_first: bool, deselect: list) -> tuple:
+    """Run pytest on ``files`` in ``tree``; returns (return code, failing test ids, seconds, tail)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "-p", "no:cacheprovider", "-rfE"]
+    if stop_first:
+        cmd.append("-x")
+    for test_id in deselect:
+        cmd += ["--deselect", test_id]
+    cmd += files
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=PER_RUN_TIMEOUT_S)
+        rc, text = out.returncode, out.stdout + out.stderr
+    except subprocess.TimeoutExpired as exc:
+        partial = exc.stdout or ""
+        rc, text = "timeout", partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+    seconds = time.perf_counter() - start
+    failed = list(dict.fromkeys(m.group(2) for m in _FAILED.finditer(text)))
+    return rc, failed, seconds, text[-3000:]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout.splitlines():
+            if line.startswith("Model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    try:
+        import torch
+        torch_version = torch.__version__
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:
+        torch_version, device = "?", "?"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch_version,
+            "device": device}
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render(rows: list, info: dict, command: str, total: float, baseline: dict, threads: str) -> str:
+    caught = sum(r["status"] == "caught" for r in rows)
+    lines = [
+        "# Mutation check",
+        "",
+        "Each row breaks one core promise of the library with a textual patch of a copy of the",
+        "repository and runs the test files that guard it (`pytest -x`: the first failing test is",
+        "named). Every mutation must be caught; the script exits non-zero otherwise, and when a",
+        "patch's anchor text is no longer in the library.",
+        "",
+        f"- command: `{command}`",
+        *(f"- {k}: {v}" for k, v in info.items()),
+        f"- OMP_NUM_THREADS: {threads or 'unset'}",
+        f"- baseline (unmutated, every file below): {baseline['summary']} in {baseline['seconds']:.0f} s",
+        f"- mutations caught: {caught} of {len(rows)}; total duration {total / 60:.1f} min",
+        "",
+        "| mutation | promise broken | patched | caught by | test files run | duration |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        by = "; ".join(f"`{t}`" for t in r["failed"][:4]) if r["failed"] else r["detail"]
+        if len(r["failed"]) > 4:
+            by += f" (+{len(r['failed']) - 4} more)"
+        if r["status"] != "caught":
+            by = f"**{r['status'].upper()}** {by}"
+        files = ", ".join(os.path.basename(f) for f in r["tests"])
+        lines.append(f"| `{r['name']}` | {_cell(r['promise'])} | {', '.join(sorted(r['files']))} | {_cell(by)} | "
+                     f"{files} | {r['seconds']:.0f} s |")
+    if baseline["deselected"]:
+        lines += ["", "Deselected because they fail without any mutation (`--allow-baseline-failures`):", ""]
+        lines += [f"- `{t}`" for t in baseline["deselected"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", default=[], help="run only this mutation (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check-anchors", action="store_true",
+                        help="only check that every patch applies to the checkout (seconds; exit 1 if not)")
+    parser.add_argument("--all-failures", action="store_true", help="no -x: list every test that catches each")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run (not for the record)")
+    parser.add_argument("--allow-baseline-failures", action="store_true",
+                        help="deselect tests that fail unmutated instead of stopping")
+    parser.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "1"),
+                        help="OMP_NUM_THREADS of the test runs (default 1: steady on a loaded machine)")
+    parser.add_argument("--out", default=OUT, help="markdown table to write")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutation(s): {sorted(unknown)}")
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:36s} {m.promise}  [{', '.join(m.tests)}]")
+        return 0
+
+    if args.check_anchors:
+        bad = 0
+        for m in chosen:
+            with tempfile.TemporaryDirectory() as tree:
+                for rel in {p[0] for p in m.patches}:
+                    os.makedirs(os.path.dirname(os.path.join(tree, rel)), exist_ok=True)
+                    shutil.copy(os.path.join(ROOT, rel), os.path.join(tree, rel))
+                problems = apply(m, tree)
+            bad += bool(problems)
+            print(f"{m.name:36s} {'ok' if not problems else '; '.join(problems)}")
+        return 1 if bad else 0
+
+    start_all = time.perf_counter()
+    command = "python scripts/mutation_check.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    work = tempfile.mkdtemp(prefix="adacache_mutation_")
+    pristine = os.path.join(work, "pristine")
+    snapshot(pristine)   # the checkout may change while this runs: every mutation starts from this
+    missing_files = sorted({f for m in chosen for f in m.tests if not os.path.exists(os.path.join(pristine, f))})
+    if missing_files:
+        print(f"mutation_check: test files missing: {missing_files}", file=sys.stderr)
+        return 2
+    env = environment(pristine, args.threads)
+    check_imports_from(pristine, env)
+
+    baseline = {"summary": "skipped", "seconds": 0.0, "deselected": []}
+    if not args.no_baseline:
+        files = list(dict.fromkeys(f for m in chosen for f in m.tests))
+        print(f"baseline: {' '.join(files)}", flush=True)
+        rc, failed, seconds, tail = pytest(pristine, files, env, stop_first=False, deselect=[])
+        baseline.update(seconds=seconds, summary="passed" if rc == 0 else f"{len(failed)} failing")
+        print(f"  rc {rc}, {seconds:.0f} s, failing: {failed}", flush=True)
+        if rc != 0:
+            if not args.allow_baseline_failures or not failed:
+                print(tail, file=sys.stderr)
+                print("mutation_check: the unmutated tests fail; fix them first (or --allow-baseline-failures)",
+                      file=sys.stderr)
+                return 2
+            baseline["deselected"] = failed
+
+    rows = []
+    for m in chosen:
+        tree = os.path.join(work, m.name)
+        shutil.copytree(pristine, tree, symlinks=True)
+        problems = apply(m, tree)
+        row = {"name": m.name, "promise": m.promise, "files": {p[0] for p in m.patches}, "tests": m.tests,
+               "failed": [], "seconds": 0.0, "detail": ""}
+        if problems:
+            row.update(status="anchor missing", detail="; ".join(problems))
+        else:
+            rc, failed, seconds, tail = pytest(tree, m.tests, environment(tree, args.threads),
+                                               stop_first=not args.all_failures, deselect=baseline["deselected"])
+            row.update(failed=failed, seconds=seconds)
+            if rc == 0:
+                row.update(status="survived", detail="every test passed")
+            elif rc in (1, 2) and failed:
+                row.update(status="caught")
+            else:
+                row.update(status="error", detail=f"pytest rc {rc}: {tail[-300:]!r}")
+        shutil.rmtree(tree, ignore_errors=True)
+        print(f"{m.name:36s} {row['status']:15s} {row['seconds']:6.0f} s  {row['failed'][:1] or row['detail']}",
+              flush=True)
+        rows.append(row)
+    shutil.rmtree(work, ignore_errors=True)
+
+    total = time.perf_counter() - start_all
+    table = render(rows, machine(), command, total, baseline, args.threads)
+    print(table)
+    if not args.no_write:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table)
+        print(f"wrote {os.path.relpath(args.out, ROOT)}")
+    bad = [r["name"] for r in rows if r["status"] != "caught"]
+    if bad:
+        print(f"mutation_check: not caught: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
