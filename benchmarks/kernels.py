@@ -46,7 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from adacache_fx.ops import NUM_METRICS, fused_cache_metrics  # noqa: E402
+from adacache_fx.ops import cache_metrics_reference, fused_cache_metrics  # noqa: E402
 
 # name -> (B, F, tokens per frame, hidden, description)
 SIZES = {
@@ -67,22 +67,6 @@ def composite(r: torch.Tensor, p: torch.Tensor, s: int = 1):
     motion_den_hi = r[:, s:].norm(p=1)
     motion_den_lo = r[:, :-s].norm(p=1)
     return dist_num, dist_den, motion_num, motion_den_hi, motion_den_lo
-
-
-def cache_metrics_reference(r: torch.Tensor, p: torch.Tensor, s: int = 1) -> torch.Tensor:
-    """float64 ``(B, 5)`` reference of :func:`fused_cache_metrics`: the five sums as separate passes."""
-    B, F = r.shape[0], r.shape[1]
-    r64 = r.to(torch.float64).reshape(B, F, -1)
-    p64 = p.to(torch.float64).reshape(B, F, -1)
-    out = torch.zeros(B, NUM_METRICS, dtype=torch.float64, device=r.device)
-    out[:, 0] = (r64 - p64).abs().sum(dim=(1, 2))
-    out[:, 1] = p64.abs().sum(dim=(1, 2))
-    if F >= s + 1:
-        hi, lo = r64[:, s:], r64[:, :-s]
-        out[:, 2] = (hi - lo).abs().sum(dim=(1, 2))
-        out[:, 3] = hi.abs().sum(dim=(1, 2))
-        out[:, 4] = lo.abs().sum(dim=(1, 2))
-    return out
 
 
 def _time_cpu(fn) -> float:

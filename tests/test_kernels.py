@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from adacache_fx._compat import triton_installed  # noqa: E402
-from adacache_fx.ops import cache_metrics_torch, fused_cache_metrics  # noqa: E402
+from adacache_fx.ops import cache_metrics_reference, cache_metrics_torch, fused_cache_metrics  # noqa: E402
 
 HAS_TRITON = triton_installed()
 if HAS_TRITON:
@@ -32,23 +32,6 @@ if HAS_TRITON:
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
-
-def cache_metrics_reference(r, p, frame_stride=1):
-    """float64 reference: the five sums written out as separate passes (as the public AdaCache
-    code computes them)."""
-    s = frame_stride
-    B, F = r.shape[0], r.shape[1]
-    r64 = r.to(torch.float64).reshape(B, F, -1)
-    p64 = p.to(torch.float64).reshape(B, F, -1)
-    out = torch.zeros(B, 5, dtype=torch.float64, device=r.device)
-    out[:, 0] = (r64 - p64).abs().sum(dim=(1, 2))
-    out[:, 1] = p64.abs().sum(dim=(1, 2))
-    if F >= s + 1:
-        hi, lo = r64[:, s:], r64[:, :-s]
-        out[:, 2] = (hi - lo).abs().sum(dim=(1, 2))
-        out[:, 3] = hi.abs().sum(dim=(1, 2))
-        out[:, 4] = lo.abs().sum(dim=(1, 2))
-    return out
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The reference sees the same (already rounded) inputs in float64, so what remains is

@@ -83,6 +83,24 @@ def cache_metrics_torch(r: Tensor, p: Tensor, frame_stride: int = 1) -> Tensor:
     return out
 
 
+def cache_metrics_reference(r: Tensor, p: Tensor, frame_stride: int = 1) -> Tensor:
+    """float64 ``(B, 5)`` reference of the op, the five sums written out as separate passes (as
+    the public AdaCache code computes them): what tests and benchmarks check every backend against."""
+    s = frame_stride
+    B, F = r.shape[0], r.shape[1]
+    r64 = r.to(torch.float64).reshape(B, F, -1)
+    p64 = p.to(torch.float64).reshape(B, F, -1)
+    out = torch.zeros(B, NUM_METRICS, dtype=torch.float64, device=r.device)
+    out[:, 0] = (r64 - p64).abs().sum(dim=(1, 2))
+    out[:, 1] = p64.abs().sum(dim=(1, 2))
+    if F >= s + 1:
+        hi, lo = r64[:, s:], r64[:, :-s]
+        out[:, 2] = (hi - lo).abs().sum(dim=(1, 2))
+        out[:, 3] = hi.abs().sum(dim=(1, 2))
+        out[:, 4] = lo.abs().sum(dim=(1, 2))
+    return out
+
+
 @torch.library.custom_op("adacache_fx::cache_metrics", mutates_args=())
 def _cache_metrics_op(r: Tensor, p: Tensor, frame_stride: int) -> Tensor:
     return cache_metrics_torch(r, p, frame_stride)

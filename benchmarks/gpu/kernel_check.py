@@ -33,19 +33,9 @@ LAYOUTS = ["contiguous", "sliced", "transposed"]
 
 
 def reference(r, p, s):
-    """float64, pass by pass (as the public AdaCache code computes the sums)."""
-    B, F = r.shape[0], r.shape[1]
-    r64 = r.to(torch.float64).reshape(B, F, -1)
-    p64 = p.to(torch.float64).reshape(B, F, -1)
-    out = torch.zeros(B, 5, dtype=torch.float64, device=r.device)
-    out[:, 0] = (r64 - p64).abs().sum(dim=(1, 2))
-    out[:, 1] = p64.abs().sum(dim=(1, 2))
-    if F >= s + 1:
-        hi, lo = r64[:, s:], r64[:, :-s]
-        out[:, 2] = (hi - lo).abs().sum(dim=(1, 2))
-        out[:, 3] = hi.abs().sum(dim=(1, 2))
-        out[:, 4] = lo.abs().sum(dim=(1, 2))
-    return out
+    """The float64 reference, pass by pass (adacache_fx.ops.cache_metrics_reference)."""
+    from adacache_fx.ops import cache_metrics_reference
+    return cache_metrics_reference(r, p, s)
 
 
 def make(B, F, N, dtype, layout, seed, device):
