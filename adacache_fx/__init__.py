@@ -3,12 +3,17 @@
     from adacache_fx import AdaCacheConfig, adacache_backend
     backend = adacache_backend(AdaCacheConfig.fast(num_steps=30))
     model = torch.compile(model, backend=backend)
+
+    # or, in place, with .item() / .tolist() / nonzero captured into the graph (models that
+    # would otherwise break Dynamo's graph inside their blocks):
+    backend = compile_model(model, AdaCacheConfig.fast(num_steps=30))
 """
 from ._compat import check_torch
 
 check_torch()
 
 from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend, default_backend  # noqa: E402
+from .compile_model import compile_model, data_dependent_capture  # noqa: E402
 from .config import AdaCacheConfig, AdaCacheConfigError  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
 from .report import Report  # noqa: E402
@@ -16,7 +21,7 @@ from .runtime import AdaCacheScheduler, AdaCacheSyncWarning, StepMetric, codeboo
 
 __all__ = [
     "AdaCacheBackend", "AdaCacheConfig", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
-    "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate",
-    "default_backend", "explain",
+    "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate", "compile_model",
+    "data_dependent_capture", "default_backend", "explain",
 ]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .analysis import GraphAnalysis, analyze
 from .analysis.graph_nodes import is_parameter_placeholder
-from .compile import CompiledPieces, compile_pieces, count_flops, graph_inputs, resolve_inner
+from .compile import CompiledPieces, compile_pieces, count_flops, resolve_inner
 from .config import AdaCacheConfig, AdaCacheConfigError
 from .report import RegionInfo, Report
 from .rewrite import Rewrite, copy_graph_module, rewrite
@@ -49,6 +49,7 @@ class AdaCacheBackend:
         self.uncached_graphs: list = []   # [str]: why a graph runs uncached
         self.compile_seconds = 0.0
         self.uncached_flops = 0           # FLOPs of one call of every graph that runs uncached
+        self.frames_from_call = None      # config.frames_arg of the call being traced (set by compile_model)
 
     # ----- torch.compile protocol ---------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
@@ -61,14 +62,14 @@ class AdaCacheBackend:
             logger.debug("adacache: rewrite failed", exc_info=True)
             fn = self._uncached(gm, f"rewrite failed ({type(exc).__name__}: {exc})")
         if fn is None:
-            self.uncached_flops += count_flops(gm, graph_inputs(gm, example_inputs))
+            self.uncached_flops += count_flops(gm, example_inputs)
             fn = self._inner(gm, example_inputs)
         self.compile_seconds += time.perf_counter() - start
         return fn
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
         work = copy_graph_module(gm)
-        analysis = analyze(work.graph, self.config)
+        analysis = analyze(work.graph, self.config, self.frames_from_call)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())
         rewritten = rewrite(work, analysis)

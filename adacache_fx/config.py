@@ -92,6 +92,11 @@ class AdaCacheConfig:
         video_frame_dim: the frame dimension of the 5-D video input. ``None``:
             inferred from the graph (dim 2 for ``(B, C, F, H, W)``, dim 1 for
             ``(B, F, C, H, W)``).
+        frames_arg: for video whose tokens arrive packed, ``(B, F*H*W, C)`` frame-major with the
+            frame count as a Python int argument (LTX-Video: ``"num_frames"``), the name of that
+            argument. It is read from each call's arguments by :func:`adacache_fx.compile_model`
+            (and ``explain``), so MoReg gets the frame axis. ``None``: only 5-D video inputs
+            give a frame layout.
         process_group: where the metric's partial sums are all-reduced so that every
             rank takes the same decision: ``"auto"`` (the group of the model's own
             collectives in the traced graph, i.e. its sequence-parallel group, else the
@@ -115,6 +120,7 @@ class AdaCacheConfig:
     probe_branch: int = 0
     timestep_arg: Optional[str] = None
     video_frame_dim: Optional[int] = None
+    frames_arg: Optional[str] = None
     process_group: object = "auto"
     first_computed_steps: int = 1
     last_computed_steps: int = 2
@@ -159,6 +165,8 @@ class AdaCacheConfig:
             raise ValueError(f"timestep_arg must be an argument name or None, got {self.timestep_arg!r}")
         if self.video_frame_dim is not None and self.video_frame_dim not in (1, 2, -3, -4):
             raise ValueError(f"video_frame_dim must be 1 or 2 (dim of a 5-D video input), got {self.video_frame_dim!r}")
+        if self.frames_arg is not None and (not isinstance(self.frames_arg, str) or not self.frames_arg):
+            raise ValueError(f"frames_arg must be an argument name or None, got {self.frames_arg!r}")
         for name in ("first_computed_steps", "last_computed_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

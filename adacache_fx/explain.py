@@ -1,6 +1,8 @@
 """``explain(model, *args, **kwargs)``: what the pass would cache, without caching anything."""
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +11,7 @@ import torch.fx as fx
 from .config import AdaCacheConfig
 from .analysis import analyze
 from .compile import flops_by_node
+from .compile_model import data_dependent_capture, frames_argument
 
 
 @dataclass
@@ -46,13 +49,18 @@ class Explanation:
         return "\n".join(parts)
 
 
-def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, **kwargs) -> Explanation:
-    """Trace ``model(*args, **kwargs)`` with Dynamo and run the analysis passes on each graph."""
+def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, capture_data_dependent: bool = True,
+            **kwargs) -> Explanation:
+    """Trace ``model(*args, **kwargs)`` with Dynamo and run the analysis passes on each graph.
+    ``capture_data_dependent`` traces as :func:`adacache_fx.compile_model` does (``.item()``,
+    ``nonzero`` ... captured into the graph); False: as plain ``torch.compile``."""
     config = config or AdaCacheConfig()
     result = Explanation()
 
+    frames = frames_argument(model, config, args, kwargs)
+
     def capture(gm: fx.GraphModule, example_inputs):
-        analysis = analyze(gm.graph, config)
+        analysis = analyze(gm.graph, config, frames)
         result.graphs.append(analysis)
         per_node = flops_by_node(gm, example_inputs)
         inside = {n for region in analysis.regions for n in region.nodes}
@@ -60,6 +68,14 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, **kwar
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False):
-        compiled(*args, **kwargs)
+    capture_ctx = data_dependent_capture() if capture_data_dependent else contextlib.nullcontext()
+    # a model compiled in place (compile_model, module.compile) is traced as written, not through
+    # its own compiled call (whose graphs would go to its backend, not to this analysis)
+    in_place = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), capture_ctx:
+            compiled(*args, **kwargs)
+    finally:
+        model._compiled_call_impl = in_place
     return result

@@ -58,6 +58,28 @@ def overhead_section() -> list:
     return lines
 
 
+def graph_breaks_section() -> list:
+    d = _load("graph_breaks.json")
+    if d is None:
+        return ["Graph-breaking model: not measured yet (`python -m benchmarks.graph_breaks`)."]
+    m, runs, per_step = d["machine"], d["runs"], d["per_step_ms"]
+    lines = [
+        f"**A model that breaks Dynamo's graph in every block** ([benchmarks/results/graph_breaks.md]"
+        f"(benchmarks/results/graph_breaks.md); {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, "
+        f"{m['date']}; `examples/models/breaking_dit.py` with {', '.join(k for k, v in d['constructs'].items() if v)}; "
+        f"{d['steps']} steps, inductor; each method in its own process, alternated, medians):",
+        "",
+        "| method | compile (s) | graphs | graph breaks | recompiles in a generation | per step (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"plain": "plain `torch.compile`", "off": "`compile_model`, caching off", "fixed": "`compile_model`, `{inf: 3}`"}
+    for key in ("plain", "off", "fixed"):
+        r = runs[key][0]
+        lines.append(f"| {names[key]} | {r['compile_s']:.1f} | {r['graphs']} | {r['graph_breaks']} | "
+                     f"{r['recompiles_in_generation']} | {per_step[key]:.1f} |")
+    return lines
+
+
 def demo_section() -> list:
     d = _load(os.path.join("demo", "report.json"))
     if d is None:
@@ -194,7 +216,7 @@ def coverage_section() -> list:
 
 def block() -> str:
     parts = []
-    for section in (demo_section(), e2e_section(), overhead_section(), kernels_section(),
+    for section in (demo_section(), e2e_section(), overhead_section(), graph_breaks_section(), kernels_section(),
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     coverage_section()):
         if section:

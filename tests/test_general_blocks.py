@@ -316,3 +316,38 @@ def test_flux_with_one_block_per_list_caches_both():
     report = backend.report()
     assert report.computed_steps == CONTRACT_12 and report.cached_flops_fraction > 0.85
     assert abs(report.cached_flops_fraction - e.cached_flops_fraction) < 1e-9   # explain and report agree
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_without_module_metadata_the_residual_chain_finds_the_stack(name):
+    """A graph with no ``nn_module_stack`` (as ``symbolic_trace`` output may be): the structural
+    fallback follows the trunk through post-norms and masked selects, finds the 4 blocks' 8
+    residual adds as one region, and the backend caches that graph with the contract."""
+    from adacache_fx.analysis import analyze
+    from adacache_fx.analysis.graph_nodes import user_placeholder_name
+    build, extra = CASES[name]
+    model = build()
+    captured = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, ex: captured.append((gm, list(ex))) or gm.forward)(
+        _x0(), torch.full((2,), 500.0), *extra)
+    gm, inputs = captured[0]
+    for node in gm.graph.nodes:
+        node.meta.pop("nn_module_stack", None)
+    a = analyze(gm.graph, AdaCacheConfig())
+    (region,) = a.regions
+    assert [b.path for b in region.blocks] == [f"residual_chain.{k}" for k in range(8)]
+    assert region.streams[0].kind == "boundary" and a.probe is not None
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    fn = backend(gm, inputs)
+    assert backend.graphs and not backend.uncached_graphs
+    names = [user_placeholder_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    x = _x0()
+    with torch.no_grad():
+        for step, t in enumerate(timesteps(12), start=1):
+            inputs[names.index("x")], inputs[names.index("timestep")] = x, torch.full((2,), float(t))
+            out = fn(*inputs)[0]
+            if step in CONTRACT_12:
+                torch.testing.assert_close(out, gm(*inputs)[0], rtol=1e-5, atol=1e-5)
+            x = x - out / 12.0
+    assert backend.report().computed_steps == CONTRACT_12

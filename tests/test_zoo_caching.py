@@ -3,8 +3,8 @@ graph (and, separately, for the ones it does not),
 
 * ``explain`` finds at least one region, its blocks and residual streams, a probe and a timestep,
   and a frame layout for MoReg on video models;
-* caching off (``{inf: 1}``) gives outputs identical to plain ``torch.compile(backend="eager")``
-  over 8 steps;
+* caching off (``{inf: 1}``) through ``compile_model`` (data-dependent ops captured) gives outputs
+  identical to plain ``torch.compile(backend="eager")`` (default config) over 8 steps;
 * a fixed codebook ``{inf: 3}`` over 12 steps computes steps 1, 2, 5, 8, 11, 12, the region
   blocks run on exactly those 6 steps (``report().block_executions`` sums the executions of
   every region runner of every graph: 6 per runner), and nothing recompiles
@@ -19,6 +19,7 @@ out of ``XFAIL``.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 
-from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, explain  # noqa: E402
+from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, compile_model, explain  # noqa: E402
 from helpers import INF, sample_loop, timesteps  # noqa: E402
 from zoo import ZOO, get_case  # noqa: E402
 
@@ -44,34 +45,22 @@ XFAIL: dict[str, str] = {
                      "infer_frame_layout",
     "anyflow_far": _NO_FRAME_AXIS + ": the frame-autoregressive model partitions the frames into chunks "
                    "(chunk_partition) and concatenates them; would take following cat/split along the frame dim",
-    "ltx_video": "no MoReg frame layout: the latents come packed (B, F*H*W, C) with num_frames/height/width as int "
-                 "arguments, so there is no 5-D input to follow; would take a config option naming the frame "
-                 "count argument (or reading it from the int inputs)",
-    "ltx2": "no MoReg frame layout: packed video tokens (B, F*H*W, C) with num_frames as an int argument (as "
-            "ltx_video); the audio stream has no frames either",
-    "hidream_image": "no region: the mixture-of-experts FFN breaks Dynamo's graph inside every block "
-                     "(`for i, end_idx in enumerate(tokens_per_expert)` on a data-dependent tensor), so no graph "
-                     "holds a whole block; would take guarding blocks across graph breaks (module hooks) or a "
-                     "traceable MoE dispatch",
-    "hunyuan_video15": "no region: a data-dependent branch (`if is_t2v:` at transformer_hunyuan_video15.py:702) "
-                       "breaks the graph before the blocks; the resumed graphs that run the blocks carry no "
-                       "nn_module_stack block paths and no residual chain is found there; would take block "
-                       "finding in resume-function graphs",
+    "hunyuan_video15": "no MoReg frame layout: a Python branch on a tensor's value (`if is_t2v:` at "
+                       "transformer_hunyuan_video15.py:702) breaks the graph before the blocks (no capture config "
+                       "removes it); the resumed graph caches the blocks, but it takes tokens, not the 5-D video, so "
+                       "MoReg has no frame axis there, and the timestep is an input of the first graph only; would "
+                       "take carrying the frame layout and the step clock across graphs",
+    "hidream_image": "no region: the mixture-of-experts dispatch breaks Dynamo's graph inside every block even "
+                     "with data-dependent ops captured (`bincount`, then a Python loop over the per-expert token "
+                     "counts: 21 graphs), so no graph holds a whole block; would take guarding the block list "
+                     "across graph breaks (module hooks)",
     "minimax_h3": "no MoReg frame layout: video, audio and text tokens come already packed into one sequence "
-                  "(B, L, C) with position ids, so there is no 5-D input to follow (as ltx_video); would take a "
-                  "config option naming the frame layout of the packed tokens",
-    "hunyuan_video_framepack": "no region: under torch.compile's default config Dynamo splits the model into 5 "
-                               "graphs (zoo.check's fullgraph capture gives one), and no graph holds two blocks "
-                               "of one list; would take guarding blocks across graph breaks",
-    "mochi": "no region: under torch.compile's default config the model breaks Dynamo's graph at "
-             "`torch.nonzero` and `.item()` (attention-mask handling: data-dependent shapes), 11 graphs, none "
-             "holding a whole block; would take capture_dynamic_output_shape_ops / capture_scalar_outputs plus "
-             "the passes handling unbacked sizes, or guarding blocks across graph breaks",
-    "nucleus_moe_image": "no region: mixture-of-experts token routing (`torch.nonzero` / `.item()`) breaks "
-                         "Dynamo's graph inside every block (11 graphs, none holding a whole block); would take "
-                         "a traceable MoE dispatch or guarding blocks across graph breaks",
-    "sana_wm_refiner": "no MoReg frame layout: LTX-2-style packed video tokens (B, F*H*W, C) with the frame count "
-                       "as an int argument: no 5-D input to follow (as ltx_video)",
+                  "(B, L, C) with index tensors (video_indices, position_ids) and no frame-count argument, so "
+                  "neither a 5-D input nor frames_arg gives the frame axis; would take reading the frame layout "
+                  "from the index tensors",
+    "sana_wm_refiner": "no MoReg frame layout: LTX-2-style packed video tokens (B, F*H*W, C), but the frame "
+                       "count is no argument of forward (it is implicit in the precomputed video_rotary_emb), so "
+                       "frames_arg has nothing to name and there is no 5-D input to follow",
 }
 
 #: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.
@@ -81,7 +70,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: the default subset: one or two cases per family (DiT/adaLN, cross-attention, MMDiT, Flux-style
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
-          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios"]
+          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image"]
 
 _models: dict = {}
 
@@ -109,7 +98,7 @@ def check_explain(name):
     model = _model(name)
     args, kwargs = case.make_inputs(2, 0.5 * case.t_max)
     torch._dynamo.reset()
-    ex = explain(model, *args, **kwargs)
+    ex = explain(model, *args, config=AdaCacheConfig(**case.adacache), **kwargs)
     assert ex.regions, f"no region found:\n{ex}"
     assert ex.probe is not None, f"no probe:\n{ex}"
     assert any(ex.probe.block in r.block_paths for r in ex.regions)
@@ -121,15 +110,22 @@ def check_explain(name):
     return ex
 
 
+def _compiled(name, config):
+    """A copy of the case's model, compiled in place by ``compile_model`` (the cached original
+    stays uncompiled for the other checks)."""
+    model = copy.deepcopy(_model(name))
+    torch._dynamo.reset()
+    return model, compile_model(model, config, inner="eager")
+
+
 def check_caching_off(name, steps=8):
     case = get_case(name)
     model = _model(name)
     ts = timesteps(steps, case.t_max)
     torch._dynamo.reset()
     plain = sample_loop(torch.compile(model, backend="eager"), case.make_inputs, ts, output=case.output)
-    torch._dynamo.reset()
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 1}, num_steps=steps), inner="eager")
-    ours = sample_loop(torch.compile(model, backend=backend), case.make_inputs, ts, output=case.output)
+    compiled, backend = _compiled(name, AdaCacheConfig(codebook={INF: 1}, num_steps=steps, **case.adacache))
+    ours = sample_loop(compiled, case.make_inputs, ts, output=case.output)
     for step, (a, b) in enumerate(zip(plain, ours)):
         assert torch.equal(a, b), f"step {step + 1}: max |diff| {float((a - b).abs().max())}"
     assert any(g.runners for g in backend.graphs), f"nothing cached: {backend.uncached_graphs}"
@@ -139,10 +135,7 @@ def check_caching_off(name, steps=8):
 
 def check_fixed_codebook(name):
     case = get_case(name)
-    model = _model(name)
-    torch._dynamo.reset()
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
-    compiled = torch.compile(model, backend=backend)
+    compiled, backend = _compiled(name, AdaCacheConfig(codebook={INF: 3}, num_steps=12, **case.adacache))
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs = sample_loop(compiled, case.make_inputs, timesteps(12, case.t_max), output=case.output)
     report = backend.report()
@@ -171,12 +164,17 @@ def test_one_graph_case_caches(name):
 
 @pytest.mark.parametrize("name", _params(_selected(GRAPH_BREAK)))
 def test_graph_break_case_caches_the_graph_with_the_blocks(name):
-    """The model breaks Dynamo's graph itself; the backend must still be exact with caching off,
-    and cache the graph that holds the block stack."""
+    """The model breaks Dynamo's graph itself under the default config; ``compile_model``, which
+    captures data-dependent ops, makes no more graphs than plain ``torch.compile``, is exact with
+    caching off, and caches the graph that holds the block stack."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AdaCacheWarning)
         ex = check_explain(name)
-        assert len(ex.graphs) > 1
+        case = get_case(name)
+        args, kwargs = case.make_inputs(2, 0.5 * case.t_max)
+        torch._dynamo.reset()
+        plain = explain(_model(name), *args, capture_data_dependent=False, **kwargs)
+        assert 1 < len(plain.graphs) and len(ex.graphs) <= len(plain.graphs)
         check_caching_off(name)
         check_fixed_codebook(name)
 
@@ -219,9 +217,9 @@ def test_case_under_inductor(name):
 
 @pytest.mark.parametrize("name", ["ltx_video"] if not ALL else ["ltx_video", "ltx2", "sana_wm_refiner", "minimax_h3"])
 def test_packed_video_case_caches_with_moreg_off(name):
-    """Packed-token video models (no 5-D input, so no frame layout) still cache exactly: caching
-    off equals plain compile, a fixed codebook follows the contract, and the metrics have no
-    motion score (MoReg off)."""
+    """Packed-token video models compiled without ``frames_arg`` (no 5-D input, so no frame
+    layout) still cache exactly: caching off equals plain compile, a fixed codebook follows the
+    contract, and the metrics have no motion score (MoReg off)."""
     check_caching_off(name)
     case = get_case(name)
     torch._dynamo.reset()

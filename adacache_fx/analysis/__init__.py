@@ -14,12 +14,12 @@ from typing import Optional
 import torch.fx as fx
 
 from ..config import AdaCacheConfig, AdaCacheConfigError
-from .choose_probe import Probe, choose_probe
+from .choose_probe import Probe, choose_probe, probe_fallbacks
 from .find_blocks import find_blocks
 from .find_regions import find_regions
 from .find_residual_chain import find_residual_chain
 from .find_timestep import find_timestep
-from .frame_layout import FrameLayout, infer_frame_layout
+from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
 from .graph_nodes import user_placeholder_name
 
 logger = logging.getLogger("adacache_fx")
@@ -34,6 +34,7 @@ class GraphAnalysis:
     timestep: Optional[fx.Node] = None
     probe: Optional[Probe] = None
     frame_layout: Optional[FrameLayout] = None
+    packed_frames: Optional[int] = None   # frame count of packed video tokens (config.frames_arg, from the call)
     log: list = field(default_factory=list)
 
     @property
@@ -111,9 +112,25 @@ def _pass_choose_probe(a: GraphAnalysis) -> None:
 
 
 def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
-    if a.probe is not None:
-        a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log)
-        a.note(f"infer_frame_layout: {a.frame_layout.describe() if a.frame_layout else None}")
+    if a.probe is None:
+        return
+    if a.config.frames_arg is not None and a.packed_frames is None and not find_video_inputs(a.graph):
+        raise AdaCacheConfigError(
+            f"adacache: frames_arg={a.config.frames_arg!r} is read from the model's call arguments, which only "
+            "adacache_fx.compile_model (and explain) see: compile the model with compile_model(model, config)")
+    a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log, a.packed_frames)
+    is_video = bool(find_video_inputs(a.graph)) or a.packed_frames is not None
+    if a.frame_layout is None and is_video and a.config.probe_branch == 0:
+        # A video model whose frame axis does not reach the default probe: the same block's
+        # other residual branches, then its output delta, keep MoReg on.
+        for probe in probe_fallbacks(a.regions, a.probe):
+            layout = infer_frame_layout(a.graph, probe.node, a.config.video_frame_dim, packed_frames=a.packed_frames)
+            if layout is not None:
+                a.note(f"infer_frame_layout: the frame axis does not reach {a.probe.describe()}; "
+                       f"probe ({probe.rule}) {probe.describe()} instead, which it reaches")
+                a.probe, a.frame_layout = probe, layout
+                break
+    a.note(f"infer_frame_layout: {a.frame_layout.describe() if a.frame_layout else None}")
 
 
 # The ordered pass list: each pass may rely on the fields its predecessors filled.
@@ -126,8 +143,10 @@ ANALYSIS_PASSES = (
 )
 
 
-def analyze(graph: fx.Graph, config: AdaCacheConfig) -> GraphAnalysis:
-    analysis = GraphAnalysis(graph=graph, config=config)
+def analyze(graph: fx.Graph, config: AdaCacheConfig, packed_frames: Optional[int] = None) -> GraphAnalysis:
+    """Run ``ANALYSIS_PASSES`` on ``graph``. ``packed_frames``: the value of the call's
+    ``config.frames_arg`` argument (Dynamo bakes Python ints into the graph as constants)."""
+    analysis = GraphAnalysis(graph=graph, config=config, packed_frames=packed_frames)
     for run_pass in ANALYSIS_PASSES:
         run_pass(analysis)
     return analysis

@@ -85,6 +85,21 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
     return _pick(r, path, adds[path], probe_branch)
 
 
+def probe_fallbacks(regions: list, probe: Probe) -> list:
+    """Other probes of the same block, in order of preference: its other residual branches, then
+    its output delta. Used when MoReg's frame axis does not reach the chosen probe (attention
+    that gathers the valid tokens by a data-dependent mask, then pads them back)."""
+    region = regions[probe.region]
+    adds = _adds_by_block(region).get(probe.block, [])
+    out = [Probe(probe.region, probe.block, i, add) for i, add in enumerate(adds) if i != probe.branch_index]
+    if probe.residual is not None:
+        try:
+            out.append(_block_delta(probe.region, region, probe.block))
+        except ValueError:
+            pass
+    return out
+
+
 def _block_index(probe_block: Optional[int], count: int) -> int:
     """The middle block by default, else ``probe_block`` (negative from the end)."""
     if probe_block is None:

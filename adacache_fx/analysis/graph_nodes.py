@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 # Residual adds: ``x = x + branch`` in any spelling Dynamo (or symbolic_trace) records.
@@ -59,6 +60,25 @@ def is_residual_add(node: fx.Node) -> bool:
     if len(node.args) < 2 or "alpha" in node.kwargs:
         return False
     return all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
+
+
+_NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm}
+_NORM_FUNCTIONS |= {f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None}
+_NORM_MODULES = tuple(m for m in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if m is not None)
+
+
+def is_norm(node: fx.Node) -> bool:
+    """A layer / group / RMS norm of its first argument (a function call, or in a
+    ``symbolic_trace`` graph, a call of a norm module): shape-preserving, so a post-norm
+    block's trunk runs through it."""
+    if node.op == "call_function":
+        return node.target in _NORM_FUNCTIONS
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        try:
+            return isinstance(node.graph.owning_module.get_submodule(node.target), _NORM_MODULES)
+        except AttributeError:
+            return False
+    return False
 
 
 def is_glue(node: fx.Node) -> bool:

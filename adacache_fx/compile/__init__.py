@@ -1,11 +1,14 @@
 """Compile: each rewritten piece, once, with the inner compiler.
 
-The pieces' example inputs come from running the split top level on the graph's fake inputs
-(``FakeTensorProp``); the inputs are read from the placeholders' metadata (what Dynamo
-recorded), or faked from the real example inputs when a placeholder has none.
+A piece's example inputs are the values Dynamo recorded for the nodes that feed it
+(``split_module`` copies that metadata onto the piece's placeholders); only where a value is
+missing is the split top level run on the graph's fake inputs (``FakeTensorProp``). FLOPs are
+counted per node with ``torch.utils.flop_counter`` on those recorded values, so a graph with
+data-dependent sizes (captured ``.item()`` / ``nonzero``) is counted without re-deriving them.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,43 +60,84 @@ def _fake_mode(fakes: list):
     return next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None) or detect_fake_mode(fakes)
 
 
+def _fresh_unbacked_ok(mode):
+    """A graph that captured ``.item()`` or ``nonzero`` (data-dependent sizes) makes fresh unbacked
+    sizes when it is run again on fake inputs, piece by piece or to count FLOPs, and some of them
+    are not among a piece's outputs. Expected here: only the shapes are needed."""
+    shape_env = getattr(mode, "shape_env", None)
+    return shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None else contextlib.nullcontext()
+
+
 def _piece_inputs(top: fx.GraphModule, fakes: list) -> dict:
-    """attribute name -> example inputs of that piece (fake)."""
-    FakeTensorProp(top, _fake_mode(fakes)).propagate_dont_convert_inputs(*fakes)
-    return {node.target: [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
-            for node in top.graph.nodes if node.op == "call_module"}
+    """attribute name -> example inputs of that piece (fake): what Dynamo recorded for the nodes
+    that feed it (split_module copies that metadata onto the piece's placeholders), else found by
+    running the split top level on the fake inputs. Dynamo's own values are preferred: a graph
+    with data-dependent sizes does not always propagate again on fresh unbacked sizes."""
+    pieces = [n for n in top.graph.nodes if n.op == "call_module"]
+    recorded = {}
+    for node in pieces:
+        values = [example_value(p) for p in getattr(top, node.target).graph.nodes if p.op == "placeholder"]
+        if any(v is None for v in values):
+            break
+        recorded[node.target] = values
+    else:
+        return recorded
+    mode = _fake_mode(fakes)
+    with _fresh_unbacked_ok(mode):
+        FakeTensorProp(top, mode).propagate_dont_convert_inputs(*fakes)
+    return {node.target: [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args] for node in pieces}
 
 
-def count_flops(module, inputs: list, mode=None) -> int:
-    """FLOPs of one call of ``module`` on fake ``inputs`` (``torch.utils.flop_counter``: matmuls,
-    convolutions and attention; 0 if the count fails)."""
-    mode = mode or _fake_mode(inputs)
-    try:
-        with FlopCounterMode(display=False) as counter, mode:
-            module(*inputs)
-    except Exception:  # counting is informative only: never let it stop the rewrite
-        return 0
-    return _hint(counter.get_total_flops())
+def count_flops(gm: fx.GraphModule, example_inputs) -> int:
+    """FLOPs of one call of ``gm`` (``torch.utils.flop_counter``: matmuls, convolutions and
+    attention; 0 if the count fails)."""
+    return sum(flops_by_node(gm, example_inputs).values())
 
 
 def _hint(value) -> int:
     """An int from a FLOP count without a shape guard: ``int()`` on a SymInt would specialise a
-    dynamic shape (and recompile for every other one), so symbolic counts are read by their hint."""
-    if isinstance(value, torch.SymInt):
-        hint = getattr(value.node, "hint", None)
-        return int(hint) if hint is not None else 0
-    return int(value)
+    dynamic shape (and recompile for every other one), so symbolic counts are read by their hint.
+    Sizes that depend on data (unbacked: a captured ``.item()`` or ``nonzero``, e.g. the tokens
+    routed to each expert) have no hint: their terms count as 0, so the FLOPs of work sized by
+    the data are left out of both the cached and the total count."""
+    if not isinstance(value, torch.SymInt):
+        return int(value)
+    hint = getattr(value.node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    expr, shape_env = value.node.expr, value.node.shape_env
+    unbacked = {s: 0 for s in free_unbacked_symbols(expr)}
+    try:
+        return int(shape_env.optimization_hint(expr.xreplace(unbacked)))
+    except Exception:  # informative only
+        return 0
 
 
 class _FlopsByNode(fx.Interpreter):
+    """Runs each node on fake inputs under a FLOP counter. A node's inputs are the values Dynamo
+    recorded for them where it did (so data-dependent sizes keep Dynamo's symbols and ranges),
+    else the values computed here; a node that fails on them counts 0 and yields its recorded
+    value."""
+
     def __init__(self, gm, counter):
         super().__init__(gm)
         self.counter = counter
         self.flops: dict = {}
 
     def run_node(self, n):
+        if n.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(n)
+        recorded = lambda a: example_value(a) if example_value(a) is not None else self.env[a]  # noqa: E731
+        args = fx.map_arg(n.args, recorded)
+        kwargs = fx.map_arg(n.kwargs, recorded)
         before = self.counter.get_total_flops()
-        out = super().run_node(n)
+        try:
+            out = getattr(self, n.op)(n.target, args, kwargs)
+        except Exception:   # informative only: keep counting the rest
+            if example_value(n) is None:
+                raise
+            self.flops[n] = 0
+            return example_value(n)
         self.flops[n] = _hint(self.counter.get_total_flops()) - _hint(before)
         return out
 
@@ -101,7 +146,8 @@ def flops_by_node(gm: fx.GraphModule, example_inputs) -> dict:
     """node -> FLOPs of one call, counted on fake inputs ({} if the count fails)."""
     fakes = graph_inputs(gm, example_inputs)
     try:
-        with FlopCounterMode(display=False) as counter, _fake_mode(fakes):
+        mode = _fake_mode(fakes)
+        with FlopCounterMode(display=False) as counter, mode, _fresh_unbacked_ok(mode):
             interpreter = _FlopsByNode(gm, counter)
             interpreter.run(*fakes)
     except Exception:  # informative only
@@ -114,7 +160,11 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     fakes = graph_inputs(rw.gm, example_inputs)
     inputs = _piece_inputs(top, fakes)
     result = CompiledPieces(top=top, fake_inputs=fakes)
-    result.flops = {name: count_flops(getattr(top, name), args, _fake_mode(fakes)) for name, args in inputs.items()}
+    # a piece's op nodes keep their names from the graph (its placeholders are named after the
+    # producers of its inputs, so only op nodes are looked up)
+    per_node = {n.name: f for n, f in flops_by_node(rw.gm, example_inputs).items()}
+    result.flops = {name: sum(per_node.get(n.name, 0) for n in getattr(top, name).graph.nodes
+                              if n.op in ("call_function", "call_method", "call_module")) for name in inputs}
     for r, name in rw.split.region_submods.items():
         result.regions[r] = (name, inner(getattr(top, name), inputs[name]), rw.reuse[r])
     for name in rw.split.other_submods:

@@ -10,7 +10,8 @@
 What ``enable`` does:
 
 * compiles the pipeline's denoiser (``pipe.transformer``, else ``pipe.unet``/``pipe.prior``
-  when they hold a transformer) in place with ``module.compile(backend=adacache_backend(...))``,
+  when they hold a transformer) in place with :func:`adacache_fx.compile_model` (``module.compile``
+  with the backend, and ``.item()`` / ``nonzero`` captured into the graph),
   so the pipeline keeps its components, offload hooks and ``save_pretrained`` untouched;
 * wraps this pipeline object's ``__call__``: before every call the backend is reset (a new
   generation: no delta, probe or schedule survives from the previous request) and the
@@ -45,7 +46,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..backend import AdaCacheBackend, adacache_backend
+from ..backend import AdaCacheBackend
+from ..compile_model import compile_model
 from ..config import AdaCacheConfig
 
 _DENOISER_ATTRS = ("transformer", "unet", "prior")
@@ -143,8 +145,7 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
         disable(pipe)
     config = config if config is not None else AdaCacheConfig()
     name, module = _denoiser(pipe, component)
-    backend = adacache_backend(config, inner=inner, mode=mode, options=options)
-    module.compile(backend=backend, **compile_kwargs)
+    backend = compile_model(module, config, inner=inner, mode=mode, options=options, **compile_kwargs)
     clock = _SchedulerClock(pipe)
     backend.runtime.clock.source = clock
 

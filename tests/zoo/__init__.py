@@ -77,6 +77,8 @@ class ModelCase:
     one_graph: bool | None = True
     graph_break: str = ""
     t_max: float = 1000.0
+    #: AdaCacheConfig fields a user of this model sets (frames_arg for packed video tokens)
+    adacache: dict = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def output(out: Any) -> torch.Tensor:

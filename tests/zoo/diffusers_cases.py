@@ -51,7 +51,7 @@ def _cls(name: str):
 
 def _dcase(name: str, cls_name: str, config: dict, inputs, *, is_video: bool = False, is_audio: bool = False,
            num_blocks: int, block_lists: tuple[str, ...], notes: str = "", one_graph: bool | None = None,
-           graph_break: str = "", t_max: float = 1000.0, seed: int = 0, prepare=None) -> ModelCase:
+           graph_break: str = "", t_max: float = 1000.0, seed: int = 0, prepare=None, adacache=None) -> ModelCase:
     def build():
         model = _cls(cls_name)(**config)
         model = _finish(model, seed=seed)
@@ -67,7 +67,7 @@ def _dcase(name: str, cls_name: str, config: dict, inputs, *, is_video: bool = F
     return register(ModelCase(name=name, build=build, make_inputs=make_inputs, is_video=is_video,
                               is_audio=is_audio, num_blocks=num_blocks, notes=notes, core=False,
                               block_lists=block_lists, model_class=f"diffusers.{cls_name}",
-                              one_graph=one_graph, graph_break=graph_break, t_max=t_max))
+                              one_graph=one_graph, graph_break=graph_break, t_max=t_max, adacache=adacache or {}))
 
 
 def _ones(b, n):
@@ -385,7 +385,7 @@ _dcase(
          cross_attention_dim=32, num_layers=2, caption_channels=24),
     lambda g, b, t: ((_randn(g, b, 2 * 4 * 4, 8), _randn(g, b, 6, 24), t, _ones(b, 6)),
                      dict(num_frames=2, height=4, width=4, return_dict=False)),
-    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), adacache=dict(frames_arg="num_frames"),
     notes="packed tokens (B, F*H*W, C) with num_frames/height/width passed as ints.",
 )
 
@@ -589,6 +589,7 @@ _dcase(
                      dict(encoder_attention_mask=_ones(b, 6), audio_encoder_attention_mask=_ones(b, 6),
                           num_frames=2, height=4, width=4, audio_num_frames=4, return_dict=False)),
     is_video=True, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",),
+    adacache=dict(frames_arg="num_frames"),
     notes="LTX-2 joint audio+video: each block updates the video and the audio stream (a2v / v2a cross-attn); "
           "output is (video, audio) - get_output returns the video.",
 )

@@ -1,7 +1,9 @@
 """Infer where the frame axis of a video lives inside the probe residual (for MoReg).
 
 The frame axis of a 5-D video input is followed through the graph (``walk``) with one rule
-per op kind (``rules``) in sympy size algebra (``axis``). The probe residual then views as
+per op kind (``rules``) in sympy size algebra (``axis``). Video tokens that arrive packed,
+``(B, F*H*W, C)`` frame-major, start the walk with ``F`` given (``AdaCacheConfig.frames_arg``,
+read from the call's arguments): frame ``i // (N / F)`` along dim 1. The probe residual then views as
 ``(-1, frames, inner * prod(trailing dims))`` (narrowed to the video tokens when text tokens
 sit beside them).
 """
@@ -10,14 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import sympy
 import torch
 import torch.fx as fx
 
 from ..graph_nodes import example_value, is_parameter_placeholder, numel_hint, user_placeholder_name
-from .axis import FrameAxis
+from .axis import FrameAxis, size_expr
 from .walk import follow_frame_axis
 
-__all__ = ["FrameAxis", "FrameLayout", "find_video_inputs", "follow_frame_axis", "infer_frame_layout"]
+__all__ = ["FrameAxis", "FrameLayout", "find_packed_inputs", "find_video_inputs", "follow_frame_axis",
+           "infer_frame_layout"]
 
 
 @dataclass
@@ -25,13 +29,16 @@ class FrameLayout:
     """The frame axis of the probe, and where it came from."""
 
     video_input: str           # graph input name
-    video_frame_dim: int       # frame dim of the 5-D input
+    video_frame_dim: int       # frame dim of the 5-D input (1 for packed tokens)
     probe_axis: FrameAxis      # layout of the probe residual
+    packed: bool = False       # the input is packed tokens (B, F*H*W, C) with F from frames_arg
 
     def describe(self) -> str:
         a = self.probe_axis
         segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.segmented else ""
-        return (f"frames from input {self.video_input!r} dim {self.video_frame_dim}; probe dim {a.dim}, "
+        source = (f"packed tokens of input {self.video_input!r} (frames from frames_arg)" if self.packed
+                  else f"input {self.video_input!r} dim {self.video_frame_dim}")
+        return (f"frames from {source}; probe dim {a.dim}, "
                 f"inner stride {a.inner}, {a.frames} frames{segment}")
 
 
@@ -43,10 +50,41 @@ def find_video_inputs(graph: fx.Graph) -> list:
     return sorted(videos, key=lambda n: -numel_hint(example_value(n)))
 
 
+def find_packed_inputs(graph: fx.Graph, frames: int) -> list:
+    """3-D float graph inputs ``(B, N, C)`` whose token count ``N`` splits into ``frames``, largest
+    first: the candidates for packed video tokens."""
+    def tokens(v) -> int:   # by its hint: int() on a SymInt would specialise a dynamic shape
+        size = v.shape[1]
+        return int(getattr(size.node, "hint", None) or 0) if isinstance(size, torch.SymInt) else int(size)
+
+    def fits(v):
+        return (isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point()
+                and tokens(v) > frames and tokens(v) % frames == 0)
+    packed = [n for n in graph.nodes if n.op == "placeholder" and not is_parameter_placeholder(n)
+              and fits(example_value(n))]
+    return sorted(packed, key=lambda n: -numel_hint(example_value(n)))
+
+
+def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[list]) -> Optional[FrameLayout]:
+    for video in find_packed_inputs(graph, frames):
+        tokens = size_expr(example_value(video).shape[1])
+        start = FrameAxis(1, sympy.simplify(tokens / frames), sympy.Integer(frames))
+        axis = follow_frame_axis(graph, video, 1, start).get(probe)
+        if axis is not None:
+            return FrameLayout(user_placeholder_name(video), 1, axis, packed=True)
+    if log is not None:
+        log.append(f"frames_arg gives {frames} frames, but no packed (B, N, C) input with N divisible by it "
+                   "reaches the probe: MoReg off")
+    return None
+
+
 def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int] = None,
-                       log: Optional[list] = None) -> Optional[FrameLayout]:
-    """Frame layout of ``probe``, or None (image model, or the axis was lost on the way)."""
+                       log: Optional[list] = None, packed_frames: Optional[int] = None) -> Optional[FrameLayout]:
+    """Frame layout of ``probe``, or None (image model, or the axis was lost on the way).
+    ``packed_frames``: the frame count of packed video tokens, when the model takes no 5-D video."""
     videos = find_video_inputs(graph)
+    if not videos and packed_frames is not None and packed_frames > 1:
+        return _packed_layout(graph, probe, packed_frames, log)
     if not videos:
         if log is not None:
             log.append("no 5-D video input: image model, MoReg off")

@@ -12,10 +12,11 @@ from .axis import FrameAxis, fits, size_expr
 from .rules import propagate, split_elements
 
 
-def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int) -> dict:
-    """Layouts of every node that the frame axis of ``video`` (at ``frame_dim``) reaches."""
+def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int, start: FrameAxis = None) -> dict:
+    """Layouts of every node that the frame axis of ``video`` (at ``frame_dim``, or the given
+    ``start`` layout: packed tokens) reaches."""
     value = example_value(video)
-    layouts = {video: FrameAxis(frame_dim, sympy.Integer(1), size_expr(value.shape[frame_dim]))}
+    layouts = {video: start or FrameAxis(frame_dim, sympy.Integer(1), size_expr(value.shape[frame_dim]))}
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or node in layouts:
             continue

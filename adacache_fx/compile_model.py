@@ -1,0 +1,109 @@
+"""The entry point: compile a model in place with the AdaCache backend, with the ops that
+break Dynamo's graph captured into it.
+
+    from adacache_fx import AdaCacheConfig, compile_model
+    backend = compile_model(model, AdaCacheConfig.fast(num_steps=30))   # model compiled in place
+    out = model(x, t, context)
+    print(backend.report(model))
+
+Why an entry point and not only ``torch.compile(model, backend=adacache_backend(...))``: the
+backend sees one Dynamo graph at a time, and a model that calls ``.item()`` / ``.tolist()``
+(token counts, grid sizes for a rotary embedding) or an op whose output shape depends on the
+data (``nonzero``, ``masked_select``, mixture-of-experts routing) breaks Dynamo's graph there
+under the default config, often inside every block: no graph then holds a block, and there is
+nothing to cache. Dynamo can capture those ops into the graph instead (as data-dependent,
+"unbacked" sizes) when ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops``
+are on. Dynamo reads its config while it traces, that is on the compiled model's calls, so
+``compile_model`` turns both on around each call of this model only (``torch._dynamo.config``
+is patched for the call and restored after it): the user's global config and their other
+compiled models are never changed.
+
+What it cannot capture still breaks the graph: a Python ``if`` or ``for`` on a tensor's value
+(``for n in tokens_per_expert:``). Such a model runs as plain ``torch.compile`` would run it,
+and the backend's warning names the graph that could not be cached.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Callable, Optional, Union
+
+import torch
+
+from .backend import AdaCacheBackend, adacache_backend
+from .config import AdaCacheConfig, AdaCacheConfigError
+
+__all__ = ["DATA_DEPENDENT_CAPTURE", "compile_model", "data_dependent_capture", "frames_argument"]
+
+# Dynamo settings under which data-dependent ops are traced into the graph instead of breaking it.
+DATA_DEPENDENT_CAPTURE = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
+
+
+def data_dependent_capture():
+    """A context (also a decorator) in which Dynamo captures ``.item()``, ``.tolist()`` and ops
+    with data-dependent output shapes into the graph. Restores the previous config on exit."""
+    return torch._dynamo.config.patch(**DATA_DEPENDENT_CAPTURE)
+
+
+def _frames_parameter(model: torch.nn.Module, config: AdaCacheConfig) -> Optional[inspect.Signature]:
+    """The forward's signature when ``config.frames_arg`` names one of its parameters."""
+    if config is None or config.frames_arg is None:
+        return None
+    signature = inspect.signature(model.forward)
+    if config.frames_arg not in signature.parameters:
+        raise AdaCacheConfigError(f"adacache: frames_arg={config.frames_arg!r} names no argument of "
+                                  f"{type(model).__name__}.forward{signature}")
+    return signature
+
+
+def _frames_value(signature: Optional[inspect.Signature], name: str, args, kwargs) -> Optional[int]:
+    if signature is None:
+        return None
+    value = signature.bind_partial(*args, **kwargs).arguments.get(name, signature.parameters[name].default)
+    if value is None or value is inspect.Parameter.empty:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdaCacheConfigError(f"adacache: frames_arg={name!r} must be a Python int frame count, got "
+                                  f"{type(value).__name__}")
+    return value
+
+
+def frames_argument(model: torch.nn.Module, config: Optional[AdaCacheConfig], args, kwargs) -> Optional[int]:
+    """The frame count ``config.frames_arg`` names in a call of ``model`` (None when not set)."""
+    signature = _frames_parameter(model, config)
+    return _frames_value(signature, config.frames_arg, args, kwargs) if signature is not None else None
+
+
+def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
+                  inner: Union[str, Callable] = "inductor", mode: Optional[str] = None,
+                  options: Optional[dict] = None, capture_data_dependent: bool = True,
+                  **compile_kwargs) -> AdaCacheBackend:
+    """Compile ``model`` in place (``model.compile``: the module keeps its class, attributes and
+    state-dict keys) with the AdaCache backend, and return the backend.
+
+    ``capture_data_dependent`` (default True): trace the model's calls under
+    :func:`data_dependent_capture`, so that ``.item()``, ``.tolist()`` and ``nonzero``-like ops
+    stay inside the graph. ``compile_kwargs`` go to ``model.compile`` (``dynamic=``,
+    ``fullgraph=``). Raises ``RuntimeError`` when the model is already compiled."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_model takes an nn.Module, got {type(model).__name__}")
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise RuntimeError("compile_model: this module is already compiled (module.compile or compile_model was "
+                           "called on it); compile it once")
+    backend = adacache_backend(config, inner=inner, mode=mode, options=options)
+    signature = _frames_parameter(model, backend.config)
+    model.compile(backend=backend, **compile_kwargs)
+    compiled = model._compiled_call_impl
+    capture = data_dependent_capture if capture_data_dependent else contextlib.nullcontext
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
+        # analysis of a graph traced by this call reads it here
+        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs)
+        with capture():
+            return compiled(*args, **kwargs)
+
+    model._compiled_call_impl = call
+    return backend

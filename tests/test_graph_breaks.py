@@ -1,0 +1,229 @@
+"""Models that break Dynamo's graph inside every block, cached through ``compile_model``.
+
+The toy model (``examples.models.breaking_dit``) switches on one construct at a time: a rotary
+table built from ``grid_sizes.tolist()``, text tokens sliced to ``mask.sum().item()``,
+gathered by ``nonzero``, and top-k mixture-of-experts routing. Under plain ``torch.compile``
+each breaks the graph in every block, so ``torch.compile(model, backend=adacache_backend(...))``
+finds no block. ``compile_model`` traces them under ``data_dependent_capture`` (scoped to this
+model's calls). Checked for each: plain ``torch.compile`` breaks the graph; ours makes no more
+graphs than plain and does not touch the global config; caching off is bit-identical to plain
+``torch.compile``; ``{inf: 3}`` over 12 steps computes 1, 2, 5, 8, 11, 12 and attention runs in
+the blocks on those steps only; no recompile inside a generation; at least 90% of a forward's
+FLOPs sit in the cached region; MoReg sees the frames; every reused step returns the stem of
+its input plus the cached delta."""
+import pytest
+import torch
+
+from adacache_fx import AdaCacheConfig, compile_model, data_dependent_capture, explain
+from examples.models.breaking_dit import BreakingDiT, make_inputs
+from helpers import INF, count_ops, no_recompiles, timesteps
+
+CONTRACT_12 = [1, 2, 5, 8, 11, 12]
+CONSTRUCTS = ["rope_tolist", "mask_item", "mask_nonzero", "moe"]
+
+
+def _model(construct):
+    torch.manual_seed(0)
+    return BreakingDiT(**{construct: True}).eval()
+
+
+def _euler(model, steps, seed=0, record=None):
+    """A flow-Euler loop: the video changes every step with the output."""
+    x, t0, grid, context, mask = make_inputs(2, steps[0], seed=seed)
+    grid_t = list(steps) + [0.0]
+    outs = []
+    with torch.no_grad():
+        for t, t_next in zip(grid_t, grid_t[1:]):
+            if record is not None:
+                record.append((x.clone(), t))
+            v = model(x, torch.full((2,), float(t)), grid, context, mask)
+            outs.append(v)
+            x = x + (t_next - t) / 1000.0 * v
+    return outs, (grid, context, mask)
+
+
+def _graph_count(model, capture: bool) -> int:
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ctx = data_dependent_capture() if capture else torch._dynamo.config.patch({})
+    with torch.no_grad(), ctx:
+        torch.compile(model, backend=count)(*make_inputs(2, 500.0))
+    return len(graphs)
+
+
+@pytest.mark.parametrize("construct", CONSTRUCTS)
+def test_plain_compile_breaks_and_compile_model_does_not(construct):
+    model = _model(construct)
+    plain = _graph_count(model, capture=False)
+    assert plain > 1, f"{construct}: the toy should break the graph under the default config"
+    assert _graph_count(model, capture=True) == 1 <= plain
+    e = explain(model, *make_inputs(2, 500.0))
+    assert len(e.graphs) == 1 and [r.block_paths for r in e.regions] == [[f"blocks.{i}" for i in range(4)]]
+    assert e.frame_layout is not None and e.cached_flops_fraction >= 0.9, str(e)
+    plain_e = explain(model, *make_inputs(2, 500.0), capture_data_dependent=False)
+    assert len(plain_e.graphs) == plain and not plain_e.regions
+
+
+@pytest.mark.parametrize("construct", CONSTRUCTS)
+def test_caching_off_is_bit_identical_to_plain_compile(construct):
+    model = _model(construct)
+    torch._dynamo.reset()
+    plain, _ = _euler(torch.compile(model, backend="eager"), timesteps(6))
+    torch._dynamo.reset()
+    backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=6), inner="eager")
+    ours, _ = _euler(model, timesteps(6))
+    assert not backend.uncached_graphs and backend.graphs[0].runners
+    assert backend.report().computed_steps == list(range(1, 7))
+    for a, b in zip(ours, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("construct", CONSTRUCTS)
+def test_fixed_schedule_caches_the_whole_stack(construct):
+    model = _model(construct)
+    reference = _model(construct)                 # same weights, never compiled
+    torch._dynamo.reset()
+    backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    _euler(model, timesteps(12), seed=1)          # compile outside the count
+    backend.reset()
+    inputs: list = []
+    result: list = []
+    with no_recompiles():
+        sdpa = count_ops(lambda: result.append(_euler(model, timesteps(12), record=inputs)))
+    outs, (grid, context, mask) = result[0]
+    report = backend.report()
+    assert report.computed_steps == CONTRACT_12
+    assert sdpa == len(CONTRACT_12) * 4           # attention ran in the 4 blocks on computed steps only
+    assert report.cached_flops_fraction >= 0.9
+    assert len(report.metrics) == 5 and all(m.motion is not None for m in report.metrics)
+    # every step: the uncached model's head on (stem + the last computed step's stack delta)
+    last_delta = None
+    with torch.no_grad():
+        for step, ((x, t), out) in enumerate(zip(inputs, outs), start=1):
+            expected, delta = _stem_plus_delta(reference, x, t, grid, context, mask, last_delta, step in CONTRACT_12)
+            last_delta = delta
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _stem_plus_delta(model, x, t, grid, context, mask, last_delta, computed):
+    """The output a cached step must give, computed from the model's own parts."""
+    b, c, f, h, w = x.shape
+    from examples.models.breaking_dit import _sinusoid
+    temb = model.t_mlp(_sinusoid(torch.full((b,), float(t)), model.dim))
+    tokens = model.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
+    ctx = model.embed_context(context)
+    if computed:
+        out = tokens
+        for block in model.blocks:
+            out = block(out, temb, grid, ctx, mask)
+        last_delta = out - tokens
+    head = model.out(tokens + last_delta) * (1 + temb.mean(-1))[:, None, None]
+    return head.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3), last_delta
+
+
+def test_the_capture_config_is_scoped_to_the_compiled_model():
+    model, other = _model("rope_tolist"), _model("rope_tolist")
+    torch._dynamo.reset()
+    compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    _euler(model, timesteps(3))
+    assert torch._dynamo.config.capture_scalar_outputs is False
+    assert torch._dynamo.config.capture_dynamic_output_shape_ops is False
+    assert _graph_count(other, capture=False) > 1          # another model still compiles as before
+    with pytest.raises(RuntimeError, match="already compiled"):
+        compile_model(model, AdaCacheConfig())
+
+
+def test_all_constructs_together_cache_and_match_without_caching():
+    """The official-code style: every construct in every block at once."""
+    torch.manual_seed(0)
+    model = BreakingDiT(rope_tolist=True, mask_item=True, moe=True).eval()
+    uncached, _ = _euler(model, timesteps(8))
+    torch._dynamo.reset()
+    backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=8), inner="eager")
+    ours, _ = _euler(model, timesteps(8))
+    assert len(backend.graphs) == 1 and backend.report().computed_steps == list(range(1, 9))
+    for a, b in zip(ours, uncached):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----- packed video tokens: the frame count is a Python int argument -----------------------------
+class PackedTokensDiT(BreakingDiT):
+    """The same model, taking the video already packed as ``(B, F*H*W, C)`` frame-major with the
+    frame count as an int (LTX-Video style): no 5-D input for MoReg to follow."""
+
+    def forward(self, tokens, timestep, num_frames, grid_sizes, context, context_mask):
+        from examples.models.breaking_dit import _sinusoid
+        temb = self.t_mlp(_sinusoid(timestep, self.dim))
+        h, context = self.embed(tokens), self.embed_context(context)
+        for block in self.blocks:
+            h = block(h, temb, grid_sizes, context, context_mask)
+        return self.out(h) * (1 + temb.mean(-1))[:, None, None] * (num_frames / 3)
+
+
+def _pack(x):
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+
+
+def _unpack(tokens, like):
+    b, c, f, h, w = like.shape
+    return tokens.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _packed_euler(model, steps):
+    x, _, grid, context, mask = make_inputs(2, steps[0])
+    grid_t = list(steps) + [0.0]
+    with torch.no_grad():
+        for t, t_next in zip(grid_t, grid_t[1:]):
+            v = _unpack(model(_pack(x), torch.full((2,), float(t)), 3, grid, context, mask), x)
+            x = x + (t_next - t) / 1000.0 * v
+
+
+def test_packed_tokens_get_moreg_from_frames_arg():
+    """``frames_arg="num_frames"``: the packed model's motion scores equal those of the same
+    weights fed the 5-D video (whose frame axis the pass follows from the input)."""
+    torch.manual_seed(0)
+    video_model = BreakingDiT(rope_tolist=True).eval()
+    packed = PackedTokensDiT(rope_tolist=True).eval()
+    packed.load_state_dict(video_model.state_dict())
+    config = dict(codebook={INF: 3}, num_steps=12)
+    torch._dynamo.reset()
+    video_backend = compile_model(video_model, AdaCacheConfig(**config), inner="eager")
+    _euler(video_model, timesteps(12))
+    expected = video_backend.report()
+    torch._dynamo.reset()
+    backend = compile_model(packed, AdaCacheConfig(frames_arg="num_frames", **config), inner="eager")
+    with no_recompiles():
+        _packed_euler(packed, timesteps(12))
+    got = backend.report()
+    assert got.computed_steps == expected.computed_steps == CONTRACT_12
+    assert all(m.motion is not None for m in got.metrics)
+    for a, b in zip(got.metrics, expected.metrics):
+        assert a.motion == pytest.approx(b.motion, rel=1e-4) and a.distance == pytest.approx(b.distance, rel=1e-4)
+    e = explain(packed, _pack(make_inputs(2, 500.0)[0]), torch.full((2,), 500.0), 3, *make_inputs(2, 500.0)[2:],
+                config=AdaCacheConfig(frames_arg="num_frames"))
+    assert "packed tokens of input" in str(e) and e.frame_layout.probe_axis.frames == 3
+
+
+def test_packed_tokens_without_frames_arg_cache_with_moreg_off_and_bad_names_raise():
+    torch.manual_seed(0)
+    packed = PackedTokensDiT().eval()
+    torch._dynamo.reset()
+    backend = compile_model(packed, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    _packed_euler(packed, timesteps(12))
+    assert backend.report().computed_steps == CONTRACT_12
+    assert all(m.motion is None for m in backend.report().metrics)
+    from adacache_fx import AdaCacheConfigError, adacache_backend
+    with pytest.raises(AdaCacheConfigError, match="frames_arg='frames' names no argument"):
+        compile_model(PackedTokensDiT(), AdaCacheConfig(frames_arg="frames"))
+    with pytest.raises(ValueError, match="frames_arg"):
+        AdaCacheConfig(frames_arg="")
+    torch._dynamo.reset()      # under plain torch.compile the call's ints are not visible: say so
+    compiled = torch.compile(PackedTokensDiT().eval(), backend=adacache_backend(AdaCacheConfig(frames_arg="num_frames")))
+    with pytest.raises(Exception, match="only adacache_fx.compile_model"):
+        _packed_euler(compiled, timesteps(2))
