@@ -34,17 +34,10 @@ from zoo import ZOO, get_case  # noqa: E402
 ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).
-_NO_FRAME_AXIS = ("no MoReg frame layout: the frame axis of the 5-D input does not reach the probe through the ops "
-                  "infer_frame_layout follows")
 XFAIL: dict[str, str] = {
     "dreamlite": "no timestep input: this transformer (a UNet-style Transformer2D layer, norm_type layer_norm) "
                  "never uses its `timestep` argument, so no graph input feeds a sinusoid; caching works with "
                  "AdaCacheConfig(num_steps=...) (each call a step), but the matrix requires a timestep",
-    "kandinsky6_sr": _NO_FRAME_AXIS + ": channels-last input (B, F, H, W, C) concatenated with the condition "
-                     "along channels; would take channels-last frame dims (video_frame_dim=1 with C last) in "
-                     "infer_frame_layout",
-    "anyflow_far": _NO_FRAME_AXIS + ": the frame-autoregressive model partitions the frames into chunks "
-                   "(chunk_partition) and concatenates them; would take following cat/split along the frame dim",
     "hunyuan_video15": "no MoReg frame layout: a Python branch on a tensor's value (`if is_t2v:` at "
                        "transformer_hunyuan_video15.py:702) breaks the graph before the blocks (no capture config "
                        "removes it); the resumed graph caches the blocks, but it takes tokens, not the 5-D video, so "
@@ -70,7 +63,8 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: the default subset: one or two cases per family (DiT/adaLN, cross-attention, MMDiT, Flux-style
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
-          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image"]
+          "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image",
+          "kandinsky6_sr"]
 
 _models: dict = {}
 

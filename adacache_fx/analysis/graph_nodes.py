@@ -32,6 +32,9 @@ OP_KINDS = {
     "cat": (set(), {torch.cat, torch.concat, torch.concatenate}),
     "conv": (set(), {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}),
     "matmul": (set(), {torch.matmul, torch.bmm, operator.matmul}),
+    # reductions over some dims (the rest survive, shifted left unless keepdim)
+    "reduce": ({"sum", "mean", "amax", "amin", "prod", "logsumexp", "std", "var"},
+               {torch.sum, torch.mean, torch.amax, torch.amin, torch.prod, torch.logsumexp, torch.std, torch.var}),
     # ops that mix their first argument's last dim (tokens stay on the other dims)
     "last_dim": (set(), {torch._C._nn.linear, F.linear, F.scaled_dot_product_attention,
                          torch._C._nn.scaled_dot_product_attention}),

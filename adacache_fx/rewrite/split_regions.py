@@ -81,6 +81,43 @@ def _make_monotonic(graph: fx.Graph, partition: dict, region_of: dict) -> None:
                              "span is used outside the region")
 
 
+try:   # how Dynamo records torch.func.vmap (torch >= 2.6)
+    from torch._functorch.predispatch import _vmap_decrement_nesting as _VMAP_EXIT
+    from torch._functorch.predispatch import _vmap_increment_nesting as _VMAP_ENTER
+except ImportError:  # pragma: no cover
+    _VMAP_ENTER = _VMAP_EXIT = None
+
+
+def _pin_vmap_spans(graph: fx.Graph, partition: dict) -> None:
+    """Keep each ``vmap`` span (``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting``, as
+    Dynamo records ``torch.func.vmap``: flex attention's block-mask construction) in one piece.
+    The enter and exit take no tensor, so by data dependence alone they would land in the
+    prologue while the batched ops between them sit in a region. They join the piece of the ops
+    inside; an op inside that depends on no region joins it too when only the span uses it.
+    A span whose ops need two pieces cannot be split (ValueError: the graph runs uncached)."""
+    if _VMAP_ENTER is None:
+        return
+    stack: list = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _VMAP_ENTER:
+            stack.append((node, []))
+        elif node.op == "call_function" and node.target is _VMAP_EXIT and stack:
+            enter, inside = stack.pop()
+            pids = {partition[n] for n in inside if n in partition}
+            target = max(pids) if pids else partition.get(enter, 0)
+            span = set(inside) | {enter, node}
+            for n in inside:
+                if partition.get(n) == 0 and target != 0 and all(u in span for u in n.users):
+                    partition[n] = target
+            if len({partition[n] for n in inside if n in partition}) > 1:
+                raise ValueError(f"a vmap span ({enter.name} .. {node.name}) holds ops of two pieces")
+            partition[enter] = partition[node] = target
+            if stack:
+                stack[-1][1].extend(span)
+        elif stack:
+            stack[-1][1].append(node)
+
+
 def split_regions(gm: fx.GraphModule, regions: list) -> SplitGraph:
     region_of = {}
     for r, region in enumerate(regions):
@@ -100,6 +137,7 @@ def split_regions(gm: fx.GraphModule, regions: list) -> SplitGraph:
             lvl = max(lvl, level.get(arg, 0))
         level[node] = lvl
         partition[node] = 0 if lvl == 0 else 2 * lvl
+    _pin_vmap_spans(gm.graph, partition)
     if _has_global_state_nodes(gm.graph):
         _make_monotonic(gm.graph, partition, region_of)
     for node, pid in partition.items():  # a region may only use what is computed before it

@@ -102,6 +102,11 @@ def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int]
         if log is not None:
             log.append(f"frame axis of input {user_placeholder_name(videos[0])!r} does not reach the probe: MoReg off")
         return None
-    if len(found) > 1 and log is not None:
-        log.append("frame axis ambiguous between input dims 2 and 1; took dim 2 (set video_frame_dim to override)")
+    if len(found) > 1:
+        # Both dims reach the probe only when neither is the channel dim, which a patch embedding
+        # mixes: (B, F, H, W, C) channels last, whose dim 2 is the height. Dim 1 is the frames.
+        if log is not None:
+            log.append("frame axis ambiguous between input dims 2 and 1 (channels last); took dim 1 "
+                       "(set video_frame_dim to override)")
+        return next(f for f in found if f.video_frame_dim == 1)
     return found[0]

@@ -201,8 +201,28 @@ def _broadcast(axis: FrameAxis, in_shape, out_shape, last_dim_mixed: bool = Fals
     return replace(axis, dim=dim)
 
 
+def _reduce(node, axis: FrameAxis, source, in_shape, out_shape):
+    """A reduction over dims other than the frame dim keeps it (shifted left past the reduced
+    dims unless ``keepdim``); over the frame dim it is lost; a full reduction loses it."""
+    if not node.args or node.args[0] is not source:
+        return None
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    try:
+        dims = {int(d) % len(in_shape) for d in dims}
+    except (TypeError, ValueError):
+        return None
+    if axis.dim in dims:
+        return None
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    dim = axis.dim if keepdim else axis.dim - sum(1 for d in dims if d < axis.dim)
+    return replace(axis, dim=dim) if dim < len(out_shape) and same(out_shape[dim], in_shape[axis.dim]) else None
+
+
 _RULES = {"reshape": _reshape, "permute": _permute, "cat": _cat, "conv": _conv,
-          "matmul": _matmul, "last_dim": _last_dim}
+          "matmul": _matmul, "last_dim": _last_dim, "reduce": _reduce}
 
 
 def propagate(node: fx.Node, axis: FrameAxis, source: fx.Node) -> Optional[FrameAxis]:
@@ -222,10 +242,13 @@ def propagate(node: fx.Node, axis: FrameAxis, source: fx.Node) -> Optional[Frame
     return _broadcast(axis, in_shape, out_shape)
 
 
-def split_elements(node: fx.Node, axis: FrameAxis, src_val):
+def split_elements(node: fx.Node, axis: FrameAxis, src_val, source: Optional[fx.Node] = None):
     """Layout of each element of chunk/split/unbind outputs: one axis for all elements, a
     list (split along the frame dim: the piece holding the video keeps the axis), or None."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.target is _FLEX_ATTENTION:
+        # (out, logsumexp, ...): the output tokens are the query's (B, H, N, D), (B, H, N)
+        return axis if node.args and node.args[0] is source else None
     if name not in ("chunk", "split", "unbind", "tensor_split"):
         return None
     default_pos = 1 if name == "unbind" else 2
@@ -239,6 +262,9 @@ def split_elements(node: fx.Node, axis: FrameAxis, src_val):
     if name == "unbind" and dim < axis.dim:
         return replace(axis, dim=axis.dim - 1)
     return axis
+
+
+_FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 
 
 def _split_along_frames(node: fx.Node, axis: FrameAxis, src_val) -> Optional[list]:

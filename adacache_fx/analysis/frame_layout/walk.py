@@ -27,7 +27,7 @@ def follow_frame_axis(graph: fx.Graph, video: fx.Node, frame_dim: int, start: Fr
             if isinstance(src_val, (tuple, list)):  # chunk/split: the getitem below inherits
                 continue
             if isinstance(example_value(node), (tuple, list)):
-                new = split_elements(node, layouts[arg], src_val)
+                new = split_elements(node, layouts[arg], src_val, arg)
             else:
                 new = propagate(node, layouts[arg], arg)
             if isinstance(new, list) or (new is not None and fits(example_value(node), new)):
