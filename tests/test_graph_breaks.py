@@ -227,3 +227,20 @@ def test_packed_tokens_without_frames_arg_cache_with_moreg_off_and_bad_names_rai
     compiled = torch.compile(PackedTokensDiT().eval(), backend=adacache_backend(AdaCacheConfig(frames_arg="num_frames")))
     with pytest.raises(Exception, match="only adacache_fx.compile_model"):
         _packed_euler(compiled, timesteps(2))
+
+
+def test_plain_backend_on_a_breaking_model_runs_uncached_and_says_what_to_do():
+    """Through ``torch.compile(model, backend=adacache_backend(...))`` the user's tracing config
+    applies: the graph breaks, every fragment runs uncached with the same output, and the
+    warning names Dynamo's break reason and the entry point that captures it."""
+    from adacache_fx import AdaCacheWarning, adacache_backend
+    model = _model("mask_item")
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(num_steps=4), inner="eager")
+    with pytest.warns(AdaCacheWarning) as record, torch.no_grad():
+        out = torch.compile(model, backend=backend)(*make_inputs(2, 500.0))
+        expected = model(*make_inputs(2, 500.0))
+    assert not backend.graphs and backend.uncached_graphs
+    messages = [str(r.message) for r in record]
+    assert any("compile_model" in m and "capture_scalar_outputs" in m for m in messages), messages
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -8,6 +8,7 @@ to the ``adacache_fx`` logger at DEBUG level).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,9 +21,18 @@ from .find_regions import find_regions
 from .find_residual_chain import find_residual_chain
 from .find_timestep import find_timestep
 from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
-from .graph_nodes import user_placeholder_name
+from .graph_nodes import module_stack, user_placeholder_name
 
 logger = logging.getLogger("adacache_fx")
+_LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
+
+
+def _last_graph_break() -> str:
+    """The most recent graph-break reason Dynamo recorded in this process (its first line)."""
+    from torch._dynamo.utils import counters
+
+    reasons = list(counters["graph_break"])
+    return f" (Dynamo's last graph-break reason here: {reasons[-1].splitlines()[0].strip()!r})" if reasons else ""
 
 
 @dataclass
@@ -44,14 +54,29 @@ class GraphAnalysis:
     def why_uncacheable(self) -> str:
         """What stopped the pass, and what the user can do."""
         if not self.blocks:
+            fragment = self.block_fragment()
+            held = f" It holds ops of {fragment} but no whole block." if fragment else ""
             return ("no block stack found: no module list of blocks, no repeated module calls doing block work "
-                    "(a residual add and two matmuls each) and no chain of residual adds in this graph. If the "
-                    "model breaks Dynamo's graph inside its blocks, the stack reaches the backend in fragments: "
-                    "torch._dynamo.explain(model)(*inputs) lists the breaks. Details: " + "; ".join(self.log[-2:]))
+                    "(a residual add and two matmuls each) and no chain of residual adds in this graph." + held
+                    + " If the model breaks Dynamo's graph inside its blocks" + _last_graph_break() + ", the stack "
+                    "reaches the backend in fragments: compile with adacache_fx.compile_model(model, config), "
+                    "which captures .item(), .tolist() and nonzero into the graph (a Python branch or loop on a "
+                    "tensor's value must be rewritten: torch.cond, or hoisted out of the blocks); "
+                    "torch._dynamo.explain(model)(*inputs) lists the breaks."
+                    + " Details: " + "; ".join(self.log[-2:]))
         if not self.regions:
             return ("blocks found but no cacheable region: " + "; ".join(m for m in self.log if "left uncached" in m)
                     + ". adacache_fx.explain(model, *inputs) shows the blocks and streams")
         return "no probe: " + "; ".join(self.log[-2:])
+
+    def block_fragment(self) -> Optional[str]:
+        """A module-list element (``transformer_blocks.3``, or inside a block's own resumed frame
+        ``mlp.0``) this graph holds ops of: with no whole block, a fragment left by a graph break."""
+        for node in self.graph.nodes:
+            for path, _cls in module_stack(node):
+                if _LIST_ELEMENT.search(path):
+                    return _LIST_ELEMENT.search(path).group(0)
+        return None
 
     def note(self, message: str) -> None:
         self.log.append(message)
