@@ -20,21 +20,28 @@ compiled models are never changed.
 
 What it cannot capture still breaks the graph: a Python ``if`` or ``for`` on a tensor's value
 (``for n in tokens_per_expert:``). Such a model runs as plain ``torch.compile`` would run it,
-and the backend's warning names the graph that could not be cached.
+and the backend's warning names the graph that could not be cached. Where capturing makes
+Dynamo fail outright (a guard on a data-dependent size it cannot decide, e.g. ``.tolist()`` of
+a slice whose length is itself data-dependent), the call is traced again without capture, as
+plain ``torch.compile`` traces it, with an ``AdaCacheWarning``, and so are the model's later calls.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
-from .backend import AdaCacheBackend, adacache_backend
+from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
+
+from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend
 from .config import AdaCacheConfig, AdaCacheConfigError
 
-__all__ = ["DATA_DEPENDENT_CAPTURE", "compile_model", "data_dependent_capture", "frames_argument"]
+__all__ = ["DATA_DEPENDENT_CAPTURE", "capture_failed", "compile_model", "data_dependent_capture", "frames_argument"]
 
 # Dynamo settings under which data-dependent ops are traced into the graph instead of breaking it.
 DATA_DEPENDENT_CAPTURE = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
@@ -44,6 +51,14 @@ def data_dependent_capture():
     """A context (also a decorator) in which Dynamo captures ``.item()``, ``.tolist()`` and ops
     with data-dependent output shapes into the graph. Restores the previous config on exit."""
     return torch._dynamo.config.patch(**DATA_DEPENDENT_CAPTURE)
+
+
+def capture_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is Dynamo failing to trace (under the capture config), not the model's own
+    error or the backend's (a config that does not fit the model is the user's to fix)."""
+    if isinstance(exc, BackendCompilerFailed):
+        return False
+    return isinstance(exc, (TorchDynamoException, GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound))
 
 
 def _frames_parameter(model: torch.nn.Module, config: AdaCacheConfig) -> Optional[inspect.Signature]:
@@ -95,14 +110,26 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     signature = _frames_parameter(model, backend.config)
     model.compile(backend=backend, **compile_kwargs)
     compiled = model._compiled_call_impl
-    capture = data_dependent_capture if capture_data_dependent else contextlib.nullcontext
+    capturing = [capture_data_dependent]
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
         # analysis of a graph traced by this call reads it here
         backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs)
-        with capture():
+        if not capturing[0]:
+            return compiled(*args, **kwargs)
+        try:
+            with data_dependent_capture():
+                return compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only Dynamo's own tracing failures are retried
+            if not capture_failed(exc):
+                raise
+            capturing[0] = False
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"adacache: tracing {type(model).__name__} with data-dependent ops captured failed "
+                          f"({type(exc).__name__}: {first_line}); this model is traced as plain torch.compile "
+                          "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=2)
             return compiled(*args, **kwargs)
 
     model._compiled_call_impl = call

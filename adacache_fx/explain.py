@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -11,7 +12,7 @@ import torch.fx as fx
 from .config import AdaCacheConfig
 from .analysis import analyze
 from .compile import flops_by_node
-from .compile_model import data_dependent_capture, frames_argument
+from .compile_model import capture_failed, data_dependent_capture, frames_argument
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Explanation:
     graphs: list = field(default_factory=list)   # [GraphAnalysis], one per Dynamo graph
     flops: list = field(default_factory=list)    # per graph: (FLOPs inside its regions, FLOPs of one call)
     block_flops: list = field(default_factory=list)   # per graph: (FLOPs of the blocks inside regions, of all blocks)
+    capture_failed: Optional[str] = None   # why tracing with data-dependent ops captured failed (then traced without)
 
     @property
     def cached_flops_fraction(self) -> float:
@@ -53,6 +55,9 @@ class Explanation:
     def __str__(self) -> str:
         parts = [f"{len(self.graphs)} graph(s); {self.cached_flops_fraction:.1%} of one forward's FLOPs "
                  f"({self.cached_block_flops_fraction:.1%} of the blocks' FLOPs) inside the regions that would be cached"]
+        if self.capture_failed:
+            parts.append(f"(tracing with data-dependent ops captured failed: {self.capture_failed}; traced as plain "
+                         "torch.compile traces it)")
         for i, g in enumerate(self.graphs):
             parts.append(f"-- graph {i} ({len(g.graph.nodes)} nodes)\n{g.describe()}")
         return "\n".join(parts)
@@ -80,14 +85,26 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, dynamic=False)
-    capture_ctx = data_dependent_capture() if capture_data_dependent else contextlib.nullcontext()
     # a model compiled in place (compile_model, module.compile) is traced as written, not through
     # its own compiled call (whose graphs would go to its backend, not to this analysis)
     in_place = getattr(model, "_compiled_call_impl", None)
     model._compiled_call_impl = None
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), capture_ctx:
-            compiled(*args, **kwargs)
+        try:
+            _trace(compiled, args, kwargs, capture_data_dependent)
+        except Exception as exc:  # noqa: BLE001 - as compile_model: retraced without capture
+            if not (capture_data_dependent and capture_failed(exc)):
+                raise
+            result.graphs.clear(), result.flops.clear(), result.block_flops.clear()
+            result.capture_failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            torch._dynamo.reset()
+            _trace(compiled, args, kwargs, False)
     finally:
         model._compiled_call_impl = in_place
     return result
+
+
+def _trace(compiled, args, kwargs, capture_data_dependent: bool) -> None:
+    capture_ctx = data_dependent_capture() if capture_data_dependent else contextlib.nullcontext()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), capture_ctx:
+        compiled(*args, **kwargs)

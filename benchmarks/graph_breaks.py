@@ -34,7 +34,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from adacache_fx import AdaCacheConfig, compile_model
-from benchmarks.common import machine, machine_markdown, median
+from benchmarks.common import machine, machine_markdown, median, write_results
 from examples.models.breaking_dit import BreakingDiT, make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,13 +182,7 @@ def main(argv=None):
         f"faster than plain; {result['cached_flops_fraction']:.1%} of a forward's FLOPs in the cached region",
         "",
     ]
-    os.makedirs(args.out, exist_ok=True)
-    stem = "graph_breaks_quick" if args.quick else "graph_breaks"
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print("\n".join(lines))
+    write_results(args.out, "graph_breaks_quick" if args.quick else "graph_breaks", lines, result)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ plus the compile time of each (first call). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
 from adacache_fx import AdaCacheConfig, adacache_backend
-from benchmarks.common import interleaved, machine, machine_markdown, median
+from benchmarks.common import interleaved, machine, machine_markdown, median, write_results
 from examples.models.stdit import STDiT3, init_random_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,13 +142,7 @@ def main():
         f"{min(times['plain']) / min(times['fixed']):.2f}x",
         "",
     ]
-    os.makedirs(args.out, exist_ok=True)
-    stem = "overhead_quick" if args.quick else "overhead"
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print("\n".join(lines))
+    write_results(args.out, "overhead_quick" if args.quick else "overhead", lines, result)
 
 
 if __name__ == "__main__":

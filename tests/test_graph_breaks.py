@@ -244,3 +244,42 @@ def test_plain_backend_on_a_breaking_model_runs_uncached_and_says_what_to_do():
     messages = [str(r.message) for r in record]
     assert any("compile_model" in m and "capture_scalar_outputs" in m for m in messages), messages
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+class PrefixSegments(torch.nn.Module):
+    """A model that Dynamo cannot trace with data-dependent ops captured: ``.tolist()`` of a
+    slice whose length is itself data-dependent (as Qwen-Image 2.1's prefix segments)."""
+
+    def __init__(self):
+        super().__init__()
+        from toy_models import ToyDiT
+        torch.manual_seed(0)
+        self.dit = ToyDiT().eval()
+
+    def forward(self, x, timestep, ids, prefix):
+        segments = ids[: int(prefix.sum().item())].tolist()
+        return self.dit(x + 0.01 * len(segments), timestep)
+
+
+def test_when_capture_fails_the_model_is_traced_as_plain_compile_traces_it():
+    from adacache_fx import AdaCacheWarning
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    model = PrefixSegments()
+    ids, prefix = torch.arange(6), torch.tensor([1, 1, 1, 0])
+    x = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with pytest.raises(GuardOnDataDependentSymNode), data_dependent_capture(), torch.no_grad():
+        torch.compile(model, backend="eager")(x, torch.full((2,), 500.0), ids, prefix)
+    torch._dynamo.reset()
+    expected = []
+    with torch.no_grad():
+        for t in timesteps(6):
+            expected.append(model(x, torch.full((2,), t), ids, prefix))
+    backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=6), inner="eager")
+    with pytest.warns(AdaCacheWarning, match="traced as plain torch.compile"), torch.no_grad():
+        outs = [model(x, torch.full((2,), t), ids, prefix) for t in timesteps(6)]
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert backend.graphs and backend.report().computed_steps == list(range(1, 7))   # the blocks' graph caches
+    e = explain(PrefixSegments(), x, torch.full((2,), 500.0), ids, prefix)
+    assert e.capture_failed and "GuardOnDataDependentSymNode" in e.capture_failed and e.regions

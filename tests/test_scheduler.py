@@ -167,6 +167,21 @@ def test_no_timestep_counts_calls_and_needs_num_steps():
     assert steps == list(range(1, 13)) + [1, 2]
 
 
+def test_a_graph_without_the_timestep_follows_the_step_of_the_one_with_it():
+    """Graph breaks can leave the timestep input in one graph (Lumina2 under compile_model: the
+    refiners' graph has it, the main blocks' graph does not): its calls join that step."""
+    sched = AdaCacheScheduler(AdaCacheConfig(codebook={INF: 3}, num_steps=12))
+    decisions = []
+    for t in countdown(12):
+        timed = sched.begin_call(float(t), key="prologue graph")
+        untimed = sched.begin_call(None, key="blocks graph")
+        assert (untimed.step, untimed.compute) == (timed.step, timed.compute)
+        decisions.append(untimed)
+        if untimed.compute and len(sched.computed_steps) >= 2:
+            sched.add_metric_sums(sums(0.01), has_motion=False)
+    assert [d.step for d in decisions if d.compute] == [1, 2, 5, 8, 11, 12]
+
+
 def test_moreg_formula():
     cfg = AdaCacheConfig(codebook={INF: 1}, num_steps=30)
     assert cfg.window_for(30) == (4, 26)

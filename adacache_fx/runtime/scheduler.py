@@ -104,10 +104,13 @@ class AdaCacheScheduler:
 
         ``timestep`` is the call's timestep as a Python float, or None when the model
         has no timestep input (then every call is a step and ``num_steps`` bounds a
-        generation). ``key`` identifies the graph making the call, so that several
+        generation). When a model's graph breaks leave the timestep input in one graph only,
+        a call without it after one with it belongs to that call's step. ``key`` identifies the graph making the call, so that several
         graphs of one forward count their branches separately.
         """
-        if timestep is None:
+        if timestep is None and self.timestep is not None:
+            pass  # a graph without the timestep input, after one with it (graph breaks): same step
+        elif timestep is None:
             if self.num_steps is None:
                 raise ValueError(
                     "adacache: the model has no timestep input that could be found, so every "
@@ -115,9 +118,11 @@ class AdaCacheScheduler:
             if self.step >= self.num_steps:
                 self.reset()
             self._advance()
-        elif self.step == 0:
+        elif self.step == 0 or self.timestep is None:
+            # the first call of a generation, or the first timed one after untimed calls
+            if self.step == 0:
+                self._advance()
             self.timestep = timestep
-            self._advance()
         elif timestep == self.timestep:
             pass  # another branch of the current step
         else:
