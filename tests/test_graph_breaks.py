@@ -242,7 +242,7 @@ def test_plain_backend_on_a_breaking_model_runs_uncached_and_says_what_to_do():
         expected = model(*make_inputs(2, 500.0))
     assert not backend.graphs and backend.uncached_graphs
     messages = [str(r.message) for r in record]
-    assert any("compile_model" in m and "capture_scalar_outputs" in m for m in messages), messages
+    assert any("compile_model" in m and "capture_scalar_outputs" in m for m in messages), [m[-600:] for m in messages]
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 

@@ -27,12 +27,25 @@ logger = logging.getLogger("adacache_fx")
 _LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
 
 
+_breaks_seen: dict = {}
+
+
 def _last_graph_break() -> str:
-    """The most recent graph-break reason Dynamo recorded in this process (its first line)."""
+    """The graph-break reasons Dynamo recorded since this was last asked (first line and hint
+    of the newest one): Dynamo's counters are per process, so only new counts belong to the
+    model being traced now."""
     from torch._dynamo.utils import counters
 
-    reasons = list(counters["graph_break"])
-    return f" (Dynamo's last graph-break reason here: {reasons[-1].splitlines()[0].strip()!r})" if reasons else ""
+    if any(counters["graph_break"].get(r, 0) < n for r, n in _breaks_seen.items()):
+        _breaks_seen.clear()   # the counters were cleared (torch._dynamo.reset())
+    new = [r for r, n in counters["graph_break"].items() if n > _breaks_seen.get(r, 0)]
+    _breaks_seen.clear()
+    _breaks_seen.update(counters["graph_break"])
+    if not new:
+        return ""
+    lines = [ln.strip() for ln in new[-1].splitlines() if ln.strip()]
+    hint = next((ln for ln in lines if ln.startswith("Hint:")), "")
+    return f" (Dynamo's graph-break reason: {lines[0]!r}{'; ' + hint if hint else ''})"
 
 
 @dataclass
