@@ -1,8 +1,8 @@
 """Demo: the shipped reference model, uncached (plain torch.compile) vs AdaCache.
 
-    python -m examples.generate "blue square bouncing fast"
+    python -m examples.generate "blue square moving left fast"
     python -m examples.generate                      # a few default prompts, low to high motion
-    python -m examples.generate --mode slow --steps 30 --inner eager "red circle static"
+    python -m examples.generate --mode fast --steps 30 --inner eager "red circle static"
 
 (from the repository root).
 
@@ -28,7 +28,8 @@ from examples.machine import command_line, machine
 from examples.reference import CONFIG_FILE, load_reference_model, sample
 from examples.reference.quality import psnr, ssim
 
-DEFAULT_PROMPTS = ["red circle static", "green square moving right slow", "blue triangle bouncing fast"]
+# low to high motion, among what the shipped model draws (it does not bounce: MODEL_CARD.md)
+DEFAULT_PROMPTS = ["red circle static", "green square moving right slow", "blue triangle moving down fast"]
 
 
 def save_gif(base: torch.Tensor, cached: torch.Tensor, path: Path, scale: int = 4, ms: int = 160):
@@ -97,8 +98,10 @@ def main():
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: sampling.guidance_scale of config.json)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=["fast", "slow", "off"], default="fast",
-                    help="AdaCache codebook: fast, slow, or off ({inf: 1}, computes every step)")
+    ap.add_argument("--mode", choices=["fast", "slow", "off"], default="slow",
+                    help="AdaCache codebook: slow (default), fast, or off ({inf: 1}, computes every step). On the "
+                         "shipped model fast computes about 8 of 30 steps and the video is visibly degraded "
+                         "(PSNR about 22.5 dB against the uncached one); slow about 13 at 31 dB")
     ap.add_argument("--inner", default="inductor", help="compiler behind both runs: inductor, aot_eager, eager")
     ap.add_argument("--no-warmup", action="store_true", help="time the first (compiling) runs")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations of each, interleaved")

@@ -14,7 +14,11 @@ from examples.reference import (  # noqa: E402
     DIRECTIONS, MAX_TOKENS, VOCAB, MovingShapes, ShapeSpec, all_specs, load_reference_model, render, sample,
     tokenize,
 )
-from examples.reference.evaluate import check_data, measure, truth  # noqa: E402
+from examples.reference.evaluate import (  # noqa: E402
+    REJECT_RESIDUAL, calibrate, check_data, control_scores, eval_specs, measure, truth,
+)
+from examples.reference.data import trajectory  # noqa: E402
+from examples.reference.model import COORD_CHANNELS, coordinate_channels, model_input  # noqa: E402
 
 WEIGHTS = ROOT / "examples" / "weights" / "reference_model.safetensors"
 
@@ -33,7 +37,12 @@ def test_weights_ship_and_load(model):
     meta = json.loads((WEIGHTS.parent / "config.json").read_text())
     assert meta["transformer"]["num_layers"] >= 6
     assert len(transformer.blocks) == meta["transformer"]["num_layers"]
-    assert transformer.config.in_channels == 3 and tuple(transformer.config.patch_size) == (1, 4, 4)
+    cfg = transformer.config
+    # video + x, y, t coordinate channels in, velocity out; 4 x 8 x 8 = 256 tokens
+    assert cfg.out_channels == 3 and cfg.in_channels == 3 + COORD_CHANNELS
+    assert tuple(cfg.patch_size) == (2, 4, 4) and meta["sampling"]["shift"] == 3.0
+    assert tuple(cfg.patch_size) == tuple(meta["transformer"]["patch_size"])
+    assert 8 % cfg.patch_size[0] == 0 and 32 % cfg.patch_size[1] == 0
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
     assert not transformer.training
     n = sum(p.numel() for p in transformer.parameters())
@@ -85,10 +94,68 @@ def test_ground_truth_motion_direction(direction):
     assert (m["colour"], m["motion"], m["speed"]) == ("green", direction, "fast")
 
 
+def test_start_spread_narrows_only_the_start():
+    spec = ShapeSpec("red", "circle", "moving", "left", "slow")
+    full = [trajectory(spec, torch.Generator().manual_seed(i))[0] for i in range(50)]
+    narrow = [trajectory(spec, torch.Generator().manual_seed(i), start_spread=0.33)[0] for i in range(50)]
+    assert max(float(x[0]) for x in narrow) <= 32 - 5.0 and min(float(x[0]) for x in narrow) >= 32 - 5.5 - 1.5 - 0.33 * 15.4 - 0.01
+    assert min(float(x[0]) for x in full) < min(float(x[0]) for x in narrow)
+    assert all(float(x[-1] - x[0]) == pytest.approx(-5.6, abs=1e-4) for x in narrow)
+
+
 def test_measurement_recovers_every_label():
     r = check_data(n=117)  # 9 of each of the 13 motions
-    assert r["adherence"] == 1.0 and r["speed_acc_given_direction"] == 1.0
+    assert r["adherence"] == 1.0 and r["speed_acc_given_direction"] == 1.0 and r["bounce_speed_acc"] == 1.0
+    assert r["persistence"] == 1.0 and r["direction_acc"] == 1.0
+    assert all(r["confusion"][c][c] == n for c, n in [("static", 9), ("left", 18), ("growing", 9)])
     assert truth(ShapeSpec.from_prompt("blue circle bouncing fast"))["motion"] == "bouncing"
+
+
+def test_evaluator_controls():
+    """Perturbed ground truth scores ~100%, ground truth without temporal coherence does not."""
+    c = control_scores(eval_specs(26))  # 2 prompts of each of the 13 motions
+    for k in ("gt", "gt_noise", "gt_jitter"):
+        assert c[k]["adherence"] == 1.0, k
+    assert c["gt_blur"]["adherence"] >= 0.95
+    assert c["shuffled"]["adherence"] < 0.2 and c["independent"]["adherence"] < 0.1
+    # a reversed clip is right only when the motion is symmetric in time (static, bouncing)
+    assert c["reversed"]["adherence"] == pytest.approx(3 / 13, abs=0.01)
+    assert c["reversed"]["direction_acc"] == 0.0 and c["shuffled"]["colour_acc"] == 1.0
+
+
+def test_rejection_threshold_is_calibrated():
+    cal = calibrate(n=26)
+    assert cal["max"] < REJECT_RESIDUAL <= 1.05 * cal["threshold"] + 0.1
+
+
+def test_persistence_and_motion_are_separate():
+    spec = ShapeSpec("red", "circle", "moving", "right", "fast")
+    video, _ = render(spec, torch.Generator().manual_seed(1))
+    faint = video.clone()
+    faint[:, 3] = -1.0  # one empty frame: persistence fails, the motion is still measured
+    m = measure(faint)
+    assert not m["persistent"] and m["motion"] == "right" and m["colour"] == "red"
+    jumpy = video.clone()
+    jumpy[:, 4] = torch.roll(video[:, 4], shifts=9, dims=1)  # a jump down in one frame
+    assert measure(jumpy)["motion"] == "incoherent"
+    assert measure(torch.full_like(video, -1.0))["motion"] == "empty"
+
+
+def test_coordinate_channels():
+    c = coordinate_channels(8, 32, 32)
+    assert c.shape == (3, 8, 32, 32) and c.min() == -1 and c.max() == 1
+    assert torch.equal(c[0, 0, 0], torch.linspace(-1, 1, 32)) and torch.equal(c[1, 0, :, 0], torch.linspace(-1, 1, 32))
+    assert torch.equal(c[2, :, 0, 0], torch.linspace(-1, 1, 8))
+
+    class T:  # only .config matters
+        class config:
+            in_channels, out_channels = 6, 3
+
+    x = torch.randn(2, 3, 8, 32, 32)
+    y = model_input(T, x)
+    assert y.shape == (2, 6, 8, 32, 32) and torch.equal(y[:, :3], x) and torch.equal(y[1, 3:], c)
+    T.config.in_channels = 3
+    assert model_input(T, x) is x
 
 
 def test_one_sampling_step_runs(model):
@@ -100,8 +167,14 @@ def test_one_sampling_step_runs(model):
     calls = []
 
     def model_fn(**kw):
-        calls.append(kw["timestep"].shape)
+        calls.append((kw["timestep"].shape, kw["hidden_states"].shape[1]))
+        assert torch.equal(kw["hidden_states"][0, 3:], coordinate_channels())  # sample() adds them
         return transformer(**kw)
 
     out1 = sample(transformer, emb[:1], num_steps=2, seed=0, model_fn=model_fn)
-    assert calls == [(1,), (1,)] and out1.shape == (1, 3, 8, 32, 32)
+    assert calls == [((1,), 6), ((1,), 6)] and out1.shape == (1, 3, 8, 32, 32)
+    # the default scheduler shift is the one of the weights' config.json
+    from examples.reference import make_scheduler
+
+    meta = json.loads((WEIGHTS.parent / "config.json").read_text())
+    assert make_scheduler().config.shift == meta["sampling"]["shift"]

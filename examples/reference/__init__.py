@@ -2,12 +2,13 @@
 moving-shape videos (see examples/weights/MODEL_CARD.md)."""
 from .data import MovingShapes, ShapeSpec, all_specs, render, COLOURS, SHAPES, DIRECTIONS, SPEEDS
 from .tokenizer import PromptTokenizer, tokenize, VOCAB, MAX_TOKENS
-from .model import (build_reference_model, load_reference_model, sample, make_scheduler,
-                    DEFAULT_TRANSFORMER_CONFIG, WEIGHTS_FILE, CONFIG_FILE, VIDEO_SHAPE)
+from .model import (build_reference_model, load_reference_model, sample, make_scheduler, model_input,
+                    coordinate_channels, DEFAULT_TRANSFORMER_CONFIG, WEIGHTS_FILE, CONFIG_FILE, VIDEO_SHAPE)
 
 __all__ = [
     "MovingShapes", "ShapeSpec", "all_specs", "render", "COLOURS", "SHAPES", "DIRECTIONS", "SPEEDS",
     "PromptTokenizer", "tokenize", "VOCAB", "MAX_TOKENS",
-    "build_reference_model", "load_reference_model", "sample", "make_scheduler",
+    "build_reference_model", "load_reference_model", "sample", "make_scheduler", "model_input",
+    "coordinate_channels",
     "DEFAULT_TRANSFORMER_CONFIG", "WEIGHTS_FILE", "CONFIG_FILE", "VIDEO_SHAPE",
 ]

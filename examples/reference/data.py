@@ -106,8 +106,13 @@ def random_spec(g: torch.Generator) -> ShapeSpec:
     return ShapeSpec(colour, shape, motion, direction, speed)
 
 
-def trajectory(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int = SIZE):
-    """Per-frame centre (x, y) and radius, drawn at random but always inside the frame."""
+def trajectory(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int = SIZE,
+               start_spread: float = 1.0):
+    """Per-frame centre (x, y) and radius, drawn at random but always inside the frame.
+
+    ``start_spread`` < 1 narrows the start of linear motion along its axis to that fraction
+    of the allowed range, the part nearest the edge it leaves (1: the whole range; the
+    cross-axis start is not affected). The random draws are the same either way."""
     t = torch.arange(frames, dtype=torch.float32)
     if spec.motion in ("growing", "shrinking"):
         r0, r1 = _u(g, 2.0, 3.0), _u(g, 7.5, 9.0)
@@ -128,10 +133,11 @@ def trajectory(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: 
         dist = SPEEDS[spec.speed] * (frames - 1)
         # start so that the whole path stays inside [m, size - m]
         def start(d):
+            span = start_spread * (size - 2 * m - dist)
             if d > 0:
-                return _u(g, m, size - m - dist)
+                return _u(g, m, m + span)
             if d < 0:
-                return _u(g, m + dist, size - m)
+                return _u(g, size - m - span, size - m)
             return _u(g, m, size - m)
         x0, y0 = start(dx), start(dy)
         return x0 + dx * SPEEDS[spec.speed] * t, y0 + dy * SPEEDS[spec.speed] * t, radius
@@ -168,9 +174,10 @@ def _coverage(shape: str, cx, cy, r, size: int) -> torch.Tensor:
     return (0.5 - d).clamp(0.0, 1.0)
 
 
-def render(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int = SIZE):
+def render(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int = SIZE,
+           start_spread: float = 1.0):
     """One video ``(3, F, H, W)`` in [-1, 1] and its ground truth (centres, radii)."""
-    cx, cy, r = trajectory(spec, g, frames, size)
+    cx, cy, r = trajectory(spec, g, frames, size, start_spread)
     cov = _coverage(spec.shape, cx, cy, r, size)  # (F, H, W)
     col = torch.tensor(COLOURS[spec.colour]).view(3, 1, 1, 1)
     video = cov[None] * col * 2.0 - 1.0
@@ -180,15 +187,16 @@ def render(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int 
 class MovingShapes:
     """Seeded stream of (video, prompt, spec) batches; same seed -> same batches."""
 
-    def __init__(self, seed: int = 0, frames: int = FRAMES, size: int = SIZE):
+    def __init__(self, seed: int = 0, frames: int = FRAMES, size: int = SIZE, start_spread: float = 1.0):
         self.g = torch.Generator().manual_seed(seed)
         self.frames, self.size = frames, size
+        self.start_spread = start_spread
 
     def batch(self, batch_size: int):
         vids, specs = [], []
         for _ in range(batch_size):
             spec = random_spec(self.g)
-            v, _ = render(spec, self.g, self.frames, self.size)
+            v, _ = render(spec, self.g, self.frames, self.size, self.start_spread)
             vids.append(v)
             specs.append(spec)
         return torch.stack(vids), [s.prompt for s in specs], specs
