@@ -67,12 +67,9 @@ def _longest_chain(graph: fx.Graph):
 def _block_ends(chain: list, path: list) -> set:
     """Where each pseudo-block ends: the last trunk node before the next residual add (so a
     post-norm block keeps its norm, a masked block its select), and the last add."""
-    ends, adds = set(), set(chain)
-    for node, following in zip(path, path[1:]):
-        if following in adds:
-            ends.add(node)
-    ends.add(path[-1])
-    return {n for n in ends if path.index(n) >= path.index(chain[0])}
+    adds, start = set(chain), path.index(chain[0])
+    ends = {node for node, following in zip(path[start:], path[start + 1:]) if following in adds}
+    return ends | {path[-1]}
 
 
 def _continues_trunk(user: fx.Node, node: fx.Node) -> bool:

@@ -35,6 +35,9 @@ OP_KINDS = {
     # reductions over some dims (the rest survive, shifted left unless keepdim)
     "reduce": ({"sum", "mean", "amax", "amin", "prod", "logsumexp", "std", "var"},
                {torch.sum, torch.mean, torch.amax, torch.amin, torch.prod, torch.logsumexp, torch.std, torch.var}),
+    # layer / group / RMS norms of their first argument (shape-preserving: a post-norm trunk runs through)
+    "norm": (set(), {f for f in (F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm,
+                                 getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None}),
     # ops that mix their first argument's last dim (tokens stay on the other dims)
     "last_dim": (set(), {torch._C._nn.linear, F.linear, F.scaled_dot_product_attention,
                          torch._C._nn.scaled_dot_product_attention}),
@@ -65,8 +68,6 @@ def is_residual_add(node: fx.Node) -> bool:
     return all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
 
 
-_NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm}
-_NORM_FUNCTIONS |= {f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None}
 _NORM_MODULES = tuple(m for m in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if m is not None)
 
 
@@ -75,7 +76,7 @@ def is_norm(node: fx.Node) -> bool:
     ``symbolic_trace`` graph, a call of a norm module): shape-preserving, so a post-norm
     block's trunk runs through it."""
     if node.op == "call_function":
-        return node.target in _NORM_FUNCTIONS
+        return op_kind(node) == "norm"
     if node.op == "call_module" and node.graph.owning_module is not None:
         try:
             return isinstance(node.graph.owning_module.get_submodule(node.target), _NORM_MODULES)
@@ -187,14 +188,18 @@ def topo_index(graph: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
+def size_hint(size) -> int:
+    """A size (int or SymInt) by its hint, without installing a shape guard (``int()`` on a
+    SymInt would specialise a dynamic shape); 0 if it has no hint (a data-dependent size)."""
+    if isinstance(size, torch.SymInt):
+        hint = getattr(size.node, "hint", None)
+        return 0 if hint is None else int(hint)
+    return int(size)
+
+
 def numel_hint(value) -> int:
-    """Element count of a (fake) tensor from its size hints, without installing a shape
-    guard (``int()`` on a SymInt would specialise a dynamic shape); 0 if a size has no hint."""
+    """Element count of a (fake) tensor from its size hints (0 if a size has no hint)."""
     total = 1
     for size in value.shape:
-        if isinstance(size, torch.SymInt):
-            size = getattr(size.node, "hint", None)
-            if size is None:
-                return 0
-        total *= int(size)
+        total *= size_hint(size)
     return total

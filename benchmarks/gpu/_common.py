@@ -272,6 +272,14 @@ class PartReport:
         print(f"== {self.name}: {self.render().splitlines()[2][2:]} in {self.elapsed():.1f} s", flush=True)
         return True  # handled: the exit code says the rest
 
+    def run(self, body: Callable[["PartReport", object, torch.device], object]) -> "PartReport":
+        """Run ``body(report, args, device)`` inside this report (time box, status, writing the
+        part's markdown), on the device the part's ``--dry-run`` picks; returns the report."""
+        with self:
+            self.device = pick_device(self.args.dry_run)
+            body(self, self.args, self.device)
+        return self
+
     def exit_code(self) -> int:
         if self.status in ("OK", "SKIPPED") and not self.failed_checks:
             return 0

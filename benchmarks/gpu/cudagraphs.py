@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ._common import (INF, PartReport, base_parser, flow_generation, flow_sigmas, median, pick_device,
+from ._common import (INF, PartReport, base_parser, flow_generation, flow_sigmas, median,
                       raise_dynamo_limits, rel_diff, require_diffusers, run_part, tail, wan_setup)
 
 TOL = 1e-2   # relative L2 difference for "equal" in bf16 (different kernels give ~1e-3)
@@ -44,11 +44,7 @@ def main(argv):
     ap.add_argument("--min-budget-1.3b", dest="min_big", type=float, default=75.0,
                     help="seconds that must be left to start the 1.3B model")
     args = ap.parse_args(argv)
-    rep = PartReport("cudagraphs", "Part 5: caching under CUDA graphs (mode=\"reduce-overhead\")", args)
-    with rep:
-        device = rep.device = pick_device(args.dry_run)
-        _run(rep, args, device)
-    return rep
+    return PartReport("cudagraphs", "Part 5: caching under CUDA graphs (mode=\"reduce-overhead\")", args).run(_run)
 
 
 def _graph_state():

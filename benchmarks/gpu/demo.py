@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ._common import PartReport, SkipPart, base_parser, pick_device, run_part
+from ._common import PartReport, SkipPart, base_parser, run_part
 
 PROMPTS = ["red circle static", "green square moving right slow", "blue triangle bouncing fast"]
 
@@ -32,11 +32,7 @@ def main(argv):
     ap.add_argument("--repeats", type=int, default=None, help="timed pairs at most (default 5; dry run 1)")
     ap.add_argument("--inner", default=None, help="default inductor; dry run aot_eager")
     args = ap.parse_args(argv)
-    rep = PartReport("demo", "Part 4: reference-model demo (uncached vs AdaCache-fast)", args)
-    with rep:
-        device = rep.device = pick_device(args.dry_run)
-        _run(rep, args, device)
-    return rep
+    return PartReport("demo", "Part 4: reference-model demo (uncached vs AdaCache-fast)", args).run(_run)
 
 
 def _run(rep: PartReport, args, device):

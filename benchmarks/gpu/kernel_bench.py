@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from ._common import PartReport, base_parser, pick_device, run_part
+from ._common import PartReport, base_parser, run_part
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # name -> (B, F, tokens per frame, hidden, description)
@@ -70,12 +70,8 @@ def main(argv):
                                                                "torch.compile (inductor compiles take ~10 s each)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    rep = PartReport("kernel_bench", "Part 2: metric op microbenchmark (Triton kernel vs torch composite vs copy bandwidth)",
-                     args)
-    with rep:
-        device = rep.device = pick_device(args.dry_run)
-        _run(rep, args, device)
-    return rep
+    return PartReport("kernel_bench", "Part 2: metric op microbenchmark (Triton kernel vs torch composite vs copy bandwidth)",
+                     args).run(_run)
 
 
 def _run(rep: PartReport, args, device):

@@ -22,7 +22,7 @@ import zlib
 
 import torch
 
-from ._common import PartReport, base_parser, fmt, md_table, pick_device, run_part, tail
+from ._common import PartReport, base_parser, fmt, md_table, run_part, tail
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # as tests/test_kernels.py: the reference sees the same rounded inputs in float64, so what is
@@ -88,12 +88,8 @@ def close(out, ref, dtype, rtol_scale=1.0):
 def main(argv):
     ap = base_parser(__doc__)
     args = ap.parse_args(argv)
-    rep = PartReport("kernel_check", "Part 1: Triton kernel correctness (compiled kernel on CUDA vs a float64 reference)",
-                     args)
-    with rep:
-        device = rep.device = pick_device(args.dry_run)
-        _run(rep, args, device)
-    return rep
+    return PartReport("kernel_check", "Part 1: Triton kernel correctness (compiled kernel on CUDA vs a float64 reference)",
+                     args).run(_run)
 
 
 def _run(rep: PartReport, args, device):

@@ -22,7 +22,7 @@ import time
 import torch
 
 from ._common import (INF, PartReport, base_parser, flow_generation, flow_sigmas, latent_psnr, median,
-                      pick_device, raise_dynamo_limits, rel_diff, require_diffusers, run_part, wan_setup)
+                      raise_dynamo_limits, rel_diff, require_diffusers, run_part, wan_setup)
 
 
 def main(argv):
@@ -34,12 +34,8 @@ def main(argv):
     ap.add_argument("--inner", default=None, help="compiler of plain and of adacache's pieces "
                                                    "(default inductor; dry run aot_eager)")
     args = ap.parse_args(argv)
-    rep = PartReport("overhead_bf16", "Part 3: adacache overhead in bf16, Wan 2.1 1.3B size (plain torch.compile vs "
-                     "caching off vs fixed {inf: 3})", args)
-    with rep:
-        device = rep.device = pick_device(args.dry_run)
-        _run(rep, args, device)
-    return rep
+    return PartReport("overhead_bf16", "Part 3: adacache overhead in bf16, Wan 2.1 1.3B size (plain torch.compile vs "
+                     "caching off vs fixed {inf: 3})", args).run(_run)
 
 
 def _run(rep: PartReport, args, device):

@@ -16,7 +16,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..graph_nodes import example_value, is_parameter_placeholder, numel_hint, user_placeholder_name
+from ..graph_nodes import example_value, is_parameter_placeholder, numel_hint, size_hint, user_placeholder_name
 from .axis import FrameAxis, size_expr
 from .walk import follow_frame_axis
 
@@ -53,13 +53,9 @@ def find_video_inputs(graph: fx.Graph) -> list:
 def find_packed_inputs(graph: fx.Graph, frames: int) -> list:
     """3-D float graph inputs ``(B, N, C)`` whose token count ``N`` splits into ``frames``, largest
     first: the candidates for packed video tokens."""
-    def tokens(v) -> int:   # by its hint: int() on a SymInt would specialise a dynamic shape
-        size = v.shape[1]
-        return int(getattr(size.node, "hint", None) or 0) if isinstance(size, torch.SymInt) else int(size)
-
     def fits(v):
         return (isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point()
-                and tokens(v) > frames and tokens(v) % frames == 0)
+                and size_hint(v.shape[1]) > frames and size_hint(v.shape[1]) % frames == 0)
     packed = [n for n in graph.nodes if n.op == "placeholder" and not is_parameter_placeholder(n)
               and fits(example_value(n))]
     return sorted(packed, key=lambda n: -numel_hint(example_value(n)))
