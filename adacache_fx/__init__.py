@@ -13,6 +13,7 @@ from ._compat import check_torch
 check_torch()
 
 from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend, default_backend  # noqa: E402
+from .calibration import CalibrationResult, calibrate  # noqa: E402
 from .compile_model import compile_model, data_dependent_capture  # noqa: E402
 from .config import AdaCacheConfig, AdaCacheConfigError  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
@@ -20,7 +21,7 @@ from .report import Report  # noqa: E402
 from .runtime import AdaCacheScheduler, AdaCacheSyncWarning, StepMetric, codebook_rate  # noqa: E402
 
 __all__ = [
-    "AdaCacheBackend", "AdaCacheConfig", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
+    "AdaCacheBackend", "AdaCacheConfig", "CalibrationResult", "calibrate", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
     "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate", "compile_model",
     "data_dependent_capture", "default_backend", "explain",
 ]

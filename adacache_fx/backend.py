@@ -28,6 +28,11 @@ from .runtime.distributed import resolve_process_group
 logger = logging.getLogger("adacache_fx")
 
 
+# Config fields read while the graphs are analysed and rewritten (set_config cannot change them).
+COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg",
+                       "moreg_stride", "process_group")
+
+
 class AdaCacheWarning(UserWarning):
     """A graph runs uncached (and why)."""
 
@@ -119,6 +124,20 @@ class AdaCacheBackend:
         self.runtime.reset()
         for g in self.graphs:
             g.reset()
+
+    def set_config(self, config: AdaCacheConfig) -> None:
+        """Use ``config`` from the next generation on (the schedule and reuse fields: codebook,
+        MoReg, reuse, forced steps), without recompiling; :func:`adacache_fx.calibrate` does this.
+        Fields that shaped the compiled graphs must stay as they were."""
+        if not isinstance(config, AdaCacheConfig):
+            raise ValueError(f"config must be an AdaCacheConfig, got {type(config).__name__}")
+        for name in COMPILE_TIME_FIELDS:
+            if getattr(config, name) != getattr(self.config, name):
+                raise ValueError(f"set_config: {name} shapes the compiled graphs ({getattr(self.config, name)!r}); "
+                                 f"compile with a new backend to change it to {getattr(config, name)!r}")
+        self.config = config
+        self.runtime.set_config(config)
+        self.reset()
 
     def set_num_steps(self, num_steps: Optional[int]) -> None:
         """Tell the schedulers how many steps the coming generations have (kept across resets)."""

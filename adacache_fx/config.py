@@ -6,7 +6,7 @@ Diffusion Transformers", arXiv 2411.02397 (https://arxiv.org/abs/2411.02397).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 # Official codebooks ({distance threshold: cache rate}), from the public AdaCache code.
@@ -15,6 +15,8 @@ CODEBOOK_30_SLOW = {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1}
 CODEBOOK_100 = {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}
 # Official MoReg windows (1-indexed steps, inclusive).
 MOREG_WINDOWS = {30: (4, 26), 100: (10, 90)}
+# What a reused step adds to a stream: the last delta, or a forecast of it (see ``reuse``).
+REUSE_MODES = ("constant", "linear", "damped")
 
 
 def scale_codebook(codebook: dict, from_steps: int, to_steps: int) -> dict:
@@ -102,6 +104,16 @@ class AdaCacheConfig:
             collectives in the traced graph, i.e. its sequence-parallel group, else the
             world, when torch.distributed is initialised with several ranks), ``"world"``,
             an explicit ``ProcessGroup``, or None (no collective).
+        reuse: what a reused step adds to each stream's input. ``"constant"`` (the paper's
+            code): the delta of the last computed step. ``"linear"`` (default: it wins on the
+            benchmark, ``benchmarks/results/e2e.md``): that delta extrapolated to the current
+            step, first order in the sampler's own variable (the timestep the scheduler reads;
+            the step index for a model without one), from the deltas of the last two computed
+            steps: ``d1 + r (d1 - d0)`` with ``r = (t - t1) / (t1 - t0)``. ``"damped"``: the same
+            with the extrapolation scaled by ``reuse_damping`` (a blend of constant and linear
+            reuse). Forecasting keeps one more tensor per stream and guidance branch.
+        reuse_damping: the share of the linear extrapolation that ``"damped"`` adds (0: constant,
+            1: linear).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
@@ -122,6 +134,8 @@ class AdaCacheConfig:
     video_frame_dim: Optional[int] = None
     frames_arg: Optional[str] = None
     process_group: object = "auto"
+    reuse: str = "linear"
+    reuse_damping: float = 0.5
     first_computed_steps: int = 1
     last_computed_steps: int = 2
 
@@ -167,12 +181,41 @@ class AdaCacheConfig:
             raise ValueError(f"video_frame_dim must be 1 or 2 (dim of a 5-D video input), got {self.video_frame_dim!r}")
         if self.frames_arg is not None and (not isinstance(self.frames_arg, str) or not self.frames_arg):
             raise ValueError(f"frames_arg must be an argument name or None, got {self.frames_arg!r}")
+        if self.reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {REUSE_MODES}, got {self.reuse!r}")
+        if not isinstance(self.reuse_damping, (int, float)) or isinstance(self.reuse_damping, bool) \
+                or not 0.0 <= self.reuse_damping <= 1.0:
+            raise ValueError(f"reuse_damping must be a number in [0, 1], got {self.reuse_damping!r}")
         for name in ("first_computed_steps", "last_computed_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         if self.first_computed_steps < 1:
             raise ValueError("first_computed_steps must be at least 1: the first step fills the cache")
+
+    # ----- JSON ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The config as JSON-ready values (an infinite threshold becomes ``"inf"``)."""
+        if not (self.process_group is None or isinstance(self.process_group, str)):
+            raise ValueError("process_group: an explicit ProcessGroup cannot be saved; save 'auto' or 'world'")
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["codebook"] = [["inf" if math.isinf(thr) else thr, rate] for thr, rate in self.codebook.items()]
+        out["moreg_window"] = list(self.moreg_window) if self.moreg_window is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdaCacheConfig":
+        """The inverse of :meth:`to_dict` (validated as any config is)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdaCacheConfig fields {unknown}")
+        values = dict(data)
+        if "codebook" in values:
+            values["codebook"] = {math.inf if thr == "inf" else thr: rate for thr, rate in values["codebook"]}
+        if values.get("moreg_window") is not None:
+            values["moreg_window"] = tuple(values["moreg_window"])
+        return cls(**values)
 
     # ----- presets -------------------------------------------------------------
     @classmethod

@@ -127,6 +127,10 @@ def text_section(name: str, title: str, header: str = "Summary") -> list:
         [f"**{title}**: see [benchmarks/results/{name}](benchmarks/results/{name})."]
 
 
+def _num(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def e2e_section() -> list:
     d = _load("e2e.json")
     if d is None:
@@ -152,23 +156,30 @@ def e2e_section() -> list:
         an = run["analysis"]
         beaten = [x["method"] for x in an["dominance"] if x["dominated_by"]]
         not_beaten = [x["method"] for x in an["dominance"] if not x["dominated_by"]]
-        motion = "; ".join(f"{k}: rho(motion, computed steps) {v['spearman_motion_vs_computed']:.2f}, "
-                           f"high-motion worst PSNR {v['high_motion_worst_psnr']:.2f} dB"
-                           for k, v in an["motion"].items() if v["spearman_motion_vs_computed"] is not None)
-        moreg = []
-        for speed in ("slow", "fast"):
-            on, off = an["motion"].get(f"adacache-{speed}"), an["motion"].get(f"adacache-{speed}-nomoreg")
-            if on and off and on["high_motion_worst_psnr"] is not None:
-                moreg.append(f"{speed} {on['high_motion_worst_psnr'] - off['high_motion_worst_psnr']:+.2f} dB "
-                             f"({on['high_motion_mean_computed']:.1f} vs {off['high_motion_mean_computed']:.1f} "
-                             "computed steps)")
-        if moreg:
-            motion += ("; " if motion else "") + "MoReg's effect on the worst PSNR of the higher-motion half: " + \
-                ", ".join(moreg)
         lines += ["", f"Dominance at {run['steps']} steps: AdaCache dominates {len(beaten)} of "
                   f"{len(an['dominance'])} other points" + (f"; not: {', '.join(not_beaten)}" if not_beaten else "")
-                  + f" (goal: all; {'met' if not not_beaten else 'missed'})."
-                  + (f" Motion: {motion}." if motion else ""), ""]
+                  + f" (goal: all; {'met' if not not_beaten else 'missed'})."]
+        frontier = an.get("frontier", {})
+        if frontier:
+            def at3(f):
+                return f"{f['psnr_at_3x']:.2f} dB ({f['psnr_at_3x_method']})" if f["psnr_at_3x"] is not None else "none"
+
+            def at30(f):
+                return (f"{f['speedup_at_30db']:.2f}x ({f['speedup_at_30db_method']})"
+                        if f["speedup_at_30db"] is not None else "none")
+            lines.append("Best mean PSNR at 3x or more / best speedup at 30 dB or more: " + "; ".join(
+                f"{family} {at3(f)} / {at30(f)}" for family, f in frontier.items()) + ".")
+        pairs = []
+        for p in an.get("moreg", []):
+            ci = an["motion"][p["with"]].get("spearman_ci95")
+            ci_text = f" [95% CI {ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            pairs.append(f"{p['with']}: rho(motion, computed steps) {_num(p['rho'][0])}{ci_text} with MoReg, "
+                         f"{_num(p['rho'][1])} without; high-motion worst PSNR {_num(p['high_motion_worst_psnr'][0])} vs "
+                         f"{_num(p['high_motion_worst_psnr'][1])} dB at {p['mean_computed_fraction'][0]:.0%} vs "
+                         f"{p['mean_computed_fraction'][1]:.0%} computed")
+        if pairs:
+            lines.append("MoReg on vs off: " + "; ".join(pairs) + ".")
+        lines.append("")
     lines += ["![speedup vs PSNR](benchmarks/results/e2e_pareto.png)",
               "![computed steps vs motion](benchmarks/results/e2e_motion.png)"]
     return lines

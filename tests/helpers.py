@@ -40,8 +40,11 @@ def sample_loop(model, make_inputs, steps, batch=2, output=lambda o: o):
 
 
 def cached(model, codebook=None, num_steps=None, inner="eager", config=None, **compile_kwargs):
+    """``model`` compiled with a fresh backend. Constant reuse (the paper's): the independent
+    references here (``BlockStackReference``, ``x + cached delta``) compute that; forecast reuse
+    has its own tests (test_forecast_reuse.py)."""
     torch._dynamo.reset()
-    config = config or AdaCacheConfig(codebook=codebook or {INF: 1}, num_steps=num_steps)
+    config = config or AdaCacheConfig(codebook=codebook or {INF: 1}, num_steps=num_steps, reuse="constant")
     backend = adacache_backend(config, inner=inner)
     return torch.compile(model, backend=backend, **compile_kwargs), backend
 

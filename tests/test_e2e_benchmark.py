@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
 from benchmarks.e2e import cli  # noqa: E402
-from benchmarks.e2e.analysis import analyse, spearman  # noqa: E402
+from benchmarks.e2e.analysis import analyse, frontier, spearman, spearman_ci  # noqa: E402
 from benchmarks.e2e.methods import closest_fixed_rate, fixed_config, fixed_schedule, fixed_schedule_size  # noqa: E402
 from benchmarks.e2e.report import merge, write_outputs  # noqa: E402
 
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("e2e")
     out = cli.main(["--quick", "--threads", "1", "--check-steps", "3", "--out", str(out_dir), "--methods",
-                    "adacache-fast", "fixed", "fbc-0.2", "pab-2", "taylorseer-3", "magcache-0.24"])
+                    "adacache-fast", "adacache-cal-0.5", "fixed", "fbc-0.2", "pab-2", "taylorseer-3",
+                    "magcache-0.24"])
     return out, out_dir
 
 
@@ -165,6 +166,33 @@ def test_spearman():
     assert spearman([1, 2, 3], [5, 5, 5]) is None
     assert spearman([1, 2], [1, 2]) is None
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)   # ties: average ranks
+
+
+def test_spearman_ci():
+    lo, hi = spearman_ci(0.5, 16)
+    assert lo < 0.5 < hi and -1 < lo and hi < 1
+    assert spearman_ci(0.5, 3) is None and spearman_ci(None, 16) is None
+    narrow = spearman_ci(0.5, 100)
+    assert hi - lo > narrow[1] - narrow[0]   # more points, a narrower interval
+
+
+def test_calibrated_method_is_calibrated_on_unscored_prompts(quick_run):
+    out, _ = quick_run
+    run, by = rows(out)
+    (cal,) = run["calibrations"]
+    assert cal["method"] == "adacache-cal-0.5" and not set(cal["prompts"]) & set(run["prompts"])
+    assert cal["measured"]["computed_fraction"] <= 0.5 or not cal["met"]
+    assert "thresholds x" in by["adacache-cal-0.5"]["setting"]
+
+
+def test_frontier():
+    rows_ = [{"method": "adacache-a", "family": "adacache", "speedup": 3.2, "psnr_mean": 31.0},
+             {"method": "adacache-b", "family": "adacache", "speedup": 2.0, "psnr_mean": 36.0},
+             {"method": "magcache-x", "family": "diffusers", "speedup": 2.5, "psnr_mean": 29.0}]
+    f = frontier(rows_)
+    assert f["adacache"] == {"psnr_at_3x": 31.0, "psnr_at_3x_method": "adacache-a",
+                             "speedup_at_30db": 3.2, "speedup_at_30db_method": "adacache-a"}
+    assert f["magcache"]["psnr_at_3x"] is None and f["magcache"]["speedup_at_30db"] is None
 
 
 def test_dominance_analysis():

@@ -143,7 +143,7 @@ def test_fixed_schedule_reuses_input_plus_delta(name):
     build, extra = CASES[name]
     model = build()
     torch._dynamo.reset()
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"), inner="eager")
     compiled = torch.compile(model, backend=backend)
     _euler(compiled, timesteps(12), _x0() + 1.0, extra)   # compile first (tracing runs attention on fakes)
     backend.reset()

@@ -88,7 +88,7 @@ def test_fixed_schedule_caches_the_whole_stack(construct):
     model = _model(construct)
     reference = _model(construct)                 # same weights, never compiled
     torch._dynamo.reset()
-    backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"), inner="eager")
     _euler(model, timesteps(12), seed=1)          # compile outside the count
     backend.reset()
     inputs: list = []

@@ -29,9 +29,13 @@ class BranchCache:
     deltas: list                    # per region: [delta per stream]
     stream_shapes: list             # shapes of the graph's activation inputs when cached
     probe: Optional[torch.Tensor]   # probe residual at ``step`` (None: no metric next time)
+    time: float = 0.0               # the sampler's variable at ``step`` (timestep, else step index)
+    slopes: Optional[list] = None   # forecast reuse: per region, [delta - previous delta] per stream
+    slope_span: float = 0.0         # the variable's change between the two computed steps
 
     def nbytes(self) -> int:
         tensors = [d for region in self.deltas for d in region]
+        tensors += [d for region in (self.slopes or []) for d in region]
         if self.probe is not None:
             tensors.append(self.probe)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -65,6 +69,11 @@ class RegionRunner(torch.nn.Module):
             return outputs
         outputs = self.reuse_fn(*args, *self.state.deltas[self.index])
         return tuple(_same_layout(o, layout) for o, layout in zip(outputs, self.layouts))
+
+
+def _time(scheduler) -> float:
+    """The sampler's variable at the current step: the host timestep, else the step index."""
+    return float(scheduler.timestep) if scheduler.timestep is not None else float(scheduler.step)
 
 
 def _same_layout(value, layout):
@@ -179,7 +188,7 @@ class CachedGraph:
         if not compute and cache.stream_shapes != self._current_shapes(args):
             compute = True
         self.call.compute = compute
-        self.call.deltas = [] if compute else cache.deltas
+        self.call.deltas = [] if compute else self._reused_deltas(cache, _time(scheduler))
         result = self.top(*args)
         if compute:
             branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
@@ -205,9 +214,42 @@ class CachedGraph:
             if current.shape == previous.shape:
                 sums = fused_cache_metrics(current, previous, self.layout.moreg_stride).sum(0)
                 scheduler.add_metric_sums(sums, has_motion=self.layout.frame_axis is not None)
+        recorder = self.runtime.recorder
+        if recorder is not None and scheduled:   # adacache_fx.calibrate, on uncached generations
+            recorder.record((id(self), decision.branch), scheduler.step, self._probe_view(probe, args),
+                            self.layout.moreg_stride, self.layout.frame_axis is not None)
+        time = _time(scheduler)
+        slopes, span = self._slopes(cache, deltas, time, decision.generation, scheduler)
         return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
                            stream_shapes=self._current_shapes(args),
-                           probe=probe.detach() if scheduled else None)
+                           probe=probe.detach() if scheduled else None, time=time, slopes=slopes, slope_span=span)
+
+    # ----- forecast reuse (config.reuse) ------------------------------------------
+    def _slopes(self, cache: Optional[BranchCache], deltas: list, time: float, generation: int, scheduler):
+        """``delta - previous delta`` per stream, when the previous computed step's deltas are in
+        ``cache`` (same generation, same shapes); replaces ``cache``'s own slopes, so a forecast keeps
+        two tensors per stream: O(1) in the number of steps."""
+        if self.runtime.config.reuse == "constant" or cache is None or cache.generation != generation:
+            return None, 0.0
+        if len(scheduler.computed_steps) < 2 or cache.step != scheduler.computed_steps[-2] or time == cache.time:
+            return None, 0.0
+        slopes = []
+        for new, old in zip(deltas, cache.deltas):
+            if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
+                return None, 0.0
+            slopes.append([a - b for a, b in zip(new, old)])
+        return slopes, time - cache.time
+
+    def _reused_deltas(self, cache: BranchCache, time: float) -> list:
+        """What a reused step adds: the cached deltas, or their forecast at ``time``."""
+        config = self.runtime.config
+        if config.reuse == "constant" or cache.slopes is None:
+            return cache.deltas
+        scale = (time - cache.time) / cache.slope_span
+        if config.reuse == "damped":
+            scale *= config.reuse_damping
+        return [[torch.add(d, slope, alpha=scale) for d, slope in zip(region, slopes)]
+                for region, slopes in zip(cache.deltas, cache.slopes)]
 
     # ----- state ----------------------------------------------------------------
     def reset(self) -> None:

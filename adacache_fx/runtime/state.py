@@ -23,6 +23,7 @@ class RuntimeState:
         self.schedulers: list = []
         self.last_instance = 0
         self.requested_num_steps: Optional[int] = None
+        self.recorder = None   # a calibration.TrajectoryRecorder while adacache_fx.calibrate records
 
     def scheduler(self, instance: int) -> AdaCacheScheduler:
         while len(self.schedulers) <= instance:
@@ -32,6 +33,11 @@ class RuntimeState:
             self.schedulers.append(scheduler)
         self.last_instance = instance
         return self.schedulers[instance]
+
+    def set_config(self, config: AdaCacheConfig) -> None:
+        self.config = config
+        for scheduler in self.schedulers:
+            scheduler.config = config
 
     def reset(self) -> None:
         self.clock.reset()

@@ -75,6 +75,49 @@ def spearman(x: list, y: list) -> Optional[float]:
     return None if den == 0 else num / den
 
 
+def spearman_ci(rho: Optional[float], n: int, z: float = 1.96) -> Optional[tuple]:
+    """95% confidence interval of Spearman's rho: Fisher's z-transform with Fieller, Hartley and
+    Pearson's standard error ``sqrt(1.06 / (n - 3))`` (Biometrika 1957). None below 4 points."""
+    if rho is None or n < 4:
+        return None
+    r = max(min(rho, 0.999999), -0.999999)
+    centre, half = math.atanh(r), z * math.sqrt(1.06 / (n - 3))
+    return (math.tanh(centre - half), math.tanh(centre + half))
+
+
+def frontier(rows: list) -> dict:
+    """Per family (AdaCache, each peer): the best mean PSNR among points at least 3x as fast,
+    and the best speedup among points of at least 30 dB mean PSNR (the issue's headline figures)."""
+    out = {}
+    for family in sorted({r["method"].split("-")[0] for r in rows if r["family"] in ("adacache", "diffusers", "fixed")}):
+        points = [r for r in rows if r["method"].split("-")[0] == family]
+        fast = [r for r in points if r["speedup"] >= 3.0]
+        good = [r for r in points if r["psnr_mean"] >= 30.0]
+        best_q = max(fast, key=lambda r: r["psnr_mean"], default=None)
+        best_s = max(good, key=lambda r: r["speedup"], default=None)
+        out[family] = {"psnr_at_3x": best_q["psnr_mean"] if best_q else None,
+                       "psnr_at_3x_method": best_q["method"] if best_q else None,
+                       "speedup_at_30db": best_s["speedup"] if best_s else None,
+                       "speedup_at_30db_method": best_s["method"] if best_s else None}
+    return out
+
+
+def moreg_pairs(rows: list, motion_rows: dict) -> list:
+    """Each AdaCache setting beside the same setting with MoReg off (``X`` and ``X-nomoreg``)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for name, r in by.items():
+        off = by.get(name + "-nomoreg")
+        if off is None or name not in motion_rows or off["method"] not in motion_rows:
+            continue
+        on_m, off_m = motion_rows[name], motion_rows[off["method"]]
+        out.append({"with": name, "without": off["method"],
+                    "rho": (on_m["spearman_motion_vs_computed"], off_m["spearman_motion_vs_computed"]),
+                    "high_motion_worst_psnr": (on_m["high_motion_worst_psnr"], off_m["high_motion_worst_psnr"]),
+                    "mean_computed_fraction": (r["computed_fraction"], off["computed_fraction"])})
+    return out
+
+
 def analyse(rows: list, motion: list) -> dict:
     """Dominance of AdaCache's points over every other cache's, and the motion questions."""
     ada = [r for r in rows if r["family"] == "adacache"]
@@ -91,10 +134,11 @@ def analyse(rows: list, motion: list) -> dict:
     half = sorted(range(len(motion)), key=lambda i: motion[i])[len(motion) // 2:]
     for r in ada:
         if r["computed_steps"]:
+            rho = spearman(motion, r["computed_steps"])
             motion_rows[r["method"]] = {
-                "spearman_motion_vs_computed": spearman(motion, r["computed_steps"]),
+                "spearman_motion_vs_computed": rho, "spearman_ci95": spearman_ci(rho, len(motion)),
                 "high_motion_worst_psnr": min(r["psnr"][i] for i in half) if half else None,
                 "high_motion_mean_computed": statistics.mean(r["computed_steps"][i] for i in half) if half else None,
             }
     return {"dominance": dominance, "all_dominated": all(d["dominated_by"] for d in dominance),
-            "motion": motion_rows}
+            "motion": motion_rows, "moreg": moreg_pairs(rows, motion_rows), "frontier": frontier(rows)}

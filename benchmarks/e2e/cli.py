@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 50])
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--calibration-prompts", type=int, default=4,
+                    help="generations adacache_fx.calibrate runs per calibrated method (unscored prompts)")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model card's")
     ap.add_argument("--inner", default="inductor")
     ap.add_argument("--threads", type=int, default=0)
@@ -49,6 +51,7 @@ def main(argv=None) -> dict:
         return write_outputs(out, a.out)
     if a.quick:
         a.steps, a.prompts, a.inner = [8], min(a.prompts, 2), "eager"
+        a.calibration_prompts = min(a.calibration_prompts, 2)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch._dynamo.config.recompile_limit = a.recompile_limit

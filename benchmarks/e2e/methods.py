@@ -116,6 +116,34 @@ def closest_fixed_rate(mean_computed: float, steps: int) -> int:
     return min(range(1, steps + 1), key=lambda k: (abs(fixed_schedule_size(k, steps) - mean_computed), k))
 
 
+# ----- AdaCache's settings --------------------------------------------------------------------
+def adacache_settings(steps: int) -> list:
+    """``[(name, setting, config, calibration target or None)]``: the official presets with each
+    reuse (linear forecast: the default; constant: the paper's; damped), MoReg on and off, and
+    configs calibrated on the model (the fast codebook's rates, thresholds and MoReg normaliser
+    fitted by ``adacache_fx.calibrate`` on the unscored calibration prompts)."""
+    out = []
+    for speed in ("slow", "fast"):
+        preset = getattr(AdaCacheConfig, speed)
+        out.append((f"adacache-{speed}", f"{speed}, linear forecast, MoReg on", preset(num_steps=steps), None))
+        out.append((f"adacache-{speed}-nomoreg", f"{speed}, linear forecast, MoReg off",
+                    preset(num_steps=steps, moreg=False), None))
+        out.append((f"adacache-{speed}-constant", f"{speed}, constant reuse (the paper's), MoReg on",
+                    preset(num_steps=steps, reuse="constant"), None))
+    out.append(("adacache-fast-damped", "fast, damped forecast (0.5), MoReg on",
+                AdaCacheConfig.fast(num_steps=steps, reuse="damped"), None))
+    for fraction in (0.3, 0.5):
+        out.append((f"adacache-cal-{fraction}", f"calibrated to compute <= {fraction:.0%}, linear forecast, MoReg on",
+                    AdaCacheConfig.fast(num_steps=steps), {"computed_fraction": fraction}))
+    out.append(("adacache-cal-0.3-nomoreg", "calibrated to compute <= 30%, linear forecast, MoReg off",
+                AdaCacheConfig.fast(num_steps=steps, moreg=False), {"computed_fraction": 0.3}))
+    out.append(("adacache-cal-0.3-constant", "calibrated to compute <= 30%, constant reuse, MoReg on",
+                AdaCacheConfig.fast(num_steps=steps, reuse="constant"), {"computed_fraction": 0.3}))
+    out.append(("adacache-cal-35dB", "calibrated to 35 dB mean PSNR, linear forecast, MoReg on",
+                AdaCacheConfig.fast(num_steps=steps), {"min_psnr": 35.0}))
+    return out
+
+
 # ----- runners ---------------------------------------------------------------------------------
 @dataclass
 class Runner:
@@ -132,6 +160,8 @@ class Runner:
     notes: str = ""
     eager: bool = False                      # timed without torch.compile (against the eager baseline)
     compile_check: Optional[Callable[[], "Runner"]] = None  # the same method under torch.compile
+    backend: object = None                   # AdaCache methods: their backend
+    calibration: Optional[dict] = None       # calibrated AdaCache methods: the target (calibrate's keywords)
 
 
 class Methods:
@@ -159,7 +189,10 @@ class Methods:
         return Runner("baseline", "baseline", "plain torch.compile", fn, counter, lambda: None,
                       lambda i: None, lambda: {"computed": None, "cache_bytes": 0})
 
-    def adacache(self, name: str, family: str, setting: str, config: AdaCacheConfig) -> Runner:
+    def adacache(self, name: str, family: str, setting: str, config: AdaCacheConfig,
+                 calibration: Optional[dict] = None) -> Runner:
+        """``calibration``: ``adacache_fx.calibrate``'s target; the protocol calibrates the method
+        on the unscored calibration prompts before its warm-up (``config`` is the base)."""
         backend = adacache_backend(config, inner=self.inner)
         fn, counter = self.compiled(copy.deepcopy(self.transformer), backend, name)
 
@@ -168,7 +201,8 @@ class Methods:
             return {"computed": len(r.computed_steps), "cache_bytes": int(r.cache_bytes),
                     "computed_steps": list(r.computed_steps)}
 
-        return Runner(name, family, setting, fn, counter, backend.reset, lambda i: None, end)
+        return Runner(name, family, setting, fn, counter, backend.reset, lambda i: None, end,
+                      backend=backend, calibration=calibration)
 
     def fixed(self, rate: int, steps: int, adacache_fast_mean: float) -> Runner:
         return self.adacache(f"fixed-{rate}", "fixed",
@@ -244,12 +278,9 @@ class Methods:
 
         want = lambda name: not only or any(s in name for s in only)  # noqa: E731
         out = [self.baseline(), self.baseline(eager=True)]
-        for speed in ("slow", "fast"):
-            for moreg in (True, False):
-                name = f"adacache-{speed}" + ("" if moreg else "-nomoreg")
-                if want(name):
-                    cfg = getattr(AdaCacheConfig, speed)(num_steps=steps, moreg=moreg)
-                    out.append(self.adacache(name, "adacache", f"{speed}, MoReg {'on' if moreg else 'off'}", cfg))
+        for name, setting, cfg, target in adacache_settings(steps):
+            if want(name):
+                out.append(self.adacache(name, "adacache", setting, cfg, calibration=target))
         for thr in (0.05, 0.1, 0.2):
             if want(f"fbc-{thr}"):
                 out.append(self.diffusers_cache(f"fbc-{thr}", f"threshold {thr}",

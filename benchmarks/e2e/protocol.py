@@ -32,6 +32,9 @@ PROMPTS = [
     "green square bouncing fast", "yellow triangle bouncing fast",
 ]
 CALIBRATION_PROMPT = "magenta square moving right slow"  # warm-up and MagCache calibration, not scored
+# adacache_fx.calibrate's generations (seeds 1000 + index): still to fast, none of them scored.
+ADACACHE_CALIBRATION_PROMPTS = ["cyan circle static", "red square moving left slow",
+                                "blue triangle bouncing slow", "yellow circle moving up fast"]
 
 
 @dataclass
@@ -106,6 +109,29 @@ class Bench:
             raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {steps} steps")
         return ratios
 
+    def calibrate_adacache(self, runner: Runner, steps: int) -> dict:
+        """``adacache_fx.calibrate`` on the unscored calibration prompts, with the method's own
+        compiled model; the backend is left on the calibrated config."""
+        from adacache_fx import calibrate
+
+        prompts = ADACACHE_CALIBRATION_PROMPTS[: self.a.calibration_prompts]
+        for p in prompts:
+            self.embeds.setdefault(p, self.tokenizer([p]))
+
+        def one(i):
+            return self.generate(runner, prompts[i], 1000 + i, steps)[0]
+        start = time.perf_counter()
+        result = calibrate(one, runner.backend, runs=len(prompts), data_range=2.0,
+                           progress=lambda msg: print(f"    {runner.name}: {msg}", flush=True),
+                           **runner.calibration)
+        runner.setting += (f" (thresholds x{result.threshold_scale:.3f}, MoReg normaliser "
+                           f"{result.moreg_normalizer:.3f})" if result.moreg_normalizer is not None
+                           else f" (thresholds x{result.threshold_scale:.3f})")
+        info = {"method": runner.name, "seconds": time.perf_counter() - start, "prompts": prompts,
+                **{k: v for k, v in result.to_dict().items() if k != "trajectories"}}
+        print(f"  calibrated {runner.name} in {info['seconds']:.1f} s: {result.summary()}", flush=True)
+        return info
+
     # ----- protocol --------------------------------------------------------------------
     def warm_up(self, runner: Runner, steps: int) -> MethodResult:
         start = time.perf_counter()
@@ -140,7 +166,9 @@ class Bench:
 
     def run_steps(self, steps: int) -> dict:
         print(f"== {steps} steps: building and warming up", flush=True)
-        results = [self.warm_up(r, steps) for r in self.methods.build(steps, self.a.methods, self.calibrate_magcache)]
+        runners = self.methods.build(steps, self.a.methods, self.calibrate_magcache)
+        calibrations = [self.calibrate_adacache(r, steps) for r in runners if r.calibration is not None]
+        results = [self.warm_up(r, steps) for r in runners]
         fast = next((r for r in results if r.runner.name == "adacache-fast"), None)
         fixed_info = None
         if fast is not None and (not self.a.methods or any("fixed" in s for s in self.a.methods)):
@@ -163,7 +191,9 @@ class Bench:
                         res.videos[i] = video
                     line.append(f"{res.runner.name}={seconds:.2f}s")
                 print(f"  [{rep}] {prompt:34s} " + " ".join(line), flush=True)
-        return summarize(results, steps, self.prompts, fixed_info)
+        out = summarize(results, steps, self.prompts, fixed_info)
+        out["calibrations"] = calibrations
+        return out
 
 
 def model_description(transformer: torch.nn.Module) -> str:

@@ -66,8 +66,34 @@ def markdown(out: dict) -> str:
         lines.append("Motion: Spearman correlation of the baseline video's motion level with computed steps; "
                      "worst PSNR and mean computed steps over the higher-motion half of the prompts:\n")
         for name, mr in an["motion"].items():
-            lines.append(f"- {name}: rho {fmt(mr['spearman_motion_vs_computed'])}, high-motion worst PSNR "
+            ci = mr.get("spearman_ci95")
+            ci_text = f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+            lines.append(f"- {name}: rho {fmt(mr['spearman_motion_vs_computed'])}{ci_text}, high-motion worst PSNR "
                          f"{fmt(mr['high_motion_worst_psnr'])} dB, high-motion computed {fmt(mr['high_motion_mean_computed'], '.1f')}")
+        if an.get("moreg"):
+            lines.append("\nMoReg on vs off (the same setting otherwise): rho(motion, computed steps), the worst PSNR "
+                         "of the higher-motion half, the mean computed fraction:\n")
+            for p in an["moreg"]:
+                lines.append(f"- {p['with']} vs {p['without']}: rho {fmt(p['rho'][0])} vs {fmt(p['rho'][1])}; "
+                             f"high-motion worst {fmt(p['high_motion_worst_psnr'][0])} vs "
+                             f"{fmt(p['high_motion_worst_psnr'][1])} dB; computed "
+                             f"{fmt(p['mean_computed_fraction'][0], '.0%')} vs {fmt(p['mean_computed_fraction'][1], '.0%')}")
+        if an.get("frontier"):
+            lines.append("\nPer family: the best mean PSNR at 3x or more, and the best speedup at 30 dB or more:\n")
+            lines.append("| family | PSNR at >= 3x (dB) | speedup at >= 30 dB |")
+            lines.append("|---|---|---|")
+            for family, f in an["frontier"].items():
+                q = f"{fmt(f['psnr_at_3x'])} ({f['psnr_at_3x_method']})" if f["psnr_at_3x"] is not None else "none"
+                v = f"{fmt(f['speedup_at_30db'])}x ({f['speedup_at_30db_method']})" if f["speedup_at_30db"] is not None else "none"
+                lines.append(f"| {family} | {q} | {v} |")
+        for c in run.get("calibrations", []):
+            m = c["measured"]
+            lines.append(f"\nCalibration of {c['method']} ({len(c['prompts'])} unscored prompts, {c['seconds']:.0f} s, "
+                         f"{len(c['evaluations'])} cached evaluations): target {c['target']}, "
+                         f"{'met' if c['met'] else 'NOT met'}; thresholds x{c['threshold_scale']:.3f}, MoReg normaliser "
+                         f"{fmt(c['moreg_normalizer'], '.3f')}; on the calibration prompts computed "
+                         f"{fmt(m['computed_fraction'], '.0%')} (predicted {fmt(c['predicted_computed_fraction'], '.0%')}), "
+                         f"PSNR mean {fmt(m['psnr_mean'])} dB.")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -100,7 +126,8 @@ def plots(out: dict, prefix: str):
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
     styles = {"adacache-fast": ("tab:red", "o"), "adacache-fast-nomoreg": ("tab:orange", "x"),
-              "adacache-slow": ("tab:blue", "o"), "adacache-slow-nomoreg": ("tab:cyan", "x")}
+              "adacache-slow": ("tab:blue", "o"), "adacache-slow-nomoreg": ("tab:cyan", "x"),
+              "adacache-cal-0.3": ("tab:green", "o"), "adacache-cal-0.3-nomoreg": ("tab:olive", "x")}
     for ax, run in zip(axes[0], runs):
         for r in run["methods"]:
             if r["method"] in styles and r["computed_steps"]:

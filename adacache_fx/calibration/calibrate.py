@@ -1,0 +1,275 @@
+"""``calibrate``: fit AdaCache's schedule to the user's own model from a few of its generations.
+
+The official codebooks and MoReg's normaliser (0.385) were tuned on Open-Sora. On another model
+the distances sit elsewhere, so a preset computes more or fewer steps than its name promises, and
+MoReg can lower the compute of every video whose motion score sits below 0.385. Calibration:
+
+1. runs ``runs`` uncached generations (``sample(i)``), recording the metric between every step's
+   probe and the probes of the ``max_gap`` steps before it (``record.TrajectoryRecorder``);
+2. sets MoReg's normaliser to the model's typical motion score (``fit.typical_motion``);
+3. predicts, for every scale of the base codebook's thresholds, the schedule the backend's own
+   scheduler would take on those trajectories (``fit.candidates``);
+4. picks the scale that meets the target, checked by running the cached generations themselves:
+   a computed-step fraction (at most that much compute), or a mean PSNR against the uncached
+   outputs (at least that many dB, searched by bisection over the predicted schedules).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..config import AdaCacheConfig
+from .fit import candidates, scaled, typical_motion
+from .record import Trajectory, TrajectoryRecorder
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` measured and chose. ``config`` is the calibrated config."""
+
+    config: AdaCacheConfig
+    target: dict                     # {"computed_fraction": f} or {"min_psnr": dB}
+    met: bool                        # the measured result meets the target
+    threshold_scale: float           # the base codebook's thresholds were multiplied by this
+    moreg_normalizer: Optional[float]   # the calibrated normaliser (None: MoReg off or no frames)
+    predicted_computed_fraction: float
+    measured: dict                   # of the chosen config: computed_fraction, psnr_mean, psnr_worst, psnr
+    evaluations: list = field(default_factory=list)   # every config run: scale, predicted, measured
+    trajectories: list = field(default_factory=list)  # [Trajectory] of the uncached runs
+
+    def summary(self) -> str:
+        m = self.measured
+        lines = [f"calibrated for {self.target}: {'met' if self.met else 'NOT met'}",
+                 f"  thresholds x{self.threshold_scale:.3f}: {self.config.codebook}",
+                 f"  MoReg normaliser: {self.moreg_normalizer if self.moreg_normalizer is not None else 'unchanged'}",
+                 f"  computed fraction: predicted {self.predicted_computed_fraction:.3f}, "
+                 f"measured {m['computed_fraction']:.3f}",
+                 f"  PSNR vs uncached: mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB "
+                 f"({len(m['psnr'])} runs)"]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "target": self.target, "met": self.met,
+                "threshold_scale": self.threshold_scale, "moreg_normalizer": self.moreg_normalizer,
+                "predicted_computed_fraction": self.predicted_computed_fraction,
+                "measured": _json_floats(self.measured), "evaluations": _json_floats(self.evaluations),
+                "trajectories": [t.to_dict() for t in self.trajectories]}
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "CalibrationResult":
+        d = json.loads(Path(path).read_text())
+        return cls(config=AdaCacheConfig.from_dict(d["config"]), target=d["target"], met=d["met"],
+                   threshold_scale=d["threshold_scale"], moreg_normalizer=d["moreg_normalizer"],
+                   predicted_computed_fraction=d["predicted_computed_fraction"],
+                   measured=_py_floats(d["measured"]), evaluations=_py_floats(d["evaluations"]),
+                   trajectories=[Trajectory.from_dict(t) for t in d["trajectories"]])
+
+
+def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
+              computed_fraction: Optional[float] = None, min_psnr: Optional[float] = None,
+              base: Optional[AdaCacheConfig] = None, data_range: Optional[float] = None,
+              max_checks: int = 8, apply: bool = True,
+              progress: Union[bool, Callable[[str], None]] = True) -> CalibrationResult:
+    """Calibrate ``backend`` (an ``AdaCacheBackend`` the model is compiled with) on ``runs``
+    generations ``sample(0) .. sample(runs - 1)``.
+
+    ``sample(i)`` runs the user's own generation ``i`` (its prompt and seed) with the compiled
+    model and returns the output: a tensor, a tuple/list whose first item is one, or a diffusers
+    output with ``.frames`` or ``.images``. Exactly one target: ``computed_fraction`` (at most that
+    share of steps computed, in (0, 1]) or ``min_psnr`` (mean PSNR in dB against the uncached output
+    of the same run, over ``data_range``: default each reference's max - min). ``base``: the config
+    whose codebook shape (rates), reuse and MoReg settings are kept (default: the backend's).
+    ``max_checks``: at most that many cached evaluations (``runs`` generations each). ``apply``:
+    leave the backend on the calibrated config (else on the one it had)."""
+    _check_target(computed_fraction, min_psnr)
+    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
+        raise ValueError(f"runs must be a positive integer, got {runs!r}")
+    if not isinstance(max_checks, int) or max_checks < 1:
+        raise ValueError(f"max_checks must be a positive integer, got {max_checks!r}")
+    if data_range is not None and not (isinstance(data_range, (int, float)) and data_range > 0):
+        raise ValueError(f"data_range must be a positive number or None, got {data_range!r}")
+    log = progress if callable(progress) else ((lambda msg: print(f"adacache calibrate: {msg}", file=sys.stderr))
+                                               if progress else (lambda msg: None))
+    base = base if base is not None else backend.config
+    original = backend.config
+    try:
+        references, trajectories = _record(sample, backend, base, runs, log)
+        normalizer = typical_motion(base, trajectories) if base.moreg else None
+        family = replace(base, moreg_normalizer=normalizer) if normalizer else base
+        if normalizer is not None:
+            log(f"MoReg normaliser: {normalizer:.4f} (the runs' median motion score; was {base.moreg_normalizer})")
+        options = candidates(family, trajectories)
+        evaluate = _Evaluator(sample, backend, family, references, data_range, log)
+        if computed_fraction is not None:
+            chosen, met = _meet_fraction(options, computed_fraction, evaluate, max_checks)
+        else:
+            chosen, met = _meet_psnr(options, min_psnr, evaluate, max_checks)
+        scale, predicted = chosen
+        config = scaled(family, scale)
+        result = CalibrationResult(
+            config=config, target={"computed_fraction": computed_fraction} if computed_fraction is not None
+            else {"min_psnr": min_psnr}, met=met, threshold_scale=scale, moreg_normalizer=normalizer,
+            predicted_computed_fraction=predicted, measured=evaluate.results[scale],
+            evaluations=[{"scale": s, **m} for s, m in evaluate.results.items()], trajectories=trajectories)
+        log(result.summary())
+        backend.set_config(config if apply else original)
+        return result
+    except BaseException:
+        backend.runtime.recorder = None
+        backend.set_config(original)
+        raise
+
+
+# ----- the steps -------------------------------------------------------------------------------
+def _record(sample, backend, base: AdaCacheConfig, runs: int, log) -> tuple:
+    recorder = TrajectoryRecorder(max(base.codebook.values()))
+    backend.set_config(replace(base, codebook={math.inf: 1}))
+    backend.runtime.recorder = recorder
+    references = []
+    try:
+        for i in range(runs):
+            backend.reset()
+            recorder.start_run()
+            references.append(_output(sample(i)).detach().clone())
+            recorder.finish_run()
+            log(f"uncached run {i + 1}/{runs}: {recorder.runs[-1].num_steps} steps recorded")
+    finally:
+        backend.runtime.recorder = None
+    for i, t in enumerate(recorder.runs):
+        if t.num_steps < 3 or not t.sums:
+            raise RuntimeError(
+                f"calibrate: run {i} recorded {t.num_steps} steps with a probe; the backend caches nothing in "
+                f"this model (see backend.report().uncached_graphs) or sample(i) does not call the compiled model")
+    return references, recorder.runs
+
+
+class _Evaluator:
+    """Runs the cached generations of one threshold scale, once (results kept per scale)."""
+
+    def __init__(self, sample, backend, family, references, data_range, log):
+        self.sample, self.backend, self.family = sample, backend, family
+        self.references, self.data_range, self.log = references, data_range, log
+        self.results: dict = {}
+
+    def __call__(self, scale: float, predicted: float) -> dict:
+        if scale not in self.results:
+            self.backend.set_config(scaled(self.family, scale))
+            psnrs, fractions = [], []
+            for i, ref in enumerate(self.references):
+                self.backend.reset()
+                out = _output(self.sample(i))
+                report = self.backend.report()
+                fractions.append(len(report.computed_steps) / max(report.num_steps, 1))
+                psnrs.append(_psnr(out, ref, self.data_range))
+            self.results[scale] = {"predicted_computed_fraction": predicted,
+                                   "computed_fraction": statistics.mean(fractions),
+                                   "psnr_mean": _mean_db(psnrs), "psnr_worst": min(psnrs), "psnr": psnrs}
+            m = self.results[scale]
+            self.log(f"thresholds x{scale:.3f}: computed {m['computed_fraction']:.3f} "
+                     f"(predicted {predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB")
+        return self.results[scale]
+
+
+def _meet_fraction(options: list, target: float, evaluate, max_checks: int) -> tuple:
+    """The most compute whose measured fraction is at most ``target``: the first prediction
+    within it, then less compute while the measurement exceeds it (caching perturbs the probes)."""
+    within = [o for o in options if o[1] <= target + 1e-9]
+    if not within:
+        last = options[-1]
+        return last, evaluate(*last)["computed_fraction"] <= target + 1e-9
+    for option in within[:max_checks]:
+        if evaluate(*option)["computed_fraction"] <= target + 1e-9:
+            return option, True
+    return option, False
+
+
+def _meet_psnr(options: list, target: float, evaluate, max_checks: int) -> tuple:
+    """The least compute whose measured mean PSNR is at least ``target``, by bisection over the
+    predicted schedules (ordered by compute: PSNR falls as compute does)."""
+    lo, hi, best, checks = 0, len(options) - 1, None, 0
+    while lo <= hi and checks < max_checks:
+        mid = (lo + hi) // 2
+        checks += 1
+        if evaluate(*options[mid])["psnr_mean"] >= target:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is not None:
+        return options[best], True
+    # nothing tried meets it: the most compute, measured (the target may be out of reach)
+    return options[0], evaluate(*options[0])["psnr_mean"] >= target
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+def _check_target(computed_fraction, min_psnr) -> None:
+    if (computed_fraction is None) == (min_psnr is None):
+        raise ValueError("calibrate: give exactly one target, computed_fraction=... or min_psnr=...")
+    if computed_fraction is not None and not (isinstance(computed_fraction, (int, float))
+                                              and not isinstance(computed_fraction, bool)
+                                              and 0 < computed_fraction <= 1):
+        raise ValueError(f"computed_fraction must be in (0, 1], got {computed_fraction!r}")
+    if min_psnr is not None and not (isinstance(min_psnr, (int, float)) and not isinstance(min_psnr, bool)
+                                     and math.isfinite(min_psnr) and min_psnr > 0):
+        raise ValueError(f"min_psnr must be a positive finite number of dB, got {min_psnr!r}")
+
+
+def _output(value) -> torch.Tensor:
+    for name in ("frames", "images"):
+        if hasattr(value, name):
+            value = getattr(value, name)
+            break
+    if isinstance(value, (tuple, list)) and value and not isinstance(value[0], (int, float)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception as exc:
+            raise ValueError(f"calibrate: sample(i) returned {type(value).__name__}, not a tensor "
+                             "(return the generated images/video, or latents)") from exc
+    return value
+
+
+def _psnr(out: torch.Tensor, ref: torch.Tensor, data_range: Optional[float]) -> float:
+    if out.shape != ref.shape:
+        raise ValueError(f"calibrate: sample(i) returned shape {tuple(out.shape)} cached and "
+                         f"{tuple(ref.shape)} uncached; it must be deterministic in i (seed it)")
+    out, ref = out.double(), ref.double()
+    peak = float(data_range) if data_range is not None else float(ref.max() - ref.min()) or 1.0
+    mse = float(((out - ref) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def _mean_db(values: list) -> float:
+    """The mean PSNR of runs that differ from their reference (identical runs are infinite)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.mean(finite) if finite else math.inf
+
+
+def _json_floats(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_floats(v) for v in obj]
+    return obj
+
+
+def _py_floats(obj):
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _py_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_py_floats(v) for v in obj]
+    return obj
