@@ -32,7 +32,7 @@ def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
         finite = [p for p in ps.values() if math.isfinite(p)]
         rows.append({
             "method": r.name, "family": r.family, "setting": r.setting, "notes": r.notes,
-            "timed": "eager" if r.eager else "torch.compile",
+            "timed": r.timed or ("eager" if r.eager else "torch.compile"),
             "latency_s": statistics.median(rec.seconds for rec in res.records),
             "speedup": statistics.median(ratios),
             "speedup_min": min(ratios), "speedup_max": max(ratios),

@@ -16,6 +16,8 @@ from adacache_fx.runtime.scheduler import AdaCacheScheduler
 # TaylorSeer's default patterns ("^blocks.*attn" under re.fullmatch) match no module of Wan,
 # whose attentions are blocks.N.attn1 / attn2: name them, with the feed-forward, explicitly.
 TAYLORSEER_MODULES = [r"blocks\.\d+\.(attn1|attn2|ffn)"]
+# Peers also timed under compile_repeated_blocks (one setting each, near 2x on the reference model).
+REGIONAL_PEERS = ("fbc-0.1", "taylorseer-3", "magcache-0.24")
 
 
 class CountingCompiler:
@@ -162,6 +164,7 @@ class Runner:
     compile_check: Optional[Callable[[], "Runner"]] = None  # the same method under torch.compile
     backend: object = None                   # AdaCache methods: their backend
     calibration: Optional[dict] = None       # calibrated AdaCache methods: the target (calibrate's keywords)
+    timed: str = ""                          # how it is timed, when not "eager" / "torch.compile"
 
 
 class Methods:
@@ -209,8 +212,18 @@ class Methods:
                              f"codebook {{inf: {rate}}} (AdaCache-fast mean {adacache_fast_mean:.1f} steps)",
                              fixed_config(rate, steps))
 
+    def regional_baseline(self) -> Runner:
+        """The uncached model under diffusers' regional compilation (``compile_repeated_blocks``:
+        each block compiled, the rest eager), the way diffusers' docs pair it with their caches."""
+        model = copy.deepcopy(self.transformer)
+        counter = CountingCompiler(self.inner)
+        model.compile_repeated_blocks(backend=counter)
+        return Runner("regional-baseline", "baseline", "compile_repeated_blocks, uncached", model, counter,
+                      lambda: None, lambda i: None, lambda: {"computed": None, "cache_bytes": 0},
+                      timed="regional compile")
+
     def diffusers_cache(self, name: str, setting: str, make_config: Callable, counts_steps: Optional[str],
-                        compiled_with: Optional[Callable] = None) -> Runner:
+                        compiled_with: Optional[Callable] = None, regional: bool = False) -> Runner:
         """diffusers' ``enable_cache`` on a copy of the transformer, called inside
         ``cache_context("cond")`` as diffusers' pipelines do.
 
@@ -227,7 +240,11 @@ class Methods:
         model = copy.deepcopy(self.transformer)
         clock = {"t": 1000.0}
         model.enable_cache(make_config(lambda: clock["t"]))
-        if compiled_with is not None:
+        if regional:   # diffusers' regional compilation under the hooks: timed against plain torch.compile
+            counter = CountingCompiler(self.inner)
+            model.compile_repeated_blocks(backend=counter)
+            compiled = model
+        elif compiled_with is not None:
             compiled, counter = self.compiled(model, compiled_with, name + "-compiled")
         else:
             compiled, counter = model, CountingCompiler(None)
@@ -255,6 +272,9 @@ class Methods:
             return {"computed": track["computed"] if counts_steps else None, "cache_bytes": track["peak"]}
 
         notes = "" if counts_steps else "skips attention only; every step runs the blocks"
+        if regional:
+            return Runner(name, "diffusers", setting + ", compile_repeated_blocks", model_fn, counter, reset, on_step,
+                          end, notes, timed="regional compile")
         check = None if compiled_with is not None else (
             lambda: self.diffusers_cache(name, setting, make_config, counts_steps, compiled_with=self.check_inner))
         return Runner(name, "diffusers", setting, model_fn, counter, reset, on_step, end, notes,
@@ -281,32 +301,35 @@ class Methods:
         for name, setting, cfg, target in adacache_settings(steps):
             if want(name):
                 out.append(self.adacache(name, "adacache", setting, cfg, calibration=target))
+        peers = []   # (name, setting, make_config(clock), how a computed step shows)
         for thr in (0.05, 0.1, 0.2):
-            if want(f"fbc-{thr}"):
-                out.append(self.diffusers_cache(f"fbc-{thr}", f"threshold {thr}",
-                                                lambda clock, thr=thr: FirstBlockCacheConfig(threshold=thr),
-                                                "should_compute"))
+            peers.append((f"fbc-{thr}", f"threshold {thr}",
+                          lambda clock, thr=thr: FirstBlockCacheConfig(threshold=thr), "should_compute"))
         for spatial, cross in ((2, 6), (3, 9)):
-            if want(f"pab-{spatial}-{cross}"):
-                out.append(self.diffusers_cache(
-                    f"pab-{spatial}-{cross}", f"spatial skip {spatial}, cross skip {cross}, t in (100, 800)",
-                    lambda clock, s=spatial, c=cross: PyramidAttentionBroadcastConfig(
-                        spatial_attention_block_skip_range=s, cross_attention_block_skip_range=c,
-                        current_timestep_callback=clock), None))
+            peers.append((f"pab-{spatial}-{cross}", f"spatial skip {spatial}, cross skip {cross}, t in (100, 800)",
+                          lambda clock, s=spatial, c=cross: PyramidAttentionBroadcastConfig(
+                              spatial_attention_block_skip_range=s, cross_attention_block_skip_range=c,
+                              current_timestep_callback=clock), None))
         for interval in (3, 5):
-            if want(f"taylorseer-{interval}"):
-                out.append(self.diffusers_cache(
-                    f"taylorseer-{interval}", f"interval {interval}, order 1, attn1/attn2/ffn of every block",
-                    lambda clock, n=interval: TaylorSeerCacheConfig(cache_interval=n, max_order=1,
-                                                                    cache_identifiers=TAYLORSEER_MODULES),
-                    "taylorseer"))
+            peers.append((f"taylorseer-{interval}", f"interval {interval}, order 1, attn1/attn2/ffn of every block",
+                          lambda clock, n=interval: TaylorSeerCacheConfig(cache_interval=n, max_order=1,
+                                                                          cache_identifiers=TAYLORSEER_MODULES),
+                          "taylorseer"))
         mag = [thr for thr in (0.06, 0.12, 0.24) if want(f"magcache-{thr}")]
-        if mag:
-            ratios = magcache_ratios(steps)
-            for thr in mag:
-                out.append(self.diffusers_cache(
-                    f"magcache-{thr}", f"threshold {thr}, K 3, retention 0.2, calibrated",
-                    lambda clock, thr=thr: MagCacheConfig(threshold=thr, max_skip_steps=3, retention_ratio=0.2,
-                                                          num_inference_steps=steps, mag_ratios=ratios),
-                    "should_compute"))
+        ratios = magcache_ratios(steps) if mag else None
+        for thr in mag:
+            peers.append((f"magcache-{thr}", f"threshold {thr}, K 3, retention 0.2, calibrated",
+                          lambda clock, thr=thr: MagCacheConfig(threshold=thr, max_skip_steps=3, retention_ratio=0.2,
+                                                                num_inference_steps=steps, mag_ratios=ratios),
+                          "should_compute"))
+        for name, setting, make, counts in peers:
+            if want(name):
+                out.append(self.diffusers_cache(name, setting, make, counts))
+        # the best settings of each peer again under diffusers' regional compilation, as their users
+        # would run them for speed (against the same plain torch.compile baseline as AdaCache)
+        if want("regional"):
+            out.append(self.regional_baseline())
+        for name, setting, make, counts in peers:
+            if name in REGIONAL_PEERS and (want(name + "-regional")):
+                out.append(self.diffusers_cache(name + "-regional", setting, make, counts, regional=True))
         return out
