@@ -16,7 +16,10 @@ nothing to cache. Dynamo can capture those ops into the graph instead (as data-d
 are on. Dynamo reads its config while it traces, that is on the compiled model's calls, so
 ``compile_model`` turns both on around each call of this model only (``torch._dynamo.config``
 is patched for the call and restored after it): the user's global config and their other
-compiled models are never changed.
+compiled models are never changed. The same per-call patch adds the logger methods libraries
+install on ``logging.Logger`` (``warning_once``) to Dynamo's ``ignore_logging_functions``, and
+before the first call the hooks diffusers installs (context parallelism) resolve what they would
+otherwise look up with ``inspect`` inside the traced forward: both would break the graph there.
 
 What it cannot capture still breaks the graph: a Python ``if`` or ``for`` on a tensor's value
 (``for n in tokens_per_expert:``). Such a model runs as plain ``torch.compile`` would run it,
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import warnings
 from typing import Callable, Optional, Union
 
@@ -51,6 +55,37 @@ def data_dependent_capture():
     """A context (also a decorator) in which Dynamo captures ``.item()``, ``.tolist()`` and ops
     with data-dependent output shapes into the graph. Restores the previous config on exit."""
     return torch._dynamo.config.patch(**DATA_DEPENDENT_CAPTURE)
+
+
+# Logger methods that libraries add to logging.Logger (transformers' ``warning_once``, which
+# diffusers' context-parallel hooks call inside a traced forward). Dynamo breaks the graph at an
+# unknown logger method unless it is in ``ignore_logging_functions``; looked up at each call,
+# since the method appears only once the library that adds it is imported.
+_ADDED_LOGGER_METHODS = ("warning_once", "info_once")
+
+
+def _ignored_logging_functions() -> dict:
+    """The ``ignore_logging_functions`` patch that adds the added logger methods present now
+    (empty when none is present or all are already ignored)."""
+    current = torch._dynamo.config.ignore_logging_functions
+    added = {getattr(logging.Logger, name) for name in _ADDED_LOGGER_METHODS if hasattr(logging.Logger, name)}
+    return {"ignore_logging_functions": current | added} if added - current else {}
+
+
+def _trace_config(capture: bool):
+    """The Dynamo config for one call of a model compiled by ``compile_model``: the added logger
+    methods ignored, and data-dependent ops captured when ``capture``."""
+    patch = dict(_ignored_logging_functions())
+    if capture:
+        patch.update(DATA_DEPENDENT_CAPTURE)
+    return torch._dynamo.config.patch(**patch) if patch else contextlib.nullcontext()
+
+
+def _prepare_module_hooks(model: torch.nn.Module) -> None:
+    """Resolve what diffusers' hooks would compute on their first call inside the traced
+    forward (a graph break there fragments the forward); nothing for other models."""
+    from .integrations.diffusers import prepare_hooks_for_tracing   # imports no diffusers code
+    prepare_hooks_for_tracing(model)
 
 
 def capture_failed(exc: BaseException) -> bool:
@@ -108,19 +143,25 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
                            "called on it); compile it once")
     backend = adacache_backend(config, inner=inner, mode=mode, options=options)
     signature = _frames_parameter(model, backend.config)
+    _prepare_module_hooks(model)
     model.compile(backend=backend, **compile_kwargs)
     compiled = model._compiled_call_impl
     capturing = [capture_data_dependent]
+    hooks_prepared = [False]
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
         # analysis of a graph traced by this call reads it here
         backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs)
+        if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
+            _prepare_module_hooks(model)
+            hooks_prepared[0] = True
         if not capturing[0]:
-            return compiled(*args, **kwargs)
+            with _trace_config(False):
+                return compiled(*args, **kwargs)
         try:
-            with data_dependent_capture():
+            with _trace_config(True):
                 return compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only Dynamo's own tracing failures are retried
             if not capture_failed(exc):
@@ -130,7 +171,8 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             warnings.warn(f"adacache: tracing {type(model).__name__} with data-dependent ops captured failed "
                           f"({type(exc).__name__}: {first_line}); this model is traced as plain torch.compile "
                           "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=2)
-            return compiled(*args, **kwargs)
+            with _trace_config(False):
+                return compiled(*args, **kwargs)
 
     model._compiled_call_impl = call
     return backend

@@ -1,7 +1,6 @@
 """``explain(model, *args, **kwargs)``: what the pass would cache, without caching anything."""
 from __future__ import annotations
 
-import contextlib
 
 from dataclasses import dataclass, field
 from typing import Optional
@@ -12,7 +11,7 @@ import torch.fx as fx
 from .config import AdaCacheConfig
 from .analysis import analyze
 from .compile import flops_by_node
-from .compile_model import capture_failed, data_dependent_capture, frames_argument
+from .compile_model import _prepare_module_hooks, _trace_config, capture_failed, frames_argument
 
 
 @dataclass
@@ -72,6 +71,7 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
     result = Explanation()
 
     frames = frames_argument(model, config, args, kwargs)
+    _prepare_module_hooks(model)   # as compile_model: hooks that would break the graph on a first call
 
     def capture(gm: fx.GraphModule, example_inputs):
         analysis = analyze(gm.graph, config, frames)
@@ -105,6 +105,5 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
 
 
 def _trace(compiled, args, kwargs, capture_data_dependent: bool) -> None:
-    capture_ctx = data_dependent_capture() if capture_data_dependent else contextlib.nullcontext()
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), capture_ctx:
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), _trace_config(capture_data_dependent):
         compiled(*args, **kwargs)

@@ -60,6 +60,8 @@ OPS = "adacache_fx/ops/cache_metrics.py"
 DIST = "adacache_fx/runtime/distributed.py"
 CLOCK = "adacache_fx/runtime/clock.py"
 STATE = "adacache_fx/runtime/state.py"
+RECORD = "adacache_fx/calibration/record.py"
+CALIB = "adacache_fx/calibration/calibrate.py"
 
 T_BACKEND = "tests/test_backend.py"
 T_GUIDANCE = "tests/test_guidance.py"
@@ -69,6 +71,8 @@ T_DIST = "tests/test_distributed.py"
 T_STATE = "tests/test_runtime_state.py"
 T_DIFFUSERS = "tests/test_integrations_diffusers.py"
 T_KERNELS = "tests/test_kernels.py"
+T_FORECAST = "tests/test_forecast_reuse.py"
+T_CALIBRATE = "tests/test_calibrate.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -100,6 +104,26 @@ MUTATIONS = [
              [(GRAPH, "cache = branches.get(decision.branch)", "cache = branches.get(0)"),
               (GRAPH, "branches[decision.branch] = self._store(", "branches[0] = self._store(")],
              [T_GUIDANCE, T_BACKEND]),
+    # ----- forecast reuse (config.reuse) ---------------------------------------------------------
+    Mutation("forecast_in_step_index", "the forecast extrapolates in the timestep, not the step index",
+             [(GRAPH, "self.call.deltas = [] if compute else self._reused_deltas(cache, _time(scheduler))",
+               "self.call.deltas = [] if compute else self._reused_deltas(cache, float(scheduler.step))"),
+              (GRAPH, "        time = _time(scheduler)\n        slopes, span",
+               "        time = float(scheduler.step)\n        slopes, span")],
+             [T_FORECAST]),
+    Mutation("forecast_damping_ignored", "damped reuse scales the extrapolation by reuse_damping",
+             [(GRAPH, "scale *= config.reuse_damping", "scale *= 1.0")],
+             [T_FORECAST]),
+    # ----- calibration -----------------------------------------------------------------------------
+    Mutation("calibration_gap_off_by_one", "the recorded trajectory pairs each step with the probe k steps before",
+             [(RECORD, "gap = step - previous_step", "gap = step - previous_step + 1")],
+             [T_CALIBRATE]),
+    Mutation("calibration_fraction_target_exceeded", "a computed-fraction target is an upper bound",
+             [(CALIB, "within = [o for o in options if o[1] <= target + 1e-9]",
+               "within = [o for o in options if o[1] <= target + 0.25]"),
+              (CALIB, "if evaluate(*option)[\"computed_fraction\"] <= target + 1e-9:",
+               "if evaluate(*option)[\"computed_fraction\"] <= target + 0.25:")],
+             [T_CALIBRATE]),
     # ----- one decision per step from the pooled sums of all branches ---------------------------
     Mutation("pooling_sums_replaced", "branch sums are summed (last branch's replaced the others)",
              [(SCHED, "pending.sums = sums if pending.sums is None else pending.sums + sums", "pending.sums = sums")],

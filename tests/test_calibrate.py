@@ -9,7 +9,7 @@ import torch
 
 from adacache_fx import AdaCacheConfig, CalibrationResult, adacache_backend, calibrate
 from adacache_fx.calibration import TrajectoryRecorder, simulate
-from adacache_fx.calibration.fit import typical_motion
+from adacache_fx.calibration.fit import MOREG_SPREAD, typical_motion
 from helpers import INF, euler_loop, no_recompiles, timesteps
 from toy_models import ToyLatte, seeded
 
@@ -98,22 +98,22 @@ def test_min_psnr_target_is_met_with_the_least_compute_found():
     _, compiled, backend = _compiled(BASE)
     sample = _sampler(compiled)
     low = calibrate(sample, backend, runs=2, min_psnr=20.0, progress=False)
-    high = calibrate(sample, backend, runs=2, min_psnr=45.0, progress=False)
-    for result, target in ((low, 20.0), (high, 45.0)):
+    high_target = low.measured["psnr_mean"] + 1.0     # what low's choice misses: another candidate
+    high = calibrate(sample, backend, runs=2, min_psnr=high_target, progress=False)
+    assert (high.threshold_scale, high.max_rate) != (low.threshold_scale, low.max_rate)
+    for result, target in ((low, 20.0), (high, high_target)):
         assert result.met and result.measured["psnr_mean"] >= target
         # checked independently: rerun the chosen config and measure the PSNR here
-        backend.set_config(result.config)
-        refs, outs = [], []
         backend.set_config(AdaCacheConfig.no_cache(num_steps=STEPS, reuse="constant"))
         refs = [sample(i) for i in range(2)]
         backend.set_config(result.config)
         outs = [sample(i) for i in range(2)]
         psnrs = [10 * math.log10(float(r.max() - r.min()) ** 2 / float(((o - r) ** 2).mean())) for o, r in zip(outs, refs)]
         assert statistics.mean(psnrs) == pytest.approx(result.measured["psnr_mean"], rel=1e-6)
-    assert high.measured["computed_fraction"] > low.measured["computed_fraction"]
-    # a lower-compute candidate than the one chosen for 45 dB was tried and missed it (bisection found the edge)
-    cheaper = [e for e in high.evaluations if e["computed_fraction"] < high.measured["computed_fraction"]]
-    assert cheaper and all(e["psnr_mean"] < 45.0 for e in cheaper)
+        # bisection: every candidate tried with less compute than the chosen one missed the target
+        cheaper = [e for e in result.evaluations if e["predicted_computed_fraction"] < result.predicted_computed_fraction]
+        assert all(e["psnr_mean"] < target for e in cheaper)
+    assert [e for e in high.evaluations if e["psnr_mean"] < high_target]   # the target did bind
 
 
 def test_moreg_normalizer_is_the_models_typical_motion():
@@ -125,9 +125,12 @@ def test_moreg_normalizer_is_the_models_typical_motion():
     per_run = sorted(statistics.mean(t.motion(s) for s in range(window[0], window[1] + 1))
                      for t in result.trajectories)
     assert result.moreg_normalizer == pytest.approx(per_run[1])
+    # the power maps the runs' spread to MOREG_SPREAD: the most-moving run's m' is that many times the least's
+    assert result.config.moreg_power == result.moreg_power < BASE.moreg_power
+    assert (per_run[-1] / per_run[0]) ** result.moreg_power == pytest.approx(MOREG_SPREAD)
     off = calibrate(_sampler(compiled), backend, runs=1, computed_fraction=0.6, progress=False,
                     base=AdaCacheConfig.fast(num_steps=STEPS, moreg=False, reuse="constant"))
-    assert off.moreg_normalizer is None and off.config.moreg_normalizer == 0.385
+    assert off.moreg_normalizer is None and off.config.moreg_normalizer == 0.385 and off.config.moreg_power == 8.0
 
 
 def test_json_round_trip(tmp_path):

@@ -80,24 +80,27 @@ def test_forecast_keeps_two_tensors_per_stream_and_branch():
     assert _run("linear")[2].report().cache_bytes == 2 * 3 * stream
 
 
-def test_no_forecast_across_generations():
-    """The second generation's first reused step (step 3, {inf: 1, ...}) extrapolates from its
-    own steps 1 and 2 only; a slope from the first generation would be a different value."""
+def test_after_a_batch_size_change_reuse_is_constant_until_two_deltas_of_the_new_shape():
+    """Steps 1-2 at batch 2, then batch 1: step 3 (a reused step under {inf: 3}) computes for
+    the shape guard, and step 4 (reused) has no slope of the new shape (step 2's deltas are batch
+    2): it adds step 3's delta unchanged. A slope across shapes would not even broadcast."""
     torch._dynamo.reset()
     model = seeded(ToyFlowDiT())
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="linear"), inner="eager")
-    compiled = torch.compile(model, backend=backend)
-    runs = []
-    for seed in (0, 1):
-        x0 = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(seed))
-
-        def make(batch, t, x0=x0):
-            return (x0, torch.full((batch,), t), torch.zeros(batch, dtype=torch.long)), {}
-        runs.append(euler_loop(compiled, make, timesteps(12)))
-    run, steps = runs[1], timesteps(12)
-    d = [run.calls[i][0].output - run.latents[i] for i in (0, 1)]
-    expected = run.latents[2] + d[1] + (steps[2] - steps[1]) / (steps[1] - steps[0]) * (d[1] - d[0])
-    torch.testing.assert_close(run.calls[2][0].output, expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    x2, x1 = torch.randn(2, 9, 12, generator=g), torch.randn(1, 9, 12, generator=g)
+    outs, inputs = [], []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps(12)):
+            x = (x2 if i < 2 else x1) + 0.01 * i
+            inputs.append(x)
+            args = (x, torch.full((x.shape[0],), t), torch.zeros(x.shape[0], dtype=torch.long))
+            outs.append(compiled(*args))
+            if i == 2:   # step 3 computed at the new shape: the plain model's output
+                torch.testing.assert_close(outs[-1], model(*args), rtol=1e-5, atol=1e-6)
+    d3 = outs[2] - inputs[2]
+    torch.testing.assert_close(outs[3], inputs[3] + d3, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("field,value", [("reuse", "quadratic"), ("reuse", None), ("reuse_damping", 1.5),

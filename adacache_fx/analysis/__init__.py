@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,8 @@ from .find_regions import find_regions
 from .find_residual_chain import find_residual_chain
 from .find_timestep import find_timestep
 from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
-from .graph_nodes import module_stack, user_placeholder_name
+from .frame_layout.stops import shard_message
+from .graph_nodes import describe_node, module_stack, user_placeholder_name
 
 logger = logging.getLogger("adacache_fx")
 _LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
@@ -113,13 +115,19 @@ class GraphAnalysis:
         else:
             lines.append("probe: none")
         lines.append(f"MoReg frame layout: {self.frame_layout.describe()}" if self.frame_layout
-                     else "MoReg frame layout: none (" + next((m for m in self.log if "MoReg" in m), "not inferred") + ")")
+                     else "MoReg frame layout: none (" + next((m for m in self.log if m.startswith("MoReg off:")),
+                                                              next((m for m in self.log if "MoReg" in m), "not inferred")) + ")")
         return "\n".join(lines)
 
 
 def _pass_find_blocks(a: GraphAnalysis) -> None:
     a.blocks = find_blocks(a.graph)
     a.note(f"find_blocks: {len(a.blocks)} blocks")
+    for block in a.blocks:
+        if block.wrapper_nodes:
+            a.note(f"find_blocks: {len(block.wrapper_nodes)} ops of {block.path} were traced in a hook or wrapper "
+                   f"around {block.cls_name}.forward, not in it, and are left outside the block: "
+                   + ", ".join(describe_node(n) for n in block.wrapper_nodes[:3]))
     if not a.blocks:
         a.blocks = find_residual_chain(a.graph)
         a.note(f"find_residual_chain: no block list in the module metadata; {len(a.blocks)} residual "
@@ -169,6 +177,24 @@ def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
                 a.probe, a.frame_layout = probe, layout
                 break
     a.note(f"infer_frame_layout: {a.frame_layout.describe() if a.frame_layout else None}")
+    if a.frame_layout is None and is_video:
+        _say_why_moreg_is_off(a)
+
+
+def _say_why_moreg_is_off(a: GraphAnalysis) -> None:
+    """A video model whose frame axis is lost at a shard (context parallelism): MoReg is off,
+    and the user is told so (log, explain, and a warning), not left with silently other decisions."""
+    videos = find_video_inputs(a.graph)
+    if not videos:
+        return
+    dim = a.config.video_frame_dim % 5 if a.config.video_frame_dim is not None else 2
+    message = shard_message(a.graph, videos[0], dim, a.probe.node, user_placeholder_name(videos[0]))
+    if message is None:
+        return
+    a.note(f"MoReg off: {message}")
+    if a.config.moreg:   # the user asked for MoReg and does not get it
+        from ..backend import AdaCacheWarning   # imported here: the backend module imports this one
+        warnings.warn(f"adacache: {message}", AdaCacheWarning, stacklevel=2)
 
 
 # The ordered pass list: each pass may rely on the fields its predecessors filled.

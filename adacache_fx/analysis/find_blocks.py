@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from .graph_nodes import example_value, is_residual_add, module_calls, module_stack, op_kind
+from .own_forward import wrapper_nodes
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -38,6 +39,8 @@ class Block:
     index: int                # 3
     cls_name: str             # "BasicTransformerBlock"
     nodes: list = field(default_factory=list)   # its fx nodes, in graph order
+    cls: object = None        # the module class (None where the graph records only its name)
+    wrapper_nodes: list = field(default_factory=list)   # ops traced in hooks around its forward, left out
 
     @property
     def first(self) -> fx.Node:
@@ -60,13 +63,26 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
     parent call (blocks held as named attributes ``block_0 .. block_5``, a ``ModuleDict``, one
     module applied N times) and indexed children that stand alone (a list of one block), where
     every such call does block work (a residual add and at least two matmul-like ops), so that an
-    MLP's two linears or an embedding's layers are never taken for blocks."""
+    MLP's two linears or an embedding's layers are never taken for blocks. Either way, the ops
+    traced in hooks or wrappers around a block's forward (a context-parallel shard of its input)
+    are left out of it (``own_forward``; kept in ``Block.wrapper_nodes``)."""
     calls = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     blocks = _module_list_blocks(calls)
     taken = {n for b in blocks for n in b.nodes}
     blocks += _module_call_blocks([n for n in calls if n not in taken])
+    blocks = [b for b in blocks if _peel_wrapper_nodes(b)]
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(blocks, key=lambda b: order[b.first])
+
+
+def _peel_wrapper_nodes(block: Block) -> bool:
+    """Leave the ops traced in hooks / wrappers around the block's forward out of the block
+    (see own_forward); False when nothing of the block is left."""
+    peeled = set(wrapper_nodes(block.nodes, block.cls))
+    if peeled:
+        block.wrapper_nodes = [n for n in block.nodes if n in peeled]
+        block.nodes = [n for n in block.nodes if n not in peeled]
+    return bool(block.nodes)
 
 
 def _module_list_blocks(calls: list) -> list:
@@ -95,7 +111,7 @@ def _module_list_blocks(calls: list) -> list:
             if m and m.group(1) in block_lists:
                 block = blocks.get(path)
                 if block is None:
-                    block = blocks[path] = Block(path, m.group(1), int(m.group(2)), _cls_name(cls))
+                    block = blocks[path] = Block(path, m.group(1), int(m.group(2)), _cls_name(cls), cls=cls)
                 block.nodes.append(node)
                 break
     return list(blocks.values())
@@ -140,7 +156,7 @@ def _module_call_blocks(calls: list) -> list:
                     name = path if k == 0 else f"{path}@{k}"
                     m = _INDEXED.match(path)
                     list_path, index = (m.group(1), int(m.group(2))) if m else (path.rsplit(".", 1)[0] if "." in path else "", k)
-                    block = blocks[key] = Block(name, list_path, index, _cls_name(cls))
+                    block = blocks[key] = Block(name, list_path, index, _cls_name(cls), cls=cls)
                 block.nodes.append(node)
                 break
     return list(blocks.values())

@@ -118,9 +118,19 @@ def _stream_of(output: fx.Node, region_nodes: set, block_of: dict) -> Optional[S
     return Stream(input=path[0], output=output, path=path[1:], adds=adds)
 
 
+_SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+
+
+def is_scalar_node(node: fx.Node) -> bool:
+    """A size or other scalar (a SymInt under dynamic shapes: a collective's split sizes), not a tensor."""
+    return isinstance(example_value(node), _SCALARS)
+
+
 def _outputs(nodes: set) -> list:
-    outs = [n for n in nodes if any(u not in nodes for u in n.users)]
-    return outs
+    """The tensors computed in ``nodes`` and used after them. Scalars used after them (shape
+    arithmetic a later block reuses) are no streams: the reuse path recomputes them from its
+    inputs' sizes (build_reuse keeps them, and refuses a scalar that needs the blocks)."""
+    return [n for n in nodes if any(u not in nodes for u in n.users) and not is_scalar_node(n)]
 
 
 def _between(region_nodes: set, block: Block, order: dict, graph_nodes: list) -> set:

@@ -118,13 +118,19 @@ _INDEX = re.compile(r"\[(\d+)\]")
 _ROOT = re.compile(r"^L\[[^\]]*\]\.?|^L__self__\.?|^self\.?")
 
 
+# ``<module>.forward.__self__`` is ``<module>`` (a bound method's self); Dynamo reaches modules
+# that way when a forward is wrapped (hooks: ``forward.func.__closure__.0.cell_contents.forward.__self__``).
+_BOUND_SELF = re.compile(r"(^|\.)forward(\.[^.]+)*?\.__self__(?=\.|$)")
+
+
 def module_path(raw: str) -> str:
-    """Normalise a Dynamo ``nn_module_stack`` path: ``L['self'].blocks[3].attn`` -> ``blocks.3.attn``."""
+    """Normalise a Dynamo ``nn_module_stack`` path: ``L['self'].blocks[3].attn`` -> ``blocks.3.attn``
+    (also through a wrapped forward: ``L['self'].forward.__self__.blocks[3]`` -> ``blocks.3``)."""
     path = _ROOT.sub("", raw)
     path = _INDEX.sub(r".\1", path)
     path = path.replace("['", ".").replace("']", "")
     parts = [p for p in path.split(".") if p and p not in ("__dict__", "_modules")]
-    return ".".join(parts)
+    return _BOUND_SELF.sub("", ".".join(parts)).strip(".")
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, type]]:
@@ -145,7 +151,8 @@ def describe_node(node: fx.Node) -> str:
     where = ""
     trace = node.meta.get("stack_trace")
     if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        # (Python 3.11+ traces underline the expression with ^~ markers: not source)
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip() and ln.strip().strip("^~ ")]
         files = [ln for ln in lines if ln.startswith("File ")]
         if files:
             where = " at " + files[-1].replace("File ", "", 1) + (f": {lines[-1]}" if not lines[-1].startswith("File ") else "")

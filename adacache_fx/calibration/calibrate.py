@@ -6,10 +6,12 @@ MoReg can lower the compute of every video whose motion score sits below 0.385. 
 
 1. runs ``runs`` uncached generations (``sample(i)``), recording the metric between every step's
    probe and the probes of the ``max_gap`` steps before it (``record.TrajectoryRecorder``);
-2. sets MoReg's normaliser to the model's typical motion score (``fit.typical_motion``);
-3. predicts, for every scale of the base codebook's thresholds, the schedule the backend's own
-   scheduler would take on those trajectories (``fit.candidates``);
-4. picks the scale that meets the target, checked by running the cached generations themselves:
+2. sets MoReg's normaliser to the model's typical motion score (``fit.typical_motion``) and its
+   power so that the runs' spread of motion raises the distance at most ``MOREG_SPREAD`` times
+   (``fit.moreg_power``);
+3. predicts, for every scale of the base codebook's thresholds and every cap on its rates, the
+   schedule the backend's own scheduler would take on those trajectories (``fit.candidates``);
+4. picks the candidate that meets the target, checked by running the cached generations themselves:
    a computed-step fraction (at most that much compute), or a mean PSNR against the uncached
    outputs (at least that many dB, searched by bisection over the predicted schedules).
 """
@@ -26,7 +28,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..config import AdaCacheConfig
-from .fit import candidates, scaled, typical_motion
+from .fit import MOREG_SPREAD, candidates, moreg_power, scaled, typical_motion
 from .record import Trajectory, TrajectoryRecorder
 
 
@@ -38,7 +40,9 @@ class CalibrationResult:
     target: dict                     # {"computed_fraction": f} or {"min_psnr": dB}
     met: bool                        # the measured result meets the target
     threshold_scale: float           # the base codebook's thresholds were multiplied by this
+    max_rate: int                    # and its rates capped at this
     moreg_normalizer: Optional[float]   # the calibrated normaliser (None: MoReg off or no frames)
+    moreg_power: Optional[float]        # the calibrated power (None: MoReg off or no frames)
     predicted_computed_fraction: float
     measured: dict                   # of the chosen config: computed_fraction, psnr_mean, psnr_worst, psnr
     evaluations: list = field(default_factory=list)   # every config run: scale, predicted, measured
@@ -47,8 +51,9 @@ class CalibrationResult:
     def summary(self) -> str:
         m = self.measured
         lines = [f"calibrated for {self.target}: {'met' if self.met else 'NOT met'}",
-                 f"  thresholds x{self.threshold_scale:.3f}: {self.config.codebook}",
-                 f"  MoReg normaliser: {self.moreg_normalizer if self.moreg_normalizer is not None else 'unchanged'}",
+                 f"  thresholds x{self.threshold_scale:.3f}, rates capped at {self.max_rate}: {self.config.codebook}",
+                 f"  MoReg normaliser, power: " + (f"{self.moreg_normalizer:.4f}, {self.moreg_power:.3f}"
+                                                   if self.moreg_normalizer is not None else "unchanged"),
                  f"  computed fraction: predicted {self.predicted_computed_fraction:.3f}, "
                  f"measured {m['computed_fraction']:.3f}",
                  f"  PSNR vs uncached: mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB "
@@ -57,7 +62,9 @@ class CalibrationResult:
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "target": self.target, "met": self.met,
-                "threshold_scale": self.threshold_scale, "moreg_normalizer": self.moreg_normalizer,
+                "threshold_scale": self.threshold_scale, "max_rate": self.max_rate,
+                "moreg_normalizer": self.moreg_normalizer,
+                "moreg_power": self.moreg_power,
                 "predicted_computed_fraction": self.predicted_computed_fraction,
                 "measured": _json_floats(self.measured), "evaluations": _json_floats(self.evaluations),
                 "trajectories": [t.to_dict() for t in self.trajectories]}
@@ -69,7 +76,8 @@ class CalibrationResult:
     def load(cls, path: Union[str, Path]) -> "CalibrationResult":
         d = json.loads(Path(path).read_text())
         return cls(config=AdaCacheConfig.from_dict(d["config"]), target=d["target"], met=d["met"],
-                   threshold_scale=d["threshold_scale"], moreg_normalizer=d["moreg_normalizer"],
+                   threshold_scale=d["threshold_scale"], max_rate=d["max_rate"], moreg_normalizer=d["moreg_normalizer"],
+                   moreg_power=d["moreg_power"],
                    predicted_computed_fraction=d["predicted_computed_fraction"],
                    measured=_py_floats(d["measured"]), evaluations=_py_floats(d["evaluations"]),
                    trajectories=[Trajectory.from_dict(t) for t in d["trajectories"]])
@@ -105,22 +113,26 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     try:
         references, trajectories = _record(sample, backend, base, runs, log)
         normalizer = typical_motion(base, trajectories) if base.moreg else None
-        family = replace(base, moreg_normalizer=normalizer) if normalizer else base
+        power = moreg_power(base, trajectories) if normalizer else None
+        family = replace(base, moreg_normalizer=normalizer, moreg_power=power) if normalizer else base
         if normalizer is not None:
-            log(f"MoReg normaliser: {normalizer:.4f} (the runs' median motion score; was {base.moreg_normalizer})")
+            log(f"MoReg normaliser {normalizer:.4f} (the runs' median motion score; was {base.moreg_normalizer}), "
+                f"power {power:.3f} (the runs' motion spread mapped to {MOREG_SPREAD}x; was {base.moreg_power})")
         options = candidates(family, trajectories)
         evaluate = _Evaluator(sample, backend, family, references, data_range, log)
         if computed_fraction is not None:
             chosen, met = _meet_fraction(options, computed_fraction, evaluate, max_checks)
         else:
             chosen, met = _meet_psnr(options, min_psnr, evaluate, max_checks)
-        scale, predicted = chosen
-        config = scaled(family, scale)
+        config = scaled(family, chosen.scale, chosen.max_rate)
         result = CalibrationResult(
             config=config, target={"computed_fraction": computed_fraction} if computed_fraction is not None
-            else {"min_psnr": min_psnr}, met=met, threshold_scale=scale, moreg_normalizer=normalizer,
-            predicted_computed_fraction=predicted, measured=evaluate.results[scale],
-            evaluations=[{"scale": s, **m} for s, m in evaluate.results.items()], trajectories=trajectories)
+            else {"min_psnr": min_psnr}, met=met, threshold_scale=chosen.scale, max_rate=chosen.max_rate,
+            moreg_normalizer=normalizer,
+            moreg_power=power,
+            predicted_computed_fraction=chosen.predicted, measured=evaluate.results[chosen],
+            evaluations=[{"scale": c.scale, "max_rate": c.max_rate, **m} for c, m in evaluate.results.items()],
+            trajectories=trajectories)
         log(result.summary())
         backend.set_config(config if apply else original)
         return result
@@ -154,16 +166,16 @@ def _record(sample, backend, base: AdaCacheConfig, runs: int, log) -> tuple:
 
 
 class _Evaluator:
-    """Runs the cached generations of one threshold scale, once (results kept per scale)."""
+    """Runs the cached generations of one candidate, once (results kept per candidate)."""
 
     def __init__(self, sample, backend, family, references, data_range, log):
         self.sample, self.backend, self.family = sample, backend, family
         self.references, self.data_range, self.log = references, data_range, log
         self.results: dict = {}
 
-    def __call__(self, scale: float, predicted: float) -> dict:
-        if scale not in self.results:
-            self.backend.set_config(scaled(self.family, scale))
+    def __call__(self, c) -> dict:
+        if c not in self.results:
+            self.backend.set_config(scaled(self.family, c.scale, c.max_rate))
             psnrs, fractions = [], []
             for i, ref in enumerate(self.references):
                 self.backend.reset()
@@ -171,24 +183,24 @@ class _Evaluator:
                 report = self.backend.report()
                 fractions.append(len(report.computed_steps) / max(report.num_steps, 1))
                 psnrs.append(_psnr(out, ref, self.data_range))
-            self.results[scale] = {"predicted_computed_fraction": predicted,
+            self.results[c] = {"predicted_computed_fraction": c.predicted,
                                    "computed_fraction": statistics.mean(fractions),
                                    "psnr_mean": _mean_db(psnrs), "psnr_worst": min(psnrs), "psnr": psnrs}
-            m = self.results[scale]
-            self.log(f"thresholds x{scale:.3f}: computed {m['computed_fraction']:.3f} "
-                     f"(predicted {predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB")
-        return self.results[scale]
+            m = self.results[c]
+            self.log(f"thresholds x{c.scale:.3f}, rates <= {c.max_rate}: computed {m['computed_fraction']:.3f} "
+                     f"(predicted {c.predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB")
+        return self.results[c]
 
 
 def _meet_fraction(options: list, target: float, evaluate, max_checks: int) -> tuple:
     """The most compute whose measured fraction is at most ``target``: the first prediction
     within it, then less compute while the measurement exceeds it (caching perturbs the probes)."""
-    within = [o for o in options if o[1] <= target + 1e-9]
+    within = [o for o in options if o.predicted <= target + 1e-9]
     if not within:
         last = options[-1]
-        return last, evaluate(*last)["computed_fraction"] <= target + 1e-9
+        return last, evaluate(last)["computed_fraction"] <= target + 1e-9
     for option in within[:max_checks]:
-        if evaluate(*option)["computed_fraction"] <= target + 1e-9:
+        if evaluate(option)["computed_fraction"] <= target + 1e-9:
             return option, True
     return option, False
 
@@ -200,14 +212,14 @@ def _meet_psnr(options: list, target: float, evaluate, max_checks: int) -> tuple
     while lo <= hi and checks < max_checks:
         mid = (lo + hi) // 2
         checks += 1
-        if evaluate(*options[mid])["psnr_mean"] >= target:
+        if evaluate(options[mid])["psnr_mean"] >= target:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     if best is not None:
         return options[best], True
     # nothing tried meets it: the most compute, measured (the target may be out of reach)
-    return options[0], evaluate(*options[0])["psnr_mean"] >= target
+    return options[0], evaluate(options[0])["psnr_mean"] >= target
 
 
 # ----- helpers ---------------------------------------------------------------------------------

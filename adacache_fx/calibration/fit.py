@@ -1,11 +1,12 @@
-"""Predict a config's schedule on recorded trajectories, and the one-parameter family that
-calibration searches: the base codebook with every threshold scaled by one factor (rates kept),
-and MoReg's normaliser set to the model's own typical motion score."""
+"""Predict a config's schedule on recorded trajectories, and the family that calibration searches:
+the base codebook with every threshold scaled by one factor and its rates capped, MoReg's
+normaliser and power set from the model's own motion scores."""
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -42,16 +43,23 @@ def computed_fraction(config: AdaCacheConfig, trajectories: list) -> float:
     return statistics.mean(len(simulate(config, t)) / t.num_steps for t in trajectories)
 
 
-def scaled(base: AdaCacheConfig, scale: float, **overrides) -> AdaCacheConfig:
-    """``base`` with every codebook threshold multiplied by ``scale`` (an infinite one stays)."""
-    codebook = {thr * scale if math.isfinite(thr) else thr: rate for thr, rate in base.codebook.items()}
+def scaled(base: AdaCacheConfig, scale: float, max_rate: Optional[int] = None, **overrides) -> AdaCacheConfig:
+    """``base`` with every codebook threshold multiplied by ``scale`` (an infinite one stays) and
+    every rate capped at ``max_rate`` (None: kept)."""
+    codebook = {thr * scale if math.isfinite(thr) else thr: rate if max_rate is None else min(rate, max_rate)
+                for thr, rate in base.codebook.items()}
     return replace(base, codebook=codebook, **overrides)
 
 
-def typical_motion(config: AdaCacheConfig, trajectories: list):
-    """The median over runs of each run's mean motion score inside the MoReg window: the value
-    MoReg's normaliser takes so that a typical video of this model keeps its distance
-    (``m' = 1``), more motion raises it and less lowers it. None: no frame axis was recorded."""
+# MoReg's strength after calibration: the most-moving calibration run's distance is raised this
+# many times the least-moving one's (``m'`` ratio). The official power 8 on a model whose motion
+# scores span 2.6x (the reference model's prompts, still to fast) would make that ratio ~2000:
+# still videos would then always get the longest gaps.
+MOREG_SPREAD = 2.0
+
+
+def run_motion(config: AdaCacheConfig, trajectories: list) -> list:
+    """Each run's mean motion score inside the MoReg window (runs without one left out)."""
     per_run = []
     for t in trajectories:
         window = config.window_for(t.num_steps) or (1, t.num_steps)
@@ -59,18 +67,47 @@ def typical_motion(config: AdaCacheConfig, trajectories: list):
         scores = [m for m in scores if math.isfinite(m)]
         if scores:
             per_run.append(statistics.mean(scores))
+    return per_run
+
+
+def typical_motion(config: AdaCacheConfig, trajectories: list):
+    """The median of the runs' motion scores: the value MoReg's normaliser takes so that a typical
+    video of this model keeps its distance (``m' = 1``), more motion raises it and less lowers it.
+    None: no frame axis was recorded."""
+    per_run = run_motion(config, trajectories)
     return statistics.median(per_run) if per_run else None
 
 
+def moreg_power(config: AdaCacheConfig, trajectories: list) -> float:
+    """The power that maps the runs' spread of motion scores (max / min) to ``MOREG_SPREAD``,
+    at most ``config.moreg_power`` (the official 8); unchanged when the runs do not differ."""
+    per_run = [m for m in run_motion(config, trajectories) if m > 0]
+    if len(per_run) < 2 or max(per_run) / min(per_run) < 1.0 + 1e-6:
+        return config.moreg_power
+    return min(config.moreg_power, math.log(MOREG_SPREAD) / math.log(max(per_run) / min(per_run)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One config of the calibrated family, with the compute it is predicted to take."""
+
+    scale: float            # the base codebook's thresholds are multiplied by this
+    max_rate: int           # its rates are capped at this
+    predicted: float        # predicted computed fraction (mean over the recorded runs)
+
+
 def candidates(base: AdaCacheConfig, trajectories: list) -> list:
-    """``[(scale, predicted computed fraction)]`` over ``SCALES``, one per distinct prediction
-    (the smallest scale giving it: the most conservative thresholds for that compute), ordered
-    from most to least compute."""
+    """The family over ``SCALES`` x rate caps 2 .. the base codebook's largest rate, one candidate
+    per distinct predicted compute, ordered from most to least compute. For equal compute the
+    lowest cap wins (then the smallest scale): the most even spacing of the computed steps. On the
+    reference model even spacing gives a higher PSNR than long gaps where the distance is low and
+    short ones where it is high (forecast reuse extrapolates worse over long gaps)."""
     out, seen = [], set()
-    for scale in SCALES:
-        fraction = computed_fraction(scaled(base, scale), trajectories)
-        key = round(fraction, 9)
-        if key not in seen:
-            seen.add(key)
-            out.append((scale, fraction))
-    return sorted(out, key=lambda c: (-c[1], c[0]))
+    for max_rate in range(2, max(2, max(base.codebook.values())) + 1):
+        for scale in SCALES:
+            fraction = computed_fraction(scaled(base, scale, max_rate), trajectories)
+            key = round(fraction, 9)
+            if key not in seen:
+                seen.add(key)
+                out.append(Candidate(scale, max_rate, fraction))
+    return sorted(out, key=lambda c: (-c.predicted, c.max_rate, c.scale))

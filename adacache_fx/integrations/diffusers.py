@@ -12,7 +12,9 @@ What ``enable`` does:
 * compiles the pipeline's denoiser (``pipe.transformer``, else ``pipe.unet``/``pipe.prior``
   when they hold a transformer) in place with :func:`adacache_fx.compile_model` (``module.compile``
   with the backend, and ``.item()`` / ``nonzero`` captured into the graph),
-  so the pipeline keeps its components, offload hooks and ``save_pretrained`` untouched;
+  so the pipeline keeps its components, offload hooks and ``save_pretrained`` untouched; a
+  transformer with context parallelism enabled (``enable_parallelism``, before ``enable``) has its
+  hooks prepared for tracing (:func:`prepare_hooks_for_tracing`) and is traced in one graph;
 * wraps this pipeline object's ``__call__``: before every call the backend is reset (a new
   generation: no delta, probe or schedule survives from the previous request) and the
   generation's step count is taken from the call's ``num_inference_steps`` (the pipeline's
@@ -52,6 +54,34 @@ from ..config import AdaCacheConfig
 
 _DENOISER_ATTRS = ("transformer", "unet", "prior")
 _ATTR = "_adacache"
+
+
+def prepare_hooks_for_tracing(model: torch.nn.Module) -> int:
+    """Resolve, before Dynamo traces ``model``, what diffusers' hooks compute on their first
+    call; returns how many hooks were resolved (0 for a model without diffusers hooks).
+
+    A context-parallel split hook (``enable_parallelism``) finds the argument it shards by
+    ``inspect.signature`` of the wrapped module's forward on its first call and caches the
+    parameter indices. Traced inside the compiled forward, that ``inspect`` call is a graph
+    break in the loop over the blocks: Dynamo then skips the whole forward frame, the blocks
+    reach the backend one per graph (nothing to cache), and the next call recompiles with
+    dynamic shapes. Resolved here with the hook's own lookup, the traced forward is one graph.
+    Imports no diffusers code: the hooks are found as the attributes diffusers sets."""
+    resolved = 0
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in list(getattr(registry, "hooks", {}).values()):
+            metadata = getattr(hook, "module_forward_metadata", None)
+            lookup = getattr(metadata, "_get_parameter_from_args_kwargs", None)
+            if lookup is None or getattr(metadata, "cached_parameter_indices", None) is not None:
+                continue
+            names = list(getattr(hook, "metadata", None) or {})
+            try:   # fills cached_parameter_indices, then finds no argument in () and raises
+                lookup(names[0] if names else "", (), {})
+            except (ValueError, IndexError):
+                pass
+            resolved += getattr(metadata, "cached_parameter_indices", None) is not None
+    return resolved
 
 
 def _denoiser(pipe, component: Optional[str]):

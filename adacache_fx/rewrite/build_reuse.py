@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..analysis.find_regions import is_scalar_node
 from ..analysis.graph_nodes import example_value, is_glue
 
 
@@ -66,6 +67,8 @@ def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) 
             new.meta["adacache_reuse_add"] = True
             anchor = new
             new_outputs.append(new)
+        elif isinstance(value, fx.Node) and is_scalar_node(value):
+            new_outputs.append(value)   # a size used after the region: kept if it needs no block op (checked below)
         else:
             raise ValueError(f"region output {value} is neither a stream, a delta nor the probe")
     graph.output(tuple(new_outputs) if isinstance(out_val, (tuple, list)) else new_outputs[0])

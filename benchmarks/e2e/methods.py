@@ -327,9 +327,10 @@ class Methods:
                 out.append(self.diffusers_cache(name, setting, make, counts))
         # the best settings of each peer again under diffusers' regional compilation, as their users
         # would run them for speed (against the same plain torch.compile baseline as AdaCache)
-        if want("regional"):
+        regional = not only or any("regional" in s for s in only)   # only when asked for (or everything)
+        if regional:
             out.append(self.regional_baseline())
         for name, setting, make, counts in peers:
-            if name in REGIONAL_PEERS and (want(name + "-regional")):
+            if regional and name in REGIONAL_PEERS and want(name):
                 out.append(self.diffusers_cache(name + "-regional", setting, make, counts, regional=True))
         return out

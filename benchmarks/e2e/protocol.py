@@ -124,9 +124,10 @@ class Bench:
         result = calibrate(one, runner.backend, runs=len(prompts), data_range=2.0,
                            progress=lambda msg: print(f"    {runner.name}: {msg}", flush=True),
                            **runner.calibration)
-        runner.setting += (f" (thresholds x{result.threshold_scale:.3f}, MoReg normaliser "
-                           f"{result.moreg_normalizer:.3f})" if result.moreg_normalizer is not None
-                           else f" (thresholds x{result.threshold_scale:.3f})")
+        fitted = f"thresholds x{result.threshold_scale:.3f}, rates <= {result.max_rate}"
+        if result.moreg_normalizer is not None:
+            fitted += f", MoReg normaliser {result.moreg_normalizer:.3f}, power {result.moreg_power:.2f}"
+        runner.setting += f" ({fitted})"
         info = {"method": runner.name, "seconds": time.perf_counter() - start, "prompts": prompts,
                 **{k: v for k, v in result.to_dict().items() if k != "trajectories"}}
         print(f"  calibrated {runner.name} in {info['seconds']:.1f} s: {result.summary()}", flush=True)

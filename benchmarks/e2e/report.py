@@ -90,8 +90,8 @@ def markdown(out: dict) -> str:
             m = c["measured"]
             lines.append(f"\nCalibration of {c['method']} ({len(c['prompts'])} unscored prompts, {c['seconds']:.0f} s, "
                          f"{len(c['evaluations'])} cached evaluations): target {c['target']}, "
-                         f"{'met' if c['met'] else 'NOT met'}; thresholds x{c['threshold_scale']:.3f}, MoReg normaliser "
-                         f"{fmt(c['moreg_normalizer'], '.3f')}; on the calibration prompts computed "
+                         f"{'met' if c['met'] else 'NOT met'}; thresholds x{c['threshold_scale']:.3f}, rates <= {c.get('max_rate')}, MoReg normaliser "
+                         f"{fmt(c['moreg_normalizer'], '.3f')}, power {fmt(c.get('moreg_power'), '.2f')}; on the calibration prompts computed "
                          f"{fmt(m['computed_fraction'], '.0%')} (predicted {fmt(c['predicted_computed_fraction'], '.0%')}), "
                          f"PSNR mean {fmt(m['psnr_mean'])} dB.")
         lines.append("")
