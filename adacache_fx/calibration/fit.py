@@ -98,16 +98,22 @@ class Candidate:
 
 def candidates(base: AdaCacheConfig, trajectories: list) -> list:
     """The family over ``SCALES`` x rate caps 2 .. the base codebook's largest rate, one candidate
-    per distinct predicted compute, ordered from most to least compute. For equal compute the
-    lowest cap wins (then the smallest scale): the most even spacing of the computed steps. On the
+    per distinct predicted compute, ordered from most to least compute.
+
+    For equal compute the lowest cap wins: the most even spacing of the computed steps. On the
     reference model even spacing gives a higher PSNR than long gaps where the distance is low and
-    short ones where it is high (forecast reuse extrapolates worse over long gaps)."""
-    out, seen = [], set()
+    short ones where it is high (forecast reuse extrapolates worse over long gaps). Within a cap,
+    the scales that predict the same compute form a plateau; the candidate takes its middle (the
+    geometric median of the plateau's scales), the thresholds farthest from changing the schedule,
+    since a cached run's own probes move its distances a little from the recorded ones."""
+    plateaus: dict = {}   # (cap, predicted fraction) -> [scales]
     for max_rate in range(2, max(2, max(base.codebook.values())) + 1):
         for scale in SCALES:
             fraction = computed_fraction(scaled(base, scale, max_rate), trajectories)
-            key = round(fraction, 9)
-            if key not in seen:
-                seen.add(key)
-                out.append(Candidate(scale, max_rate, fraction))
-    return sorted(out, key=lambda c: (-c.predicted, c.max_rate, c.scale))
+            plateaus.setdefault((max_rate, round(fraction, 9)), []).append((scale, fraction))
+    best: dict = {}   # predicted fraction -> candidate with the lowest cap
+    for (max_rate, key), members in sorted(plateaus.items()):
+        if key not in best:
+            scale, fraction = members[len(members) // 2]
+            best[key] = Candidate(scale, max_rate, fraction)
+    return sorted(best.values(), key=lambda c: (-c.predicted, c.max_rate, c.scale))
