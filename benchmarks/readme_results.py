@@ -44,7 +44,11 @@ def overhead_section() -> list:
         "|---|---|---|---|---|",
     ]
     for name, label in (("plain", "plain `torch.compile`"), ("off", "adacache, caching off `{inf: 1}`"),
-                        ("fixed", f"adacache, fixed `{{inf: 3}}` ({len(d['fixed_computed_steps'])}/{d['steps']} steps)")):
+                        ("fixed", f"adacache, fixed `{{inf: 3}}` ({len(d['fixed_computed_steps'])}/{d['steps']} steps"
+                                  + (f", {d['fixed_reuse']} reuse" if d.get("fixed_reuse") else "") + ")"),
+                        ("fixed_constant", "adacache, the same with constant reuse")):
+        if name not in med:
+            continue
         ratio = med["plain"] / med[name]
         lines.append(f"| {label} | {med[name]:.3f} | {1000 * med[name] / d['steps']:.1f} | "
                      f"{ratio:.2f}x | {comp[name]:.1f} |")
@@ -53,7 +57,12 @@ def overhead_section() -> list:
         f"Caching off costs **{d['off_overhead']:+.1%}** per step (goal: at most +3%: "
         f"{'met' if d['goals']['off_overhead <= 3%'] else 'missed'}); the fixed schedule reaches "
         f"**{d['fixed_speedup']:.2f}x** of an ideal {d['fixed_ideal_speedup']:.2f}x "
-        f"(**{d['fixed_efficiency']:.0%}**, goal 97%: {'met' if d['goals']['fixed efficiency >= 97%'] else 'missed'}).",
+        f"(**{d['fixed_efficiency']:.0%}**, goal 97%: {'met' if d['goals']['fixed efficiency >= 97%'] else 'missed'})"
+        + (f"; the forecast's generations take {d['forecast_cost']:+.1%} against constant reuse (medians; over "
+           f"the repeats fixed spans {min(d['all_generation_s']['fixed']):.2f}-{max(d['all_generation_s']['fixed']):.2f} s "
+           f"and constant {min(d['all_generation_s']['fixed_constant']):.2f}-"
+           f"{max(d['all_generation_s']['fixed_constant']):.2f} s)."
+           if "forecast_cost" in d else "."),
     ]
     return lines
 
