@@ -2,7 +2,7 @@
 
     python -m examples.calibrate                       # target: compute at most 30% of the steps
     python -m examples.calibrate --min-psnr 35         # target: 35 dB mean PSNR vs uncached
-    python -m examples.calibrate --out calibration.json
+    python -m examples.calibrate --out calibration.json   # what it measured (JSON)
 
 (from the repository root). ``adacache_fx.calibrate`` runs a few uncached generations of the
 calibration prompts, records the metric's trajectory, picks the codebook thresholds and MoReg
@@ -14,12 +14,15 @@ does not need inductor; pass --inner inductor for timings).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from adacache_fx import AdaCacheConfig, adacache_backend, calibrate
+from examples.machine import command_line, machine
 from examples.reference import CONFIG_FILE, load_reference_model, sample
 from examples.reference.quality import psnr
 from examples.reference.model import sampling_settings
@@ -37,7 +40,7 @@ def main(argv=None) -> dict:
     target.add_argument("--min-psnr", type=float, default=None, help="mean PSNR (dB) against the uncached video")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--inner", default="eager")
-    ap.add_argument("--out", default=None, help="save the calibration (JSON) here")
+    ap.add_argument("--out", default=None, help="write the calibration and the held-out check (JSON) here")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
@@ -58,10 +61,8 @@ def main(argv=None) -> dict:
     result = calibrate(lambda i: generate(CALIBRATION_PROMPTS[i], 1000 + i, model), backend,
                        runs=len(CALIBRATION_PROMPTS), computed_fraction=a.computed_fraction, min_psnr=a.min_psnr,
                        data_range=2.0)
-    print(f"calibrated in {time.perf_counter() - start:.0f} s")
-    if a.out:
-        result.save(a.out)
-        print(f"saved {a.out} (load with adacache_fx.CalibrationResult.load)")
+    seconds = time.perf_counter() - start
+    print(f"calibrated in {seconds:.0f} s")
     print(f"held-out prompts, calibrated config ({a.steps} steps):")
     rows = []
     for i, prompt in enumerate(HELD_OUT_PROMPTS):
@@ -73,6 +74,12 @@ def main(argv=None) -> dict:
         print(f"  {prompt:34s} computed {len(computed):2d}/{a.steps}, PSNR {rows[-1]['psnr']:.2f} dB")
     print(f"  mean: computed {statistics.mean(r['computed'] for r in rows) / a.steps:.0%}, "
           f"PSNR {statistics.mean(r['psnr'] for r in rows):.2f} dB")
+    if a.out:   # the calibration (CalibrationResult.load reads its "calibration" part) and the check
+        out = {"command": command_line("examples.calibrate", argv), "machine": machine(), "inner": a.inner,
+               "steps": a.steps, "calibration_seconds": seconds, "calibration_prompts": CALIBRATION_PROMPTS,
+               "held_out": rows, "calibration": result.to_dict()}
+        Path(a.out).write_text(json.dumps(out, indent=1, default=str))
+        print(f"wrote {a.out}")
     return {"result": result, "held_out": rows}
 
 
