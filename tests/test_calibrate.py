@@ -182,3 +182,22 @@ def test_set_config_keeps_the_compiled_graphs_and_refuses_compile_time_fields():
         backend.set_config(AdaCacheConfig(num_steps=STEPS, probe_block=0))
     with pytest.raises(ValueError, match="frames_arg"):
         backend.set_config(AdaCacheConfig(num_steps=STEPS, frames_arg="num_frames"))
+
+
+def test_worked_example_on_the_reference_model(tmp_path):
+    """``python -m examples.calibrate`` (the README's worked example), at 8 steps: it meets its
+    target on the calibration prompts and writes a file whose calibration loads back."""
+    pytest.importorskip("diffusers")
+    import json
+
+    from examples import calibrate as example
+
+    torch._dynamo.reset()
+    out = tmp_path / "calibration.json"
+    res = example.main(["--steps", "8", "--computed-fraction", "0.75", "--out", str(out)])
+    assert res["result"].met and res["result"].measured["computed_fraction"] <= 0.75
+    assert len(res["held_out"]) == len(example.HELD_OUT_PROMPTS)
+    saved = json.loads(out.read_text())
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(saved["calibration"]))
+    assert CalibrationResult.load(part).config == res["result"].config
