@@ -126,6 +126,15 @@ def euler_loop(model, make_inputs, steps, *, batch=2, output=lambda o: o, t_max=
     return run
 
 
+def label_branch(y):
+    """A guidance branch for ``euler_loop`` on a class-conditioned toy (``model(x, t, labels)``):
+    the same call with every label set to ``y``."""
+    def branch(args, kwargs):
+        x, t, labels = args
+        return (x, t, torch.full_like(labels, y)), kwargs
+    return branch
+
+
 def replay(model, calls, output=lambda o: o) -> list:
     """Call ``model`` with recorded calls, in order; returns the outputs."""
     with torch.no_grad():

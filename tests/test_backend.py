@@ -17,7 +17,7 @@ import adacache_fx  # noqa: E402
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, explain  # noqa: E402
 from helpers import (INF, BlockStackReference, ProbeRecorder, assert_matches_reference, cached,  # noqa: E402
                      count_ops, distance_and_motion, euler_loop, moreg, no_recompiles, relative_l1,
-                     sample_loop, timesteps, zoo_block_paths)
+                     label_branch, sample_loop, timesteps, zoo_block_paths)
 from toy_models import NoBlocks, ToyDiT, ToyFlowDiT, ToyLatte, seeded  # noqa: E402
 from zoo import get_case  # noqa: E402
 
@@ -107,13 +107,6 @@ def test_fixed_codebook_follows_contract_and_skips_blocks(name):
     assert 1e-6 < relative_l1(run.final, uncached.final) < FINAL_TOL
 
 
-def _label(y):
-    def branch(args, kwargs):
-        x, t, labels = args
-        return (x, t, torch.full_like(labels, y)), kwargs
-    return branch
-
-
 def test_reused_step_is_input_plus_cached_delta():
     """A model whose skeleton is the identity (blocks only), two guidance branches, a flow-Euler
     loop: every reused output is exactly ``x_s + (out_p - x_p)`` of its own branch, computed from
@@ -125,7 +118,7 @@ def test_reused_step_is_input_plus_cached_delta():
         return (x0, torch.full((batch,), t), torch.zeros(batch, dtype=torch.long)), {}
     compiled, backend = cached(model, {INF: 3}, num_steps=12)
     with no_recompiles():
-        run = euler_loop(compiled, make, timesteps(12), branches=[_label(1), _label(3)])
+        run = euler_loop(compiled, make, timesteps(12), branches=[label_branch(1), label_branch(3)])
     report = backend.report()
     assert report.computed_steps == CONTRACT and report.block_executions == 2 * 6
     last = {}

@@ -41,7 +41,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from adacache_fx import AdaCacheConfig, compile_model, explain  # noqa: E402
 from helpers import timesteps  # noqa: E402
-from test_distributed import _disagreement, _free_port, _nan_sums_at, _profiled_steps  # noqa: E402
+from test_distributed import (_disagreement, _free_port, _generation, _nan_generation,  # noqa: E402
+                              _profiled_generation, _reap)
 from zoo import get_case, get_output, timestep_tensor  # noqa: E402
 
 INF = math.inf
@@ -63,13 +64,6 @@ ATTENTION_COLLECTIVES = {"ulysses": ("gloo:all_to_all", 4), "ring": ("gloo:all_g
 
 def _config(codebook, num_steps):
     return AdaCacheConfig(codebook=dict(codebook), num_steps=num_steps, moreg=False)
-
-
-def _generation(backend, codebook, num_steps):
-    """A new generation with another codebook on the compiled model (one compile per process)."""
-    backend.config.codebook = dict(codebook)
-    backend.config.num_steps = num_steps
-    backend.reset()
 
 
 def _loop(model, n, seed=0, on_step=None):
@@ -157,12 +151,8 @@ def _scenario_model(mode, ref):
     if res["aborted"]:
         return res
 
-    _generation(backend, {INF: 3}, N_FIXED)
-    executions = backend.report().block_executions
-    on_step, counts = _profiled_steps()
-    res["fixed_outputs"] = _loop(model, N_FIXED, on_step=on_step)
-    res["fixed_steps"], res["fixed_counts"] = backend.report().computed_steps, counts
-    res["fixed_executions"] = backend.report().block_executions - executions
+    fixed = _profiled_generation(backend, {INF: 3}, N_FIXED, lambda n, on_step: _loop(model, n, on_step=on_step))
+    res.update({f"fixed_{key}": value for key, value in fixed.items()})
     res["aborted"] = _disagreement(res["fixed_steps"], "the computed steps")
     if res["aborted"]:
         return res
@@ -178,13 +168,8 @@ def _scenario_model(mode, ref):
             return res
 
     import torch.distributed as dist
-    _generation(backend, {INF: 3}, N_FIXED)
-    restore = _nan_sums_at(backend, NAN_STEP) if dist.get_rank() == WORLD - 1 else (lambda: None)
-    try:
-        _loop(model, N_FIXED)
-    finally:
-        restore()
-    res["nan_steps"] = backend.report().computed_steps
+    res["nan_steps"] = _nan_generation(backend, dist.get_rank() == WORLD - 1, NAN_STEP, N_FIXED,
+                                       lambda n: _loop(model, n))
     return res
 
 
@@ -265,11 +250,7 @@ def _launch(ref) -> dict:
             else:
                 got[(rank, mode)] = payload if status == "ok" else f"rank {rank} failed in {mode}:\n{payload}"
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        _reap(procs)
     results = {}
     for mode in MODES:
         ranks = [got.get((r, mode), fatal or "no result") for r in range(WORLD)]
@@ -303,13 +284,7 @@ def ref():
             fuzz.append({"seed": seed, "offset": offset, "codebook": codebook,
                          "single_steps": backend.report().computed_steps})
     data["fuzz"] = fuzz
-    _generation(backend, {INF: 3}, N_FIXED)
-    restore = _nan_sums_at(backend, NAN_STEP)
-    try:
-        _loop(model, N_FIXED)
-    finally:
-        restore()
-    data["nan_steps"] = backend.report().computed_steps
+    data["nan_steps"] = _nan_generation(backend, True, NAN_STEP, N_FIXED, lambda n: _loop(model, n))
     torch._dynamo.reset()
     torch.set_num_threads(threads)
     return data

@@ -25,6 +25,7 @@ dominate on a 2-core machine). The launch has a hard timeout, and so has every c
 and fails the tests instead of blocking CI. A rank that measures other distances than its peers
 fails its launch at once (before a diverging schedule could hang a collective).
 """
+import dataclasses
 import math
 import os
 import socket
@@ -72,9 +73,19 @@ def _compile(model, config):
 def _generation(backend, codebook, num_steps):
     """Start a new generation on an already compiled model with another codebook / N
     (one compile per process: compiles dominate the run time on this machine)."""
-    backend.config.codebook = dict(codebook)
-    backend.config.num_steps = num_steps
-    backend.reset()
+    backend.set_config(dataclasses.replace(backend.config, codebook=dict(codebook), num_steps=num_steps))
+
+
+def _profiled_generation(backend, codebook, num_steps, run) -> dict:
+    """A generation under ``codebook`` with every step profiled alone (``run(num_steps, on_step)``
+    runs the loop): its outputs, computed steps, collective counts per step and block executions."""
+    _generation(backend, codebook, num_steps)
+    executions = backend.report().block_executions
+    on_step, counts = _profiled_steps()
+    outputs = run(num_steps, on_step=on_step)
+    report = backend.report()
+    return {"outputs": outputs, "steps": report.computed_steps, "counts": counts,
+            "executions": report.block_executions - executions}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +133,27 @@ def _profiled_steps():
     return on_step, counts
 
 
+def _reap(procs) -> None:
+    """Join the rank processes; kill the ones still alive (a hang must not outlive the test)."""
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _nan_generation(backend, poisoned: bool, step: int, num_steps: int, run) -> list:
+    """The computed steps of an ``{inf: 3}`` generation (``run(num_steps)``) whose metric sums are
+    NaN at ``step`` on this process when ``poisoned``."""
+    _generation(backend, {INF: 3}, num_steps)
+    restore = _nan_sums_at(backend, step) if poisoned else (lambda: None)
+    try:
+        run(num_steps)
+    finally:
+        restore()
+    return backend.report().computed_steps
+
+
 def _nan_sums_at(backend, step):
     """Make the metric op return NaN sums at ``step`` on this process only (the model's outputs
     are untouched: nothing but the metric's own reduction can carry the NaN to other ranks)."""
@@ -165,13 +197,8 @@ def _scenario_sp(rank, world, ref):
         return res
 
     # fixed codebook: the contract schedule; the collectives that reach the process group, per step
-    _generation(backend, {INF: 3}, N_FIXED)
-    executions = backend.report().block_executions
-    on_step, counts = _profiled_steps()
-    res["fixed_outputs"] = _run(compiled, N_FIXED, on_step=on_step)
-    res["fixed_steps"] = backend.report().computed_steps
-    res["fixed_executions"] = backend.report().block_executions - executions
-    res["fixed_counts"] = counts
+    fixed = _profiled_generation(backend, {INF: 3}, N_FIXED, lambda n, on_step: _run(compiled, n, on_step=on_step))
+    res.update({f"fixed_{key}": value for key, value in fixed.items()})
     res["depth"] = len(model.blocks)
     res["aborted"] = _disagreement(res["fixed_steps"], "the computed steps")
     if res["aborted"]:
@@ -197,13 +224,7 @@ def _scenario_sp(rank, world, ref):
     res["fuzz"] = fuzz
 
     # NaN in the last rank's metric sums only
-    _generation(backend, {INF: 3}, N_FIXED)
-    restore = _nan_sums_at(backend, NAN_STEP) if rank == world - 1 else (lambda: None)
-    try:
-        _run(compiled, N_FIXED)
-    finally:
-        restore()
-    res["nan_steps"] = backend.report().computed_steps
+    res["nan_steps"] = _nan_generation(backend, rank == world - 1, NAN_STEP, N_FIXED, lambda n: _run(compiled, n))
     return res
 
 
@@ -303,11 +324,7 @@ def launch(world: int, ref: dict, timeout: float = LAUNCH_TIMEOUT_S) -> list:
     except TimeoutError:
         pytest.fail(f"{world} processes did not finish within {timeout:.0f} s (a hang?); killed")
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        _reap(procs)
     return [results[r] for r in range(world)]
 
 

@@ -10,17 +10,10 @@ import pytest
 import torch
 
 from adacache_fx import AdaCacheConfig, adacache_backend
-from helpers import INF, euler_loop, no_recompiles, relative_l1, timesteps
+from helpers import INF, euler_loop, label_branch, no_recompiles, relative_l1, timesteps
 from toy_models import ToyFlowDiT, seeded
 
 CONTRACT = [1, 2, 5, 8, 11, 12]   # {inf: 3} over 12 steps
-
-
-def _label(y):
-    def branch(args, kwargs):
-        x, t, labels = args
-        return (x, t, torch.full_like(labels, y)), kwargs
-    return branch
 
 
 def _run(reuse, steps=None, damping=0.5, num_steps=12, codebook=None):
@@ -34,7 +27,7 @@ def _run(reuse, steps=None, damping=0.5, num_steps=12, codebook=None):
     backend = adacache_backend(config, inner="eager")
     compiled = torch.compile(model, backend=backend)
     with no_recompiles():
-        run = euler_loop(compiled, make, steps or timesteps(num_steps), branches=[_label(1), _label(3)])
+        run = euler_loop(compiled, make, steps or timesteps(num_steps), branches=[label_branch(1), label_branch(3)])
     return model, run, backend
 
 

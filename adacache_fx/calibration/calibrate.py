@@ -267,21 +267,20 @@ def _mean_db(values: list) -> float:
     return statistics.mean(finite) if finite else math.inf
 
 
-def _json_floats(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
+def _map_leaves(obj, leaf):
+    """``obj`` (dicts and lists of values) with ``leaf`` applied to every value that is neither."""
     if isinstance(obj, dict):
-        return {k: _json_floats(v) for k, v in obj.items()}
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_json_floats(v) for v in obj]
-    return obj
+        return [_map_leaves(v, leaf) for v in obj]
+    return leaf(obj)
+
+
+def _json_floats(obj):
+    """Non-finite floats as strings (JSON has no inf): an identical run's PSNR is inf."""
+    return _map_leaves(obj, lambda v: str(v) if isinstance(v, float) and not math.isfinite(v) else v)
 
 
 def _py_floats(obj):
-    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _py_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_py_floats(v) for v in obj]
-    return obj
+    """The inverse of :func:`_json_floats`."""
+    return _map_leaves(obj, lambda v: float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import fused_cache_metrics
+from ..runtime.scheduler import motion_score
 
 
 @dataclass
@@ -28,9 +29,9 @@ class Trajectory:
     def motion(self, step: int) -> float:
         """MoReg's motion score ``m`` of the probe at ``step`` (NaN: not recorded, or no frames)."""
         sums = self.sums.get((step, 1))
-        if sums is None or not self.has_motion or sums[3] + sums[4] == 0:
+        if sums is None or not self.has_motion:
             return float("nan")
-        return sums[2] / (sums[3] + sums[4])
+        return motion_score(sums)
 
     def to_dict(self) -> dict:
         return {"num_steps": self.num_steps, "has_motion": self.has_motion,

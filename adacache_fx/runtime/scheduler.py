@@ -193,7 +193,7 @@ class AdaCacheScheduler:
         reg = distance
         motion = motion_reg = motion_grad = None
         if cfg.moreg and pending.has_motion:
-            motion = _safe_div(motion_num, motion_a + motion_b)
+            motion = motion_score((diff, base, motion_num, motion_a, motion_b))
             window = cfg.window_for(self.num_steps)
             in_window = window is None or window[0] <= s <= window[1]
             if in_window:
@@ -217,6 +217,12 @@ def codebook_rate(codebook: dict, distance: float) -> int:
         if distance < threshold:
             return rate
     return list(codebook.values())[-1]
+
+
+def motion_score(sums) -> float:
+    """MoReg's motion score from the metric's five partial sums:
+    ``m = sum|r[f+1] - r[f]| / (sum|r[1:]| + sum|r[:-1]|)``."""
+    return _safe_div(sums[2], sums[3] + sums[4])
 
 
 def _safe_div(a: float, b: float) -> float:

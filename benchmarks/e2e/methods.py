@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from adacache_fx import AdaCacheConfig, adacache_backend
-from adacache_fx.runtime.scheduler import AdaCacheScheduler
+from adacache_fx.calibration import Trajectory, simulate
 
 # TaylorSeer's default patterns ("^blocks.*attn" under re.fullmatch) match no module of Wan,
 # whose attentions are blocks.N.attn1 / attn2: name them, with the feed-forward, explicitly.
@@ -93,19 +93,12 @@ def fixed_config(rate: int, steps: int) -> AdaCacheConfig:
 
 def fixed_schedule(rate: int, steps: int) -> list:
     """The steps the fixed control computes in a ``steps``-step generation, as the backend's
-    own :class:`~adacache_fx.runtime.scheduler.AdaCacheScheduler` decides them.
-
-    The scheduler is driven the way the cached graph drives it: one ``begin_call`` per step
-    with a decreasing timestep and, after every computed step that has a previous computed
-    step to compare with, the metric's partial sums. Under ``{inf: rate}`` any finite
-    distance picks ``rate``, so the sums are a placeholder (distance 0)."""
-    scheduler = AdaCacheScheduler(fixed_config(rate, steps))
-    sums = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])   # |r - p| = 0 over |p| = 1: distance 0, no motion
-    for i in range(steps):
-        decision = scheduler.begin_call(1000.0 * (steps - i) / steps)
-        if decision.compute and len(scheduler.computed_steps) >= 2:
-            scheduler.add_metric_sums(sums, has_motion=False)
-    return list(scheduler.computed_steps)
+    own scheduler decides them (``adacache_fx.calibration.simulate``, which drives it as the cached
+    graph does). Under ``{inf: rate}`` any finite distance picks ``rate``, so the trajectory is a
+    placeholder: distance 0 at every step and gap, no motion."""
+    placeholder = Trajectory(num_steps=steps, sums={(s, g): [0.0, 1.0, 0.0, 0.0, 0.0]
+                                                    for s in range(1, steps + 1) for g in range(1, rate + 1)})
+    return simulate(fixed_config(rate, steps), placeholder)
 
 
 def fixed_schedule_size(rate: int, steps: int) -> int:
