@@ -23,7 +23,6 @@ from .config import AdaCacheConfig, AdaCacheConfigError
 from .report import RegionInfo, Report
 from .rewrite import Rewrite, copy_graph_module, rewrite
 from .runtime import CachedGraph, GraphLayout, RuntimeState
-from .runtime.distributed import resolve_process_group
 
 logger = logging.getLogger("adacache_fx")
 
@@ -111,9 +110,8 @@ class AdaCacheBackend:
                 for r, region in enumerate(analysis.regions)]
         # Only graphs that cache take part in the decision, so only they choose the group (with
         # graph breaks, a fragment without the model's collectives must not choose it).
-        group = resolve_process_group(self.config.process_group, rw.gm.graph)
         cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
-                             process_group=group, region_info=info)
+                             process_group=analysis.process_group, region_info=info)
         cached.region_flops = sum(pieces.flops.get(name, 0) for name, _c, _r in pieces.regions.values())
         cached.total_flops = sum(pieces.flops.values())
         return cached

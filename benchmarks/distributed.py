@@ -18,6 +18,8 @@ Usage::
 
     python -m benchmarks.distributed            # writes benchmarks/results/distributed.{md,json}
     python -m benchmarks.distributed --quick    # small model, 1 repeat (a smoke run)
+    python -m benchmarks.distributed --engine cp --worlds 1,2   # diffusers' context parallelism
+                                                # (benchmarks/distributed_cp.py: distributed_cp.{md,json})
 
 (from the repository root).
 """
@@ -35,7 +37,7 @@ import traceback
 
 import torch
 
-from benchmarks.common import command_line, machine, machine_markdown
+from benchmarks.common import command_line, machine, machine_markdown, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +54,7 @@ def _timesteps(n):
     return torch.linspace(1000.0, 1000.0 / n, n).tolist()
 
 
-def _worker(rank, world, port, args, q):
+def _worker(rank, world, port, args, q, measure):
     import torch.distributed as dist
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -60,7 +62,7 @@ def _worker(rank, world, port, args, q):
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
-        q.put((rank, "ok", _measure(rank, world, args, threads)))
+        q.put((rank, "ok", measure(rank, world, args, threads)))
     except BaseException:  # noqa: BLE001
         q.put((rank, "error", traceback.format_exc()))
     finally:
@@ -169,12 +171,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, args) -> dict:
+def run_world(world: int, args, measure=None) -> dict:
+    """Rank 0's result of ``measure(rank, world, args, threads)`` (default: the SP model's) on
+    ``world`` gloo processes."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, q), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, q, measure or _measure), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     results, deadline = {}, time.monotonic() + args.timeout
@@ -239,9 +244,15 @@ def main():
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores // processes)")
+    parser.add_argument("--engine", choices=("sp", "cp"), default="sp",
+                        help="sp: our sequence-parallel model (examples/models/sp_dit.py); cp: diffusers' context "
+                             "parallelism on WanTransformer3DModel (benchmarks/distributed_cp.py)")
+    parser.add_argument("--modes", default="ulysses,ring", help="with --engine cp: the attention modes at P > 1")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.engine == "cp":
+        return _main_cp(args)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "distributed_quick" if args.quick else "distributed")
     command = command_line("benchmarks.distributed")
     info = machine()
@@ -259,6 +270,26 @@ def main():
     with open(out + ".json", "w") as f:
         json.dump({"machine": info, "command": command, "rows": rows}, f, indent=1)
     print(text)
+
+
+def _main_cp(args) -> None:
+    from benchmarks import distributed_cp
+    stem = "distributed_cp_quick" if args.quick else "distributed_cp"
+    out_dir = os.path.dirname(args.out) if args.out else os.path.join(ROOT, "benchmarks", "results")
+    stem = os.path.basename(args.out) if args.out else stem
+    rows = []
+    for world in [int(w) for w in args.worlds.split(",")]:
+        start = time.perf_counter()
+        got = run_world(world, args, distributed_cp.measure)["rows"]
+        rows += got
+        for row in got:
+            print(f"{world} proc {row['mode']}: baseline {row['baseline_s']:.3f} s, adacache {row['adacache_s']:.3f} s, "
+                  f"computed {len(row['computed_steps'])}/{row['steps']}, communication {1e3 * row['comm_baseline_s']:.1f}"
+                  f" -> {1e3 * row['comm_adacache_s']:.1f} ms ({time.perf_counter() - start:.0f} s)", flush=True)
+    command = command_line("benchmarks.distributed")
+    info = machine()
+    write_results(out_dir, stem, distributed_cp.markdown(rows, info, command, machine_markdown),
+                  {"machine": info, "command": command, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -238,6 +238,8 @@ def block() -> str:
     parts = []
     for section in (demo_section(), e2e_section(), overhead_section(), graph_breaks_section(), kernels_section(),
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
+                    text_section("distributed_cp.md", "diffusers' context parallelism (WanTransformer3DModel), 1/2 gloo "
+                                 "processes on the 2-core CPU", "Results"),
                     coverage_section()):
         if section:
             parts.append("\n".join(section))

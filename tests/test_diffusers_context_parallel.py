@@ -1,7 +1,8 @@
 """AdaCache under diffusers' context parallelism (CPU, gloo, 2 processes): the tiny zoo Wan
-transformer with ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``, and with
-``ring_degree=2`` on a test-only attention op that returns the log-sum-exp on CPU (diffusers'
-native backend refuses ``return_lse=True``; ``_cpu_lse_attention`` below).
+transformer (and the tiny Flux, an image model with two block lists) with
+``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``, and with ``ring_degree=2`` on a
+test-only attention op that returns the log-sum-exp on CPU (diffusers' native backend refuses
+``return_lse=True``; ``examples.cpu_context_parallel.cpu_lse_attention``).
 
 What a user gets from ``compile_model(model, config)`` (and from ``integrations.diffusers.enable``
 on a WanPipeline whose transformer has parallelism enabled), checked on every rank:
@@ -15,19 +16,22 @@ on a WanPipeline whose transformer has parallelism enabled), checked on every ra
 * a codebook with a threshold on (and next to) the measured distance: decisions identical on
   every rank, and equal to the single-process run's when the threshold is not within 1e-4 of it;
 * NaN metric sums on one rank make every rank compute;
-* MoReg is off under CP (the frame axis stops at the shard), and the analysis says so. Every
-  config here has ``moreg=False`` so that the single-process references decide alike.
+* MoReg under CP: the frame axis reaches each rank's shard of the frames (the analysis says
+  ``shard r of 2``), and the motion scores, with the frame pairs across the shard boundary from
+  the neighbour rank (2 frames: one per rank, only boundary pairs; 4 frames: two per rank), equal
+  the single-process scores; the official fast codebook with MoReg decides as the single process;
+  ``shard_boundary_sums`` alone, on odd shapes, strides and dtypes, against the float64 reference.
+  The configs of the other checks have ``moreg=False``.
 
-CPU-only workarounds, in the ranks' setup only: ``torch.accelerator.device_count()`` returns 0 on
-a CPU machine and diffusers divides the rank by it (patched to 1); ``Logger.warning_once``, which
-diffusers' hook calls for the 1-D timestep, exists only once transformers is imported (a no-op is
-installed when it is missing). Each launch has a hard timeout and every collective a gloo timeout:
+CPU-only workarounds, in the ranks' setup only (``examples/cpu_context_parallel.py``):
+``torch.accelerator.device_count()`` returns 0 on a CPU machine and diffusers divides the rank by it
+(patched to 1); ``Logger.warning_once``, which diffusers' hook calls for the 1-D timestep, exists only
+once transformers is imported (a no-op is installed when it is missing); the LSE attention of ring. Each launch has a hard timeout and every collective a gloo timeout:
 a hang kills the ranks and fails the tests.
 """
 from __future__ import annotations
 
 import datetime
-import logging
 import math
 import os
 import time
@@ -40,6 +44,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from adacache_fx import AdaCacheConfig, compile_model, explain  # noqa: E402
+from examples.cpu_context_parallel import cpu_lse_attention, cpu_workarounds, enable_context_parallel  # noqa: E402
 from helpers import timesteps  # noqa: E402
 from test_distributed import (_disagreement, _free_port, _generation, _nan_generation,  # noqa: E402
                               _profiled_generation, _reap)
@@ -57,6 +62,15 @@ METRIC_STEPS = [3, 6, 9, 12]          # {inf: 3}: the steps whose start reduces 
 FUZZ_OFFSETS = [-1e-3, 0.0, 1e-3]     # relative offsets of the threshold from step 2's distance
 FUZZ_SEEDS = (1, 2)
 FAR = 1e-4
+N_MOREG = 8
+MOREG_FRAMES = (2, 4)        # latent frames: one or two per rank
+ODD_FRAMES = 3               # 1.5 frames per rank: no whole frames, so no motion score under CP
+# the fast codebook scaled to this tiny model's distances (which sit far below Open-Sora's), so
+# that MoReg's regularised distance moves the rate: some steps skipped, not all
+MOREG_CODEBOOK = {0.02: 6, 0.04: 5, 0.06: 4, 0.08: 3, 0.10: 2, INF: 1}
+# (shape (B, F, N) split along F, dtype, frame strides up to the frames per rank)
+BOUNDARY_CASES = [((2, 6, 5), torch.float32, (1, 2, 3)), ((1, 2, 7), torch.float32, (1,)),
+                  ((3, 10, 33), torch.bfloat16, (1, 4))]
 BLOCKS = ["blocks.0", "blocks.1"]
 # per block and computed step: Ulysses all-to-alls q, k, v, out; ring one KV all-gather
 ATTENTION_COLLECTIVES = {"ulysses": ("gloo:all_to_all", 4), "ring": ("gloo:all_gather", 1)}
@@ -66,15 +80,20 @@ def _config(codebook, num_steps):
     return AdaCacheConfig(codebook=dict(codebook), num_steps=num_steps, moreg=False)
 
 
-def _loop(model, n, seed=0, on_step=None):
-    """Flow-Euler loop over ``n`` steps (the latent moves with the output every step)."""
-    case = get_case("wan")
+def _loop(model, n, seed=0, on_step=None, frames=None, case="wan"):
+    """Flow-Euler loop over ``n`` steps of the zoo ``case`` (the latent moves with the output every
+    step); ``frames``: a seeded Wan latent with that many frames instead of the case's 2."""
     grid = timesteps(n) + [0.0]
-    (x, _t), kwargs = case.make_inputs(1, grid[0], seed=seed)
+    args, kwargs = get_case(case).make_inputs(1, grid[0], seed=seed)
+    x = args[0]
+    if frames is not None:
+        x = torch.randn((1, x.shape[1], frames) + tuple(x.shape[3:]), generator=torch.Generator().manual_seed(seed))
     outs = []
     with torch.no_grad():
         for step, (t, t_next) in enumerate(zip(grid, grid[1:]), start=1):
             def call(x=x, t=t):
+                if "timestep" in kwargs:   # Flux: the timestep is a keyword
+                    return get_output(model(x, **dict(kwargs, timestep=timestep_tensor(1, t))))
                 return get_output(model(x, timestep_tensor(1, t), **kwargs))
             out = on_step(step, call) if on_step is not None else call()
             outs.append(out.numpy().copy())
@@ -90,40 +109,8 @@ def _region_paths(backend):
 # ----------------------------------------------------------------------------------------------
 # rank side
 # ----------------------------------------------------------------------------------------------
-def _cpu_workarounds() -> None:
-    torch.set_num_threads(1)
-    if torch.accelerator.device_count() == 0:
-        torch.accelerator.device_count = lambda: 1   # diffusers: rank % device_count()
-    from diffusers import WanTransformer3DModel  # noqa: F401  (may import transformers, which adds warning_once)
-    if not hasattr(logging.Logger, "warning_once"):
-        logging.Logger.warning_once = lambda self, *args, **kwargs: None
-
-
-def _cpu_lse_attention() -> None:
-    """TEST SHIM: diffusers' native attention op with ``return_lse=True`` on CPU (ring attention
-    merges the partial results by their log-sum-exp), from aten's CPU flash attention, in
-    diffusers' (B, S, H, D) / (B, S, H) layout."""
-    import diffusers.models.attention_dispatch as dispatch
-    original = dispatch._native_attention_forward_op
-
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
-        if not return_lse:
-            return original(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
-                            _save_ctx=_save_ctx, _parallel_config=_parallel_config)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[:2]
-        return out.transpose(1, 2), lse.transpose(1, 2)
-
-    dispatch._native_attention_forward_op = forward_op
-
-
 def _parallel(module, mode):
-    from diffusers import ContextParallelConfig
-    degree = {"ulysses_degree": WORLD} if mode == "ulysses" else {"ring_degree": WORLD}
-    module.enable_parallelism(config=ContextParallelConfig(**degree))
-    return module
+    return enable_context_parallel(module, mode, WORLD)
 
 
 def _scenario_model(mode, ref):
@@ -173,6 +160,82 @@ def _scenario_model(mode, ref):
     return res
 
 
+def _scenario_flux(mode):
+    """An image model under CP: Flux's double- and single-stream blocks, its text and image tokens
+    both split by the root hook; caching off, and ``{inf: 3}`` with its collectives counted."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = _parallel(get_case("flux").build(), mode)
+    backend = compile_model(model, _config({INF: 1}, N_OFF), inner="eager")
+    res = {"off_outputs": _loop(model, N_OFF, case="flux")}
+    report = backend.report()
+    res.update(off_steps=report.computed_steps, uncached=report.uncached_graphs, regions=_region_paths(backend),
+               graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+    fixed = _profiled_generation(backend, {INF: 3}, N_FIXED,
+                                 lambda n, on_step: _loop(model, n, on_step=on_step, case="flux"))
+    res.update({f"fixed_{key}": value for key, value in fixed.items()})
+    return res
+
+
+def _moreg_config(codebook):
+    """MoReg with the normaliser at this tiny model's motion score (about 0.17), power 1: the
+    regularised distance follows the motion score instead of vanishing (official: 0.385, power 8)."""
+    return AdaCacheConfig(codebook=dict(codebook), num_steps=N_MOREG, moreg=True, moreg_normalizer=0.17,
+                          moreg_power=1.0)
+
+
+def _moreg_runs(model):
+    """Per frame count: the motion scores of ``{inf: 1}`` with MoReg, and the official fast
+    codebook's computed steps and regularised distances (both over the Flow-Euler loop)."""
+    out = {}
+    torch._dynamo.reset()
+    backend = compile_model(model, _moreg_config({INF: 1}), inner="eager")
+    for frames in MOREG_FRAMES + (ODD_FRAMES,):
+        backend.set_config(_moreg_config({INF: 1}))
+        _loop(model, N_MOREG, frames=frames)
+        motions = [m.motion for m in backend.report().metrics]
+        distances = [m.distance for m in backend.report().metrics]
+        backend.set_config(_moreg_config(MOREG_CODEBOOK))
+        _loop(model, N_MOREG, frames=frames, seed=1)
+        report = backend.report()
+        out[frames] = {"motions": motions, "distances": distances, "fast_steps": report.computed_steps,
+                       "fast_distances": [m.reg_distance for m in report.metrics]}
+    return out
+
+
+def _scenario_moreg(mode):
+    return _moreg_runs(_parallel(get_case("wan").build(), mode))
+
+
+def _scenario_boundary_sums():
+    """``shard_boundary_sums`` on this rank's frames of seeded videos, reduced over the ranks, against
+    the float64 sums of the whole video; and a stride longer than the shard refused before any exchange."""
+    import torch.distributed as dist
+
+    from adacache_fx.ops.cache_metrics import cache_metrics_reference, fused_cache_metrics
+    from adacache_fx.runtime.distributed import all_reduce_sums, shard_boundary_sums
+    rank, group = dist.get_rank(), dist.group.WORLD
+    out = []
+    for (shape, dtype, strides) in BOUNDARY_CASES:
+        g = torch.Generator().manual_seed(7)
+        r, p = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+        local = shape[1] // WORLD
+        mine = slice(rank * local, (rank + 1) * local)
+        for stride in strides:
+            sums = fused_cache_metrics(r[:, mine], p[:, mine], stride).sum(0)
+            sums = sums + shard_boundary_sums(r[:, mine], stride, (rank, WORLD), group)
+            got = all_reduce_sums(sums, group)
+            want = cache_metrics_reference(r, p, stride).sum(0)
+            out.append((str(shape), str(dtype), stride, got.tolist(), want.tolist()))
+    try:
+        shard_boundary_sums(torch.zeros(1, 2, 3), 3, (rank, WORLD), group)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    return {"sums": out, "refused": refused}
+
+
 def _wan_pipeline():
     """test_integrations_diffusers' tiny WanPipeline, built under a fixed global seed (its VAE is
     left at diffusers' random init, which must match between the ranks and the reference)."""
@@ -198,8 +261,8 @@ def _scenario_pipeline(mode):
 def _worker(rank, port, ref, queue):
     import torch.distributed as dist
     try:
-        _cpu_workarounds()
-        _cpu_lse_attention()   # only the ring path asks for the LSE
+        cpu_workarounds()
+        cpu_lse_attention()   # only the ring path asks for the LSE
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
@@ -207,8 +270,12 @@ def _worker(rank, port, ref, queue):
             t0 = time.perf_counter()
             try:
                 res = _scenario_model(mode, ref)
+                if not res["aborted"]:
+                    res["moreg"] = _scenario_moreg(mode)
+                    res["flux"] = _scenario_flux(mode)
                 if mode == "ulysses" and not res["aborted"]:
                     res["pipeline"] = _scenario_pipeline(mode)
+                    res["boundary"] = _scenario_boundary_sums()
                 res["seconds"] = time.perf_counter() - t0
                 queue.put((rank, mode, "ok", res))
             except Exception:  # noqa: BLE001 - reported to the parent
@@ -285,6 +352,13 @@ def ref():
                          "single_steps": backend.report().computed_steps})
     data["fuzz"] = fuzz
     data["nan_steps"] = _nan_generation(backend, True, NAN_STEP, N_FIXED, lambda n: _loop(model, n))
+    data["moreg"] = _moreg_runs(get_case("wan").build())
+    torch._dynamo.reset()
+    flux = get_case("flux").build()
+    data["flux_off"] = _loop(flux, N_OFF, case="flux")
+    backend = compile_model(flux, _config({INF: 3}, N_FIXED), inner="eager")
+    data["flux_fixed_outputs"] = _loop(flux, N_FIXED, case="flux")
+    data["flux_fixed_steps"] = backend.report().computed_steps
     torch._dynamo.reset()
     torch.set_num_threads(threads)
     return data
@@ -329,10 +403,62 @@ def test_cp_whole_block_stack_in_one_graph(cp, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cp_moreg_off_is_reported(cp, mode):
+def test_cp_moreg_on_a_shard_of_the_frames(cp, mode):
+    for rank, r in enumerate(_ranks(cp, mode)):
+        layout = [line for line in r["explain_log"] if line.startswith("infer_frame_layout:")]
+        assert layout and f"shard {rank} of {WORLD}" in layout[-1], layout
+        assert not any(line.startswith("MoReg off:") for line in r["explain_log"])
+        assert r["moreg_warnings"] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("frames", MOREG_FRAMES)
+def test_cp_sharded_motion_score_equals_single_process(cp, ref, mode, frames):
+    want = ref["moreg"][frames]
+    assert len(want["motions"]) == N_MOREG - 1 and all(m is not None and m > 0 for m in want["motions"])
+    assert len(set(want["motions"])) > 1   # the score changes along the generation
     for r in _ranks(cp, mode):
-        assert any(line.startswith("MoReg off:") and "shard" in line for line in r["explain_log"])
-        assert r["moreg_warnings"], "no AdaCacheWarning says that MoReg is off"
+        got = r["moreg"][frames]
+        # under a process group the last step's sums wait for the next step's collective
+        assert len(got["motions"]) == len(want["motions"]) - 1 and None not in got["motions"]
+        torch.testing.assert_close(torch.tensor(got["motions"]), torch.tensor(want["motions"][:-1]), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cp_shard_of_part_of_a_frame_measures_without_motion(cp, ref, mode):
+    """3 frames on 2 ranks: each rank holds 1.5 frames at this call's shapes (the graph was traced for
+    another frame count, with dynamic shapes); every rank measures the distance without motion."""
+    want = ref["moreg"][ODD_FRAMES]
+    assert None not in want["motions"]
+    for r in _ranks(cp, mode):
+        got = r["moreg"][ODD_FRAMES]
+        assert got["motions"] == [None] * (N_MOREG - 2)
+        torch.testing.assert_close(torch.tensor(got["distances"]), torch.tensor(want["distances"][:-1]), rtol=1e-4,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cp_moreg_decisions_equal_single_process(cp, ref, mode):
+    for frames in MOREG_FRAMES:
+        want = ref["moreg"][frames]
+        assert 1 < len(want["fast_steps"]) < N_MOREG   # the codebook skips some steps, not all
+        ranks = _ranks(cp, mode)
+        for r in ranks:
+            got = r["moreg"][frames]
+            assert got["fast_steps"] == want["fast_steps"]
+            assert got["fast_distances"] == ranks[0]["moreg"][frames]["fast_distances"]   # bitwise across ranks
+            torch.testing.assert_close(torch.tensor(got["fast_distances"]), torch.tensor(want["fast_distances"][:-1]),
+                                       rtol=1e-4, atol=0)
+
+
+def test_cp_shard_boundary_sums_against_reference(cp):
+    for r in _ranks(cp, "ulysses"):
+        assert len(r["boundary"]["sums"]) == sum(len(strides) for _s, _d, strides in BOUNDARY_CASES)
+        for shape, dtype, stride, got, want in r["boundary"]["sums"]:
+            tol = 1e-5 if dtype == "torch.float32" else 1e-2
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want, dtype=torch.float32), rtol=tol,
+                                       atol=tol, msg=lambda m: f"{shape} {dtype} stride {stride}: {m}")
+        assert "fewer than the frame stride 3" in r["boundary"]["refused"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -378,6 +504,35 @@ def test_cp_nan_on_one_rank_makes_all_compute(cp, ref, mode):
     assert ref["nan_steps"] != EXPECTED_FIXED and NAN_STEP + 1 in ref["nan_steps"]
     for r in _ranks(cp, mode):
         assert r["nan_steps"] == ref["nan_steps"]
+
+
+FLUX_BLOCKS = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+               "single_transformer_blocks.1"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cp_flux_caches_both_block_lists(cp, ref, mode):
+    """Flux under CP: one graph, both block lists in one region; caching off equals the single
+    process; ``{inf: 3}`` computes [1, 2, 5, 8, 11, 12] on every rank with the single process's
+    outputs, and its reused steps run no attention collective."""
+    assert ref["flux_fixed_steps"] == EXPECTED_FIXED
+    name, per_block = ATTENTION_COLLECTIVES[mode]
+    for rank in _ranks(cp, mode):
+        r = rank["flux"]
+        assert r["graph_breaks"] == 0 and r["graphs"] == 1 and r["uncached"] == []
+        assert r["regions"] == [FLUX_BLOCKS]
+        assert r["off_steps"] == list(range(1, N_OFF + 1))
+        for got, want in zip(r["off_outputs"], ref["flux_off"]):
+            _close(got, want, 1e-5)
+        assert r["fixed_steps"] == EXPECTED_FIXED and r["fixed_executions"] == len(EXPECTED_FIXED)
+        for step, counts in enumerate(r["fixed_counts"], start=1):
+            attention = counts[name] - (1 + (1 if step in METRIC_STEPS else 0) if name == "gloo:all_gather" else 0)
+            if step in EXPECTED_FIXED:
+                assert attention >= per_block * len(FLUX_BLOCKS), (step, counts)
+            else:
+                assert attention == 0, (step, counts)
+        for got, want in zip(r["fixed_outputs"], ref["flux_fixed_outputs"]):
+            _close(got, want, 1e-4)
 
 
 def test_cp_pipeline_enable_ulysses(cp):

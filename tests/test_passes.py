@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 
-from adacache_fx import AdaCacheConfig  # noqa: E402
+from adacache_fx import AdaCacheConfig, AdaCacheWarning  # noqa: E402
 from adacache_fx.analysis import analyze  # noqa: E402
 from adacache_fx.rewrite.add_cache_outputs import add_cache_outputs  # noqa: E402
 from adacache_fx.analysis.find_blocks import find_blocks  # noqa: E402
@@ -14,7 +14,7 @@ from adacache_fx.analysis.graph_nodes import module_path  # noqa: E402
 from adacache_fx.analysis.frame_layout import infer_frame_layout  # noqa: E402
 from helpers import (INF, BlockStackReference, assert_matches_reference, cached, euler_loop,  # noqa: E402
                      relative_l1, sample_loop, timesteps)
-from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToySkipDiT, seeded,  # noqa: E402
+from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToyShardedTokens, ToySkipDiT, seeded,  # noqa: E402
                         sinusoid)
 
 
@@ -239,13 +239,39 @@ def test_segmented_probe_view_measures_the_video_tokens_only():
     assert graph.frame_axis.segmented
     probe = torch.randn(2, 35, 16)
     args = [None] * 8
-    view = graph._probe_view(probe, args)
+    view = graph._probe_view(probe, args)[0]
     torch.testing.assert_close(view, probe[:, 5:].reshape(-1, 3, 10 * 16))
     other = probe.clone()
     other[:, :5] += 100.0   # the text tokens
-    torch.testing.assert_close(fused_cache_metrics(graph._probe_view(other, args), view, 1),
+    torch.testing.assert_close(fused_cache_metrics(graph._probe_view(other, args)[0], view, 1),
                                fused_cache_metrics(view, view, 1))
     assert all(m.motion is not None for m in backend.report().metrics)
+
+
+@pytest.mark.parametrize("slice_", [False, True], ids=["chunk", "slice"])
+@pytest.mark.parametrize("shards, index, frames", [(2, 1, 4), (2, 0, 2), (3, 2, 6)])
+def test_frame_layout_of_a_shard_of_whole_frames(shards, index, frames, slice_):
+    """Piece ``index`` of ``shards`` equal pieces of the frame tokens (a context-parallel split):
+    the probe's axis counts this piece's frames and says which shard it is. In one process there
+    is no group to exchange the boundary frames with, so MoReg is off, and a warning says why."""
+    model = seeded(ToyShardedTokens(shards=shards, index=index, slice_=slice_))
+    with pytest.warns(AdaCacheWarning, match="no process group"):
+        a, _ = analysis_of(model, torch.randn(2, 3, frames, 2, 5), torch.full((2,), 3.0))
+    assert a.frame_layout is None and any(m.startswith("MoReg off:") and "shard" in m for m in a.log)
+    layout = infer_frame_layout(a.graph, a.probe.node)
+    axis = layout.probe_axis
+    assert (axis.dim, int(axis.inner), int(axis.frames), axis.shard[:2]) == (1, 10, frames // shards, (index, shards))
+    assert f"shard {index} of {shards}" in layout.describe()
+
+
+def test_frame_layout_of_a_shard_of_part_of_a_frame_is_lost_and_said():
+    """3 frames in 2 pieces: a piece holds 1.5 frames, the frame pairs are not rank-local plus a
+    boundary: MoReg off, and the message names the split."""
+    model = seeded(ToyShardedTokens(shards=2, index=0))
+    with pytest.warns(AdaCacheWarning, match="whole frames"):
+        a, _ = analysis_of(model, torch.randn(2, 3, 3, 2, 5), torch.full((2,), 3.0))
+    assert a.frame_layout is None
+    assert any(m.startswith("MoReg off:") and "chunk" in m and "whole frames" in m for m in a.log)
 
 
 def test_frame_layout_override_and_image_model():

@@ -220,6 +220,33 @@ class ToyJointVideo(nn.Module):
         return self.out(joint).reshape(b, f, h, w, cin).permute(0, 4, 1, 2, 3)
 
 
+class ToyShardedTokens(nn.Module):
+    """A sequence-parallel split without the collectives: the video tokens ``(B, F*H*W, C)``, of
+    which the blocks see piece ``index`` of ``shards`` equal pieces (``chunk``, or the same range
+    as a slice with ``slice_=True``), as one rank of a context-parallel job does."""
+
+    def __init__(self, cin=3, c=16, depth=2, shards=2, index=1, slice_=False):
+        super().__init__()
+        self.embed = nn.Linear(cin, c)
+        self.t = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
+        self.out = nn.Linear(c, cin)
+        self.c, self.shards, self.index, self.slice_ = c, shards, index, slice_
+
+    def forward(self, x, timestep):
+        b, cin, f, h, w = x.shape
+        tok = self.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, cin))
+        if self.slice_:
+            n = tok.shape[1] // self.shards
+            tok = tok[:, self.index * n:(self.index + 1) * n]
+        else:
+            tok = tok.chunk(self.shards, dim=1)[self.index]
+        temb = self.t(sinusoid(timestep, self.c))
+        for blk in self.blocks:
+            tok = blk(tok, temb)
+        return self.out(tok)
+
+
 class ToyAutocastDiT(ToyDiT):
     """ToyDiT whose time embedding runs under ``torch.autocast(enabled=False)`` (as Z-Image,
     ERNIE-Image and Ideogram do), so the graph holds autocast enter/exit nodes, with a

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch.distributed as dist
 import torch.fx as fx
 
 from ..config import AdaCacheConfig, AdaCacheConfigError
@@ -24,6 +25,7 @@ from .find_timestep import find_timestep
 from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
 from .frame_layout.stops import shard_message
 from .graph_nodes import describe_node, module_stack, user_placeholder_name
+from ..runtime.distributed import resolve_process_group, shard_problem
 
 logger = logging.getLogger("adacache_fx")
 _LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
@@ -60,6 +62,7 @@ class GraphAnalysis:
     probe: Optional[Probe] = None
     frame_layout: Optional[FrameLayout] = None
     packed_frames: Optional[int] = None   # frame count of packed video tokens (config.frames_arg, from the call)
+    process_group: object = None           # the group the metric is reduced over (None: no collective)
     log: list = field(default_factory=list)
 
     @property
@@ -197,6 +200,23 @@ def _say_why_moreg_is_off(a: GraphAnalysis) -> None:
         warnings.warn(f"adacache: {message}", AdaCacheWarning, stacklevel=2)
 
 
+def _pass_resolve_process_group(a: GraphAnalysis) -> None:
+    """The metric's process group (config.process_group; "auto": the model's own collectives),
+    and whether a sharded frame axis can use it: every shard on its own rank of the group."""
+    a.process_group = resolve_process_group(a.config.process_group, a.graph)
+    if a.process_group is not None:
+        a.note(f"resolve_process_group: the metric is reduced over {dist.get_world_size(a.process_group)} ranks")
+    axis = a.frame_layout.probe_axis if a.frame_layout is not None else None
+    problem = shard_problem(axis.shard, a.process_group, axis.frames, a.config.moreg_stride) if axis else None
+    if problem is None:
+        return
+    a.frame_layout = None
+    a.note(f"MoReg off: {problem}")
+    if a.config.moreg:
+        from ..backend import AdaCacheWarning   # imported here: the backend module imports this one
+        warnings.warn(f"adacache: MoReg off: {problem}", AdaCacheWarning, stacklevel=2)
+
+
 # The ordered pass list: each pass may rely on the fields its predecessors filled.
 ANALYSIS_PASSES = (
     _pass_find_blocks,
@@ -204,6 +224,7 @@ ANALYSIS_PASSES = (
     _pass_find_timestep,
     _pass_choose_probe,
     _pass_infer_frame_layout,
+    _pass_resolve_process_group,
 )
 
 

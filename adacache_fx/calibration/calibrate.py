@@ -52,7 +52,7 @@ class CalibrationResult:
         m = self.measured
         lines = [f"calibrated for {self.target}: {'met' if self.met else 'NOT met'}",
                  f"  thresholds x{self.threshold_scale:.3f}, rates capped at {self.max_rate}: {self.config.codebook}",
-                 f"  MoReg normaliser, power: " + (f"{self.moreg_normalizer:.4f}, {self.moreg_power:.3f}"
+                 "  MoReg normaliser, power: " + (f"{self.moreg_normalizer:.4f}, {self.moreg_power:.3f}"
                                                    if self.moreg_normalizer is not None else "unchanged"),
                  f"  computed fraction: predicted {self.predicted_computed_fraction:.3f}, "
                  f"measured {m['computed_fraction']:.3f}",

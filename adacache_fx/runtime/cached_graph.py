@@ -4,7 +4,8 @@
 instance the call belongs to (by the weights it received), asks that instance's scheduler
 for the step's decision (host-side state: no graph break, no recompile), runs the split top
 level whose region pieces are ``RegionRunner``s, then keeps the deltas and feeds the probe to
-the metric op. On a reused step it reads no device value on the host.
+the metric op (under a shard of the frames, with the frame pairs across the shard boundary:
+``distributed.shard_boundary_sums``). On a reused step it reads no device value on the host.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sympy
 import torch
 
 from ..ops import fused_cache_metrics
+from .distributed import shard_boundary_sums
 from .state import RuntimeState
 
 
@@ -155,19 +157,39 @@ class CachedGraph:
             idx, dim = src
             a = args[idx]
             subs[sym] = a.shape[dim] if dim is not None else int(a)
-        return int(expr.subs(subs))
+        value = expr.subs(subs)
+        if not value.is_integer:
+            raise ValueError(f"{expr} = {value} at this call: not a whole number")
+        return int(value)
 
-    def _probe_view(self, probe: torch.Tensor, args) -> torch.Tensor:
+    def _probe_view(self, probe: torch.Tensor, args) -> tuple:
+        """``(view, has_frames)``: the probe as ``(B', frames, inner)`` for the metric op; without
+        frames ``(B, 1, -1)`` (no frame axis, or a shard that holds part of a frame at this call's
+        shapes: every rank has the same shapes, so every rank measures without motion alike)."""
         axis = self.layout.frame_axis
-        if axis is None:
-            return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1)
+        if axis is not None:
+            try:
+                return self._frame_view(probe, axis, args), True
+            except ValueError:
+                if axis.shard is None:
+                    raise
+        return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1), False
+
+    def _frame_view(self, probe: torch.Tensor, axis, args) -> torch.Tensor:
         if axis.segmented:  # text tokens around the video tokens: measure the video tokens only
             start = self._eval(axis.offset, args)
             length = self._eval(axis.span, args) if axis.span is not None else probe.shape[axis.dim] - start
             probe = probe.narrow(axis.dim, start, length)
-        frames = self._eval(axis.frames, args)
-        inner = self._eval(axis.inner, args) * math.prod(probe.shape[axis.dim + 1:])
-        return probe.reshape(-1, frames, inner)
+        if axis.shard is None:
+            frames = self._eval(axis.frames, args)
+        else:   # from the split's unsplit sizes (the rules never change ``frames``): alike on every rank
+            _index, count, total, frame_size = axis.shard
+            total, frame_size = self._eval(total, args), self._eval(frame_size, args)
+            if total % (count * frame_size):
+                raise ValueError(f"{count} shards of {total} elements do not hold whole frames of {frame_size}")
+            frames = total // (count * frame_size)
+        inner = self._eval(axis.inner, args)
+        return probe.reshape(-1, frames, inner * math.prod(probe.shape[axis.dim + 1:]))
 
     # ----- the guarded call -----------------------------------------------------
     def __call__(self, *args):
@@ -209,15 +231,19 @@ class CachedGraph:
         scheduled = decision.compute
         if scheduled and cache is not None and cache.probe is not None and cache.generation == decision.generation \
                 and len(scheduler.computed_steps) >= 2 and cache.step == scheduler.computed_steps[-2]:
-            current = self._probe_view(probe, args)
-            previous = self._probe_view(cache.probe, args)
+            current, has_frames = self._probe_view(probe, args)
+            previous, _ = self._probe_view(cache.probe, args)
             if current.shape == previous.shape:
-                sums = fused_cache_metrics(current, previous, self.layout.moreg_stride).sum(0)
-                scheduler.add_metric_sums(sums, has_motion=self.layout.frame_axis is not None)
+                stride = self.layout.moreg_stride
+                sums = fused_cache_metrics(current, previous, stride).sum(0)
+                shard = self.layout.frame_axis.shard[:2] if has_frames and self.layout.frame_axis.shard else None
+                if shard is not None and current.shape[1] >= stride:   # this rank's frames of a sharded video
+                    sums = sums + shard_boundary_sums(current, stride, shard, self.process_group)
+                scheduler.add_metric_sums(sums, has_motion=has_frames and (shard is None or current.shape[1] >= stride))
         recorder = self.runtime.recorder
         if recorder is not None and scheduled:   # adacache_fx.calibrate, on uncached generations
-            recorder.record((id(self), decision.branch), scheduler.step, self._probe_view(probe, args),
-                            self.layout.moreg_stride, self.layout.frame_axis is not None)
+            view, has_frames = self._probe_view(probe, args)
+            recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
         time = _time(scheduler)
         slopes, span = self._slopes(cache, deltas, time, decision.generation, scheduler)
         return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,

@@ -5,7 +5,8 @@ per op kind (``rules``) in sympy size algebra (``axis``). Video tokens that arri
 ``(B, F*H*W, C)`` frame-major, start the walk with ``F`` given (``AdaCacheConfig.frames_arg``,
 read from the call's arguments): frame ``i // (N / F)`` along dim 1. The probe residual then views as
 ``(-1, frames, inner * prod(trailing dims))`` (narrowed to the video tokens when text tokens
-sit beside them).
+sit beside them). A split of the frame tokens into equal pieces of whole frames (sequence or
+context parallelism) gives each rank's piece a sharded axis (``FrameAxis.shard``).
 """
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ class FrameLayout:
         segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.segmented else ""
         source = (f"packed tokens of input {self.video_input!r} (frames from frames_arg)" if self.packed
                   else f"input {self.video_input!r} dim {self.video_frame_dim}")
+        shard = ""
+        if a.shard is not None:
+            index, count = a.shard[:2]
+            shard = (f", shard {index} of {count} along the frames (this rank's frames; the frame pairs across a "
+                     "shard boundary come from the neighbour rank on computed steps)")
         return (f"frames from {source}; probe dim {a.dim}, "
-                f"inner stride {a.inner}, {a.frames} frames{segment}")
+                f"inner stride {a.inner}, {a.frames} frames{segment}{shard}")
 
 
 def find_video_inputs(graph: fx.Graph) -> list:
@@ -90,7 +96,7 @@ def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int]
     for video in videos:   # the largest 5-D input whose frame axis reaches the probe
         for dim in dims:
             axis = follow_frame_axis(graph, video, dim).get(probe)
-            if axis is not None and axis.frames != 1:
+            if axis is not None and (axis.frames != 1 or axis.shard is not None):   # one frame per shard: fine
                 found.append(FrameLayout(user_placeholder_name(video), dim, axis))
         if found:
             break

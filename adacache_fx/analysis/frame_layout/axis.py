@@ -4,10 +4,15 @@
 ``(i // inner) % frames``. Sizes are sympy expressions (Dynamo's SymInts), so the layout
 holds under dynamic shapes; ``same`` and ``exact_quotient`` are the only comparisons the
 rules make.
+
+A *shard* is one of ``count`` equal pieces of a frame dim, each holding whole frames (a
+sequence- or context-parallel split: ``x.chunk(P, dim)[rank]``): the piece's axis counts its
+own ``frames`` and says which piece it is (``shard=(index, count, total, inner)``), so that the runtime can
+add the frame pairs that cross a shard boundary (``runtime.distributed.shard_boundary_sums``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import sympy
@@ -26,6 +31,8 @@ class FrameAxis:
     frames: sympy.Expr
     offset: sympy.Expr = sympy.Integer(0)
     span: Optional[sympy.Expr] = None
+    shard: Optional[tuple] = None   # (index, count, total, inner): piece ``index`` of ``count`` equal
+                                    # shards of the frames, of a dim of ``total`` elements, ``inner`` per frame
 
     @property
     def segmented(self) -> bool:
@@ -86,20 +93,47 @@ def nonnegative(expr: sympy.Expr) -> bool:
     return bool(expr.is_nonnegative) or (expr.is_number and expr >= 0)
 
 
-def window(axis: FrameAxis, start, length, size, dim: int) -> Optional[FrameAxis]:
+def window(axis: FrameAxis, start, length, size, dim: int, shard: Optional[tuple] = None) -> Optional[FrameAxis]:
     """The axis within elements ``[start, start + length)`` of its dim (a slice, or one piece of
-    a split) now at ``dim``; None when the video segment does not lie inside them."""
+    a split: ``shard=(index, count)``) now at ``dim``; when the video segment does not lie inside
+    them, the piece as a shard of the frames (``_shard``), or None."""
     offset = sympy.simplify(axis.offset - start)
     span = axis.extent(size)
     if not nonnegative(offset) or not nonnegative(sympy.simplify(length - offset - span)):
-        return None
+        return _shard(axis, start, length, size, dim, shard)
     if offset == 0 and same(length, span):
-        return FrameAxis(dim, axis.inner, axis.frames)
-    return FrameAxis(dim, axis.inner, axis.frames, offset, span)
+        return replace(axis, dim=dim, offset=sympy.Integer(0), span=None)
+    return replace(axis, dim=dim, offset=offset, span=span)
+
+
+def _shard(axis: FrameAxis, start, length, size, dim: int, piece: Optional[tuple]) -> Optional[FrameAxis]:
+    """Elements ``[start, start + length)`` as piece ``index`` of ``count`` equal shards of the
+    frames (``piece`` from a split; for a slice, from the sizes), when the axis fills its dim
+    with whole frames (no text tokens beside them, not already a shard); else None.
+
+    Under dynamic shapes a chunk's piece is ``ceil(N / P)`` in sympy, so whole frames per piece
+    are not provable here: the axis keeps the piece's own length (consistent with the sizes that
+    follow) and the split dim's size ``N`` and frame size, from which the runtime decides per call,
+    alike on every rank, whether the shards hold whole frames (``CachedGraph._frame_view``)."""
+    if axis.segmented or axis.shard is not None or not same(size, axis.inner * axis.frames):
+        return None
+    if piece is None:
+        count, index = exact_quotient(size, length), exact_quotient(start, length)
+        if count is None or index is None or not (count.is_number and index.is_number):
+            return None
+        piece = (int(index), int(count))
+    index, count = piece
+    if count < 2 or not 0 <= index < count:
+        return None
+    frames = sympy.simplify(length / axis.inner)
+    if (frames.is_number and not frames.is_integer) or (size.is_number and not same(length * count, size)):
+        return None
+    return replace(axis, dim=dim, frames=frames, shard=(index, count, size, axis.inner))
 
 
 def fits(value, axis: FrameAxis) -> bool:
     """Whether ``axis`` is consistent with the size of ``value``'s dim."""
     if not isinstance(value, torch.Tensor):
         return True
-    return exact_quotient(axis.extent(size_expr(value.shape[axis.dim])), axis.inner * axis.frames) is not None
+    extent = axis.extent(size_expr(value.shape[axis.dim]))
+    return exact_quotient(extent, axis.inner * axis.frames) is not None

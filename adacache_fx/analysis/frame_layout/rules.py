@@ -42,7 +42,7 @@ def _reshape(node, axis: FrameAxis, source, in_shape, out_shape):
     for j in range(len(out_shape)):
         sub = exact_quotient(flat_inner, product(out_shape[j + 1:]))
         if sub is not None and exact_quotient(out_shape[j], sub * axis.frames) is not None:
-            return FrameAxis(j, sub, axis.frames)
+            return replace(axis, dim=j, inner=sub)
     return None
 
 
@@ -170,7 +170,7 @@ def _conv(node, axis: FrameAxis, source, in_shape, out_shape):
         return None
     if axis.dim == 0:
         return axis
-    if axis.dim >= 2 and axis.inner == 1 and axis.frames == in_shape[axis.dim]:
+    if axis.dim >= 2 and axis.inner == 1 and axis.frames == in_shape[axis.dim] and axis.shard is None:
         return FrameAxis(axis.dim, axis.inner, out_shape[axis.dim])
     return None
 
@@ -246,8 +246,9 @@ def split_elements(node: fx.Node, axis: FrameAxis, src_val, source: Optional[fx.
     """Layout of each element of chunk/split/unbind outputs: one axis for all elements, a
     list (split along the frame dim: the piece holding the video keeps the axis), or None."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if node.target is _FLEX_ATTENTION:
-        # (out, logsumexp, ...): the output tokens are the query's (B, H, N, D), (B, H, N)
+    if _is_attention(node, name):
+        # (out, logsumexp, ...): the output tokens are the query's (B, H, N, D), (B, H, N); ring
+        # attention merges such pieces by their log-sum-exp
         return axis if node.args and node.args[0] is source else None
     if name not in ("chunk", "split", "unbind", "tensor_split"):
         return None
@@ -267,14 +268,27 @@ def split_elements(node: fx.Node, axis: FrameAxis, src_val, source: Optional[fx.
 _FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 
 
+def _is_attention(node: fx.Node, name: str) -> bool:
+    """flex attention, or an attention op returning ``(out, lse, ...)`` with ``out`` shaped as its
+    first argument, the query (aten's ``_scaled_dot_product_{flash,efficient,cudnn}_attention*``,
+    kernels registered as custom ops)."""
+    if node.target is _FLEX_ATTENTION:
+        return True
+    if "attention" not in name and "attn" not in name or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    pieces, query = example_value(node), example_value(node.args[0])
+    return (isinstance(pieces, (tuple, list)) and bool(pieces) and isinstance(pieces[0], torch.Tensor)
+            and isinstance(query, torch.Tensor) and pieces[0].shape == query.shape)
+
+
 def _split_along_frames(node: fx.Node, axis: FrameAxis, src_val) -> Optional[list]:
     pieces = example_value(node)
     if not isinstance(pieces, (tuple, list)) or not all(isinstance(p, torch.Tensor) for p in pieces):
         return None
     size = size_expr(src_val.shape[axis.dim])
     out, start = [], sympy.Integer(0)
-    for piece in pieces:
+    for k, piece in enumerate(pieces):
         length = size_expr(piece.shape[axis.dim])
-        out.append(window(axis, start, length, size, axis.dim))
+        out.append(window(axis, start, length, size, axis.dim, shard=(k, len(pieces))))
         start = start + length
     return out if any(a is not None for a in out) else None

@@ -1,11 +1,11 @@
 """Where the frame axis is lost on its way to the probe, for the MoReg-off message.
 
-The one loss worth a warning is a *shard*: a chunk / split / slice along the frame-token dim
-that keeps a piece holding only part of the video's tokens (a sequence- or context-parallel
-split hook: each rank sees some frames, or parts of frames). MoReg's frame differences would
-then be rank-local, and across a shard boundary they would need the neighbour rank's tokens;
-that is not implemented, so MoReg is off, and the user should know that the decisions differ
-from a single-process run's on high-motion videos.
+The one loss worth a warning is a *shard* that the sharded motion score cannot handle: a
+chunk / split / slice along the frame-token dim whose piece holds part of a frame, or part of
+the video tokens of a joint text + video sequence (a sequence- or context-parallel split hook).
+Equal pieces of whole frames keep MoReg (``FrameAxis.shard``: the runtime adds the frame pairs
+across the shard boundary); these do not, so MoReg is off, and the user should know that the
+decisions differ from a single-process run's on high-motion videos.
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def shard_message(graph: fx.Graph, video: fx.Node, frame_dim: int, target: fx.No
     if not shards:
         return None
     return (f"the frame axis of input {video_name!r} stops at {describe_node(shards[0])}: a piece of a split that "
-            "holds only part of the video's tokens (a sequence- or context-parallel shard, each rank seeing part "
-            "of the frames); MoReg's frame differences would be rank-local there, and sharded MoReg is not "
-            "implemented: MoReg off, so on high-motion videos decisions can differ from a single-process run's")
+            "holds only part of the video's tokens (a sequence- or context-parallel shard) but not whole frames "
+            "of a video-only sequence; sharded MoReg needs each shard to hold whole frames (shard the sequence "
+            "before text tokens join it, into a frame count divisible by the degree): MoReg off, so on "
+            "high-motion videos decisions can differ from a single-process run's")

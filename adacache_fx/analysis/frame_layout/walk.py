@@ -4,7 +4,6 @@ from __future__ import annotations
 import operator
 
 import sympy
-import torch
 import torch.fx as fx
 
 from ..graph_nodes import example_value
