@@ -28,7 +28,7 @@ logger = logging.getLogger("adacache_fx")
 
 
 # Config fields read while the graphs are analysed and rewritten (set_config cannot change them).
-COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg",
+COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg", "packed_frames",
                        "moreg_stride", "process_group")
 
 
@@ -73,7 +73,8 @@ class AdaCacheBackend:
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
         work = copy_graph_module(gm)
-        analysis = analyze(work.graph, self.config, self.frames_from_call)
+        frames = self.frames_from_call if self.frames_from_call is not None else self.config.packed_frames
+        analysis = analyze(work.graph, self.config, frames)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())
         rewritten = rewrite(work, analysis)

@@ -107,22 +107,30 @@ def _frames_parameter(model: torch.nn.Module, config: AdaCacheConfig) -> Optiona
     return signature
 
 
-def _frames_value(signature: Optional[inspect.Signature], name: str, args, kwargs) -> Optional[int]:
+def _frames_value(signature: Optional[inspect.Signature], name: str, args, kwargs,
+                  frame_dim: Optional[int] = None) -> Optional[int]:
+    """The frame count that argument ``name`` gives in this call: an int as it is, a 5-D video
+    tensor by its frame dim (``frame_dim``, default 2)."""
     if signature is None:
         return None
     value = signature.bind_partial(*args, **kwargs).arguments.get(name, signature.parameters[name].default)
     if value is None or value is inspect.Parameter.empty:
         return None
+    if isinstance(value, torch.Tensor) and value.dim() == 5:
+        return int(value.shape[frame_dim if frame_dim is not None else 2])
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AdaCacheConfigError(f"adacache: frames_arg={name!r} must be a Python int frame count, got "
-                                  f"{type(value).__name__}")
+        raise AdaCacheConfigError(f"adacache: frames_arg={name!r} must be a Python int frame count or a 5-D video "
+                                  f"tensor, got {type(value).__name__}"
+                                  + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
     return value
 
 
 def frames_argument(model: torch.nn.Module, config: Optional[AdaCacheConfig], args, kwargs) -> Optional[int]:
     """The frame count ``config.frames_arg`` names in a call of ``model`` (None when not set)."""
     signature = _frames_parameter(model, config)
-    return _frames_value(signature, config.frames_arg, args, kwargs) if signature is not None else None
+    if signature is None:
+        return config.packed_frames if config is not None else None
+    return _frames_value(signature, config.frames_arg, args, kwargs, config.video_frame_dim)
 
 
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
@@ -153,7 +161,8 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     def call(*args, **kwargs):
         # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
         # analysis of a graph traced by this call reads it here
-        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs)
+        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs,
+                                                 backend.config.video_frame_dim)
         if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
             _prepare_module_hooks(model)
             hooks_prepared[0] = True

@@ -94,11 +94,15 @@ class AdaCacheConfig:
         video_frame_dim: the frame dimension of the 5-D video input. ``None``:
             inferred from the graph (dim 2 for ``(B, C, F, H, W)``, dim 1 for
             ``(B, F, C, H, W)``).
-        frames_arg: for video whose tokens arrive packed, ``(B, F*H*W, C)`` frame-major with the
-            frame count as a Python int argument (LTX-Video: ``"num_frames"``), the name of that
-            argument. It is read from each call's arguments by :func:`adacache_fx.compile_model`
-            (and ``explain``), so MoReg gets the frame axis. ``None``: only 5-D video inputs
-            give a frame layout.
+        frames_arg: for video whose tokens reach the blocks' graph packed, ``(B, F*H*W, C)``
+            frame-major, the name of the forward argument that gives the frame count ``F``: a
+            Python int (LTX-Video: ``"num_frames"``), or the 5-D video itself (its frame dim,
+            ``video_frame_dim`` or 2: HunyuanVideo 1.5, whose graph breaks before the blocks, with
+            ``"hidden_states"``; only for a temporal patch of 1). It is read from each call's
+            arguments by :func:`adacache_fx.compile_model` (and ``explain``), so MoReg gets the
+            frame axis. ``None``: only 5-D video inputs give a frame layout.
+        packed_frames: the frame count of packed video tokens when no argument carries it (the
+            Sana-WM refiner: implicit in its precomputed rotary table), fixed for the backend.
         process_group: where the metric's partial sums are all-reduced so that every
             rank takes the same decision: ``"auto"`` (the group of the model's own
             collectives in the traced graph, i.e. its sequence-parallel group, else the
@@ -133,6 +137,7 @@ class AdaCacheConfig:
     timestep_arg: Optional[str] = None
     video_frame_dim: Optional[int] = None
     frames_arg: Optional[str] = None
+    packed_frames: Optional[int] = None
     process_group: object = "auto"
     reuse: str = "linear"
     reuse_damping: float = 0.5
@@ -181,6 +186,12 @@ class AdaCacheConfig:
             raise ValueError(f"video_frame_dim must be 1 or 2 (dim of a 5-D video input), got {self.video_frame_dim!r}")
         if self.frames_arg is not None and (not isinstance(self.frames_arg, str) or not self.frames_arg):
             raise ValueError(f"frames_arg must be an argument name or None, got {self.frames_arg!r}")
+        if self.packed_frames is not None and (isinstance(self.packed_frames, bool) or not isinstance(
+                self.packed_frames, int) or self.packed_frames < 2):
+            raise ValueError(f"packed_frames must be an int >= 2 (a video's latent frame count) or None, got "
+                             f"{self.packed_frames!r}")
+        if self.packed_frames is not None and self.frames_arg is not None:
+            raise ValueError("packed_frames and frames_arg both give the frame count of packed video tokens: set one")
         if self.reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {REUSE_MODES}, got {self.reuse!r}")
         if not isinstance(self.reuse_damping, (int, float)) or isinstance(self.reuse_damping, bool) \

@@ -73,6 +73,11 @@ T_DIFFUSERS = "tests/test_integrations_diffusers.py"
 T_KERNELS = "tests/test_kernels.py"
 T_FORECAST = "tests/test_forecast_reuse.py"
 T_CALIBRATE = "tests/test_calibrate.py"
+T_CP = "tests/test_diffusers_context_parallel.py"
+T_GENERAL = "tests/test_general_blocks.py"
+T_BREAKS = "tests/test_graph_breaks.py"
+REGIONS = "adacache_fx/analysis/find_regions.py"
+BACKEND = "adacache_fx/backend.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -161,8 +166,8 @@ MUTATIONS = [
              [(SCHED, "distance = _safe_div(diff, base) / k", "distance = _safe_div(diff, base)")],
              [T_SCHED, T_BACKEND]),
     Mutation("metric_probes_swapped", "the distance is relative to the previous probe (r and p swapped)",
-             [(GRAPH, "fused_cache_metrics(current, previous, self.layout.moreg_stride)",
-               "fused_cache_metrics(previous, current, self.layout.moreg_stride)")],
+             [(GRAPH, "fused_cache_metrics(current, previous, stride)",
+               "fused_cache_metrics(previous, current, stride)")],
              [T_BACKEND]),
     Mutation("metric_motion_sums_dropped", "the MoReg motion numerator is measured",
              [(OPS, "out[:, 2] += (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))",
@@ -175,6 +180,21 @@ MUTATIONS = [
     Mutation("rank_reduction_skipped", "every rank decides from the sums of all ranks",
              [(DIST, "if group is None:\n        return sums", "if True:\n        return sums")],
              [T_DIST]),
+    Mutation("sharded_motion_boundary_dropped", "under a shard of the frames the pairs across the boundary count",
+             [(GRAPH, "sums = sums + shard_boundary_sums(current, stride, shard, self.process_group)",
+               "sums = sums + 0.0 * shard_boundary_sums(current, stride, shard, self.process_group)")],
+             [T_CP]),
+    Mutation("shard_boundary_wrong_frames", "a boundary pair is (this shard's last frames, the next shard's first)",
+             [(DIST, "out[2] = (following.to(torch.float32) - tail.to(torch.float32)).abs().sum()",
+               "out[2] = (following.to(torch.float32) - head.to(torch.float32)).abs().sum()")],
+             [T_CP]),
+    # ----- generality ------------------------------------------------------------------------------
+    Mutation("feeding_chains_not_merged", "blocks whose outputs only later blocks use join their region",
+             [(REGIONS, "chains = _merge_feeding_chains(chains, order, graph_nodes)", "chains = chains")],
+             [T_GENERAL]),
+    Mutation("packed_frames_ignored", "packed_frames gives packed video tokens a frame axis",
+             [(BACKEND, "else self.config.packed_frames", "else None")],
+             [T_BREAKS]),
     # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
     Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",
              [(SCHED, "self.requested_num_steps if self.requested_num_steps is not None",

@@ -293,6 +293,68 @@ def test_blocks_outside_module_lists_cache_with_the_contract(cls):
     assert sdpa == len(CONTRACT_12) * 4
 
 
+class ControlBlock(Block):
+    """A block on control tokens that also emits a hint for the main blocks (Wan-VACE style)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.hint = nn.Linear(c, c)
+
+    def forward(self, x, temb):
+        x = super().forward(x, temb)
+        return x, self.hint(x)
+
+
+class ControlHints(_Stem):
+    """Control blocks first (their hints are not streams: nothing of their shape goes in), then the
+    main blocks, each followed by ``h = h + 0.5 * hint``: the control blocks' outputs are used only
+    between the main blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.control_embed = nn.Linear(5, self.c)
+        self.control_blocks = nn.ModuleList([ControlBlock(self.c) for _ in range(2)])
+        self.blocks = nn.ModuleList([Block(self.c) for _ in range(2)])
+
+    def forward(self, x, timestep, control):
+        temb = self.t_mlp(sinusoid(timestep, self.c))
+        h = self.embed(x)
+        c, hints = self.control_embed(control) + h, []
+        for block in self.control_blocks:
+            c, hint = block(c, temb)
+            hints.append(hint)
+        for block, hint in zip(self.blocks, hints):
+            h = block(h, temb) + 0.5 * hint
+        return self.out(h)
+
+
+def test_control_blocks_whose_hints_feed_the_main_blocks_join_their_region():
+    """The control blocks join the main blocks' region (before: left uncached, 50% of the blocks'
+    FLOPs on every step): caching off is exact, ``{inf: 3}`` follows the contract and a reused step
+    runs no block, control blocks included."""
+    model = seeded(ControlHints().eval())
+    x0, control = _x0(), torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(4))
+    e = explain(model, x0, torch.full((2,), 500.0), control)
+    assert [r.block_paths for r in e.graphs[0].regions] == [
+        ["control_blocks.0", "control_blocks.1", "blocks.0", "blocks.1"]]
+    assert e.cached_block_flops_fraction == pytest.approx(1.0)
+    torch._dynamo.reset()
+    plain = _euler(torch.compile(model, backend="eager"), timesteps(12), x0, (control,))
+    torch._dynamo.reset()
+    off = adacache_backend(AdaCacheConfig.no_cache(num_steps=12), inner="eager")
+    for a, b in zip(_euler(torch.compile(model, backend=off), timesteps(12), x0, (control,)), plain):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    compiled = torch.compile(model, backend=backend)
+    _euler(compiled, timesteps(12), x0 + 1.0, (control,))       # compile outside the count
+    backend.reset()
+    with no_recompiles():
+        sdpa = count_ops(lambda: _euler(compiled, timesteps(12), x0, (control,)))
+    assert backend.report().computed_steps == CONTRACT_12
+    assert sdpa == len(CONTRACT_12) * 4
+
+
 def test_flux_with_one_block_per_list_caches_both():
     """FluxTransformer2DModel with num_layers=1, num_single_layers=1: each list holds one block."""
     diffusers = pytest.importorskip("diffusers")

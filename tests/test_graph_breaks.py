@@ -14,7 +14,7 @@ its input plus the cached delta."""
 import pytest
 import torch
 
-from adacache_fx import AdaCacheConfig, compile_model, data_dependent_capture, explain
+from adacache_fx import AdaCacheConfig, adacache_backend, compile_model, data_dependent_capture, explain
 from examples.models.breaking_dit import BreakingDiT, make_inputs
 from helpers import INF, count_ops, no_recompiles, timesteps
 
@@ -208,6 +208,79 @@ def test_packed_tokens_get_moreg_from_frames_arg():
     e = explain(packed, _pack(make_inputs(2, 500.0)[0]), torch.full((2,), 500.0), 3, *make_inputs(2, 500.0)[2:],
                 config=AdaCacheConfig(frames_arg="num_frames"))
     assert "packed tokens of input" in str(e) and e.frame_layout.probe_axis.frames == 3
+
+
+def _motion_reference():
+    """The motion scores (and computed steps) of the 5-D-input model under ``{inf: 3}``."""
+    torch.manual_seed(0)
+    video_model = BreakingDiT(rope_tolist=True).eval()
+    torch._dynamo.reset()
+    backend = compile_model(video_model, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    _euler(video_model, timesteps(12))
+    return video_model.state_dict(), backend.report()
+
+
+def test_packed_frames_gives_the_frame_count_when_no_argument_does():
+    """``packed_frames=3`` (the count itself, for a model whose frame count is no argument): the
+    same motion scores as the 5-D model, through ``compile_model`` and plain ``torch.compile``."""
+    weights, expected = _motion_reference()
+    config = AdaCacheConfig(codebook={INF: 3}, num_steps=12, packed_frames=3)
+    for entry in ("compile_model", "torch.compile"):
+        packed = PackedTokensDiT(rope_tolist=True).eval()
+        packed.load_state_dict(weights)
+        torch._dynamo.reset()
+        if entry == "compile_model":
+            backend, model = compile_model(packed, config, inner="eager"), packed
+        else:
+            backend = adacache_backend(config, inner="eager")
+            model = torch.compile(packed, backend=backend)
+        with data_dependent_capture():
+            _packed_euler(model, timesteps(12))
+        got = backend.report()
+        assert got.computed_steps == CONTRACT_12, entry
+        for a, b in zip(got.metrics, expected.metrics):
+            assert a.motion == pytest.approx(b.motion, rel=1e-4), entry
+    for bad in (1, 0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="packed_frames"):
+            AdaCacheConfig(packed_frames=bad)
+    with pytest.raises(ValueError, match="set one"):
+        AdaCacheConfig(packed_frames=3, frames_arg="num_frames")
+
+
+class BreaksBeforeTheBlocks(torch.nn.Module):
+    """HunyuanVideo-1.5-style: takes the 5-D video, branches in Python on a tensor's value before
+    the blocks (a graph break that no capture setting removes), so the blocks' graph gets packed
+    tokens and no 5-D input."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, video, timestep, grid_sizes, context, context_mask):
+        tokens = _pack(video)
+        if bool(tokens.abs().sum() > 0):   # data-dependent branch: the graph breaks here
+            tokens = tokens * 1.0
+        return _unpack(self.inner(tokens, timestep, video.shape[2], grid_sizes, context, context_mask), video)
+
+
+def test_frames_arg_naming_the_5d_video_gives_moreg_after_a_graph_break():
+    """``frames_arg="video"``: the frame count comes from the call's 5-D input (its dim 2), so the
+    blocks' graph, which only sees tokens after the break, gets MoReg with the 5-D model's scores."""
+    weights, expected = _motion_reference()
+    packed = PackedTokensDiT(rope_tolist=True).eval()
+    packed.load_state_dict(weights)
+    model = BreaksBeforeTheBlocks(packed)
+    torch._dynamo.reset()
+    backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12, frames_arg="video"), inner="eager")
+    _euler(model, timesteps(12))
+    got = backend.report()
+    assert len(backend.graphs) == 1 and got.computed_steps == CONTRACT_12
+    for a, b in zip(got.metrics, expected.metrics):
+        assert a.motion == pytest.approx(b.motion, rel=1e-4)
+    x = make_inputs(2, 500.0)
+    with pytest.raises(Exception, match="5-D video"):
+        torch._dynamo.reset()
+        explain(model, x[0], x[1], *x[2:], config=AdaCacheConfig(frames_arg="timestep"))
 
 
 def test_packed_tokens_without_frames_arg_cache_with_moreg_off_and_bad_names_raise():

@@ -1,8 +1,10 @@
 """The caching matrix over the zoo (issue 4): for every zoo case that Dynamo captures in one
 graph (and, separately, for the ones it does not),
 
-* ``explain`` finds at least one region, its blocks and residual streams, a probe and a timestep,
-  and a frame layout for MoReg on video models;
+* ``explain`` finds at least one region, its blocks and residual streams, a probe and a timestep
+  (none for a model whose output ignores its timestep argument: each call is a step), and a frame
+  layout for MoReg on video models (with the case's own config: ``frames_arg`` or
+  ``packed_frames`` for packed video tokens);
 * caching off (``{inf: 1}``) through ``compile_model`` (data-dependent ops captured) gives outputs
   identical to plain ``torch.compile(backend="eager")`` (default config) over 8 steps;
 * a fixed codebook ``{inf: 3}`` over 12 steps computes steps 1, 2, 5, 8, 11, 12, the region
@@ -35,14 +37,6 @@ ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).
 XFAIL: dict[str, str] = {
-    "dreamlite": "no timestep input: this transformer (a UNet-style Transformer2D layer, norm_type layer_norm) "
-                 "never uses its `timestep` argument, so no graph input feeds a sinusoid; caching works with "
-                 "AdaCacheConfig(num_steps=...) (each call a step), but the matrix requires a timestep",
-    "hunyuan_video15": "no MoReg frame layout: a Python branch on a tensor's value (`if is_t2v:` at "
-                       "transformer_hunyuan_video15.py:702) breaks the graph before the blocks (no capture config "
-                       "removes it); the resumed graph caches the blocks, but it takes tokens, not the 5-D video, so "
-                       "MoReg has no frame axis there, and the timestep is an input of the first graph only; would "
-                       "take carrying the frame layout and the step clock across graphs",
     "hidream_image": "no region: the mixture-of-experts dispatch breaks Dynamo's graph inside every block even "
                      "with data-dependent ops captured (`bincount`, then a Python loop over the per-expert token "
                      "counts: 21 graphs), so no graph holds a whole block; would take guarding the block list "
@@ -51,9 +45,6 @@ XFAIL: dict[str, str] = {
                   "(B, L, C) with index tensors (video_indices, position_ids) and no frame-count argument, so "
                   "neither a 5-D input nor frames_arg gives the frame axis; would take reading the frame layout "
                   "from the index tensors",
-    "sana_wm_refiner": "no MoReg frame layout: LTX-2-style packed video tokens (B, F*H*W, C), but the frame "
-                       "count is no argument of forward (it is implicit in the precomputed video_rotary_emb), so "
-                       "frames_arg has nothing to name and there is no 5-D input to follow",
 }
 
 #: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.
@@ -64,7 +55,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
           "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image",
-          "kandinsky6_sr"]
+          "kandinsky6_sr", "hunyuan_video15", "sana_wm_refiner", "dreamlite"]
 
 _models: dict = {}
 
@@ -96,7 +87,10 @@ def check_explain(name):
     assert ex.regions, f"no region found:\n{ex}"
     assert ex.probe is not None, f"no probe:\n{ex}"
     assert any(ex.probe.block in r.block_paths for r in ex.regions)
-    assert ex.timestep is not None, f"no timestep input found:\n{ex}"
+    if case.uses_timestep:
+        assert ex.timestep is not None, f"no timestep input found:\n{ex}"
+    else:   # the output does not depend on it: each call is a step (num_steps), and explain says so
+        assert ex.timestep is None and "each call is a step" in str(ex), f"a timestep input found:\n{ex}"
     for region in ex.regions:
         assert region.blocks and region.streams
     if case.is_video:

@@ -16,7 +16,9 @@ everything leaving the region is a *stream* of a region input, of one of two kin
 
 A model whose layout changes between block groups (Flux: double-stream blocks, a concat,
 single-stream blocks) gets one region per group, since a concat is not a trunk op and the
-concatenated tokens have no input of their shape.
+concatenated tokens have no input of their shape. Blocks whose outputs only later blocks use
+(Wan-VACE's control blocks, whose hints are added between the main blocks) join those blocks'
+region, so that nothing they compute leaves it.
 
 Before: ``[Block(blocks.0), Block(blocks.1), ...]``. After:
 ``[Region(blocks=[...], streams=[Stream(input=x, output=x_12, ...)], nodes={...})]``.
@@ -230,6 +232,39 @@ def _numel(node: fx.Node) -> int:
         return 0
 
 
+def _merge_feeding_chains(chains: list, order: dict, graph_nodes: list) -> list:
+    """Join a chain to the one before it when a value of the earlier chain is used by the later
+    one, in its blocks or the glue between them (Wan-VACE: control blocks whose hints are added
+    between the main blocks): the hints then stay inside one region, and a reused step skips the
+    control blocks too. Where the joined chain holds no valid region, step 2 falls back to its
+    prefixes as for any chain."""
+    merged = [chains[0]]
+    for blocks, glue in chains[1:]:
+        prev_blocks, prev_glue = merged[-1]
+        prev_nodes = set().union(*(set(b.nodes) for b in prev_blocks), *prev_glue)
+        later_nodes = set().union(*(set(b.nodes) for b in blocks), *glue)
+        reached = set(prev_nodes)   # the earlier chain's values and what is computed from them
+        for node in graph_nodes[max(order[n] for n in prev_nodes) + 1:max(order[n] for n in later_nodes) + 1]:
+            if any(a in reached for a in node.all_input_nodes):
+                reached.add(node)
+        if any(n in reached for n in later_nodes):
+            # the glue again, now carrying the earlier chain's values too; before the first later
+            # block it is everything computed from them (Wan-Animate's face encoder, whose output
+            # an adapter adds between the main blocks), not only what feeds that block
+            first = order[blocks[0].first]
+            nodes = set(prev_nodes) | {n for n in reached - prev_nodes if order[n] < first}
+            new_glue = [nodes - prev_nodes]
+            nodes |= set(blocks[0].nodes)
+            for block in blocks[1:]:
+                between = _between(nodes, block, order, graph_nodes)
+                new_glue.append(between)
+                nodes |= between | set(block.nodes)
+            merged[-1] = (prev_blocks + blocks, prev_glue + new_glue)
+        else:
+            merged.append((blocks, glue))
+    return merged
+
+
 def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> list:
     """Group ``blocks`` (graph order) into valid regions."""
     if not blocks:
@@ -251,6 +286,7 @@ def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> l
             chains.append((current, glue))
             current, glue, nodes = [block], [set()], set(block.nodes)
     chains.append((current, glue))
+    chains = _merge_feeding_chains(chains, order, graph_nodes)
     # 2. each chain: the longest valid prefix becomes a region, the rest is retried
     regions = []
     for chain_blocks, chain_glue in chains:

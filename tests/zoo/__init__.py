@@ -79,6 +79,9 @@ class ModelCase:
     t_max: float = 1000.0
     #: AdaCacheConfig fields a user of this model sets (frames_arg for packed video tokens)
     adacache: dict = dataclasses.field(default_factory=dict)
+    #: False for a model whose output does not depend on its timestep argument: no graph input
+    #: feeds a sinusoid, so each call is a step (AdaCacheConfig(num_steps=...))
+    uses_timestep: bool = True
 
     @staticmethod
     def output(out: Any) -> torch.Tensor:

@@ -51,7 +51,8 @@ def _cls(name: str):
 
 def _dcase(name: str, cls_name: str, config: dict, inputs, *, is_video: bool = False, is_audio: bool = False,
            num_blocks: int, block_lists: tuple[str, ...], notes: str = "", one_graph: bool | None = None,
-           graph_break: str = "", t_max: float = 1000.0, seed: int = 0, prepare=None, adacache=None) -> ModelCase:
+           graph_break: str = "", t_max: float = 1000.0, seed: int = 0, prepare=None, adacache=None,
+           uses_timestep: bool = True) -> ModelCase:
     def build():
         model = _cls(cls_name)(**config)
         model = _finish(model, seed=seed)
@@ -67,7 +68,8 @@ def _dcase(name: str, cls_name: str, config: dict, inputs, *, is_video: bool = F
     return register(ModelCase(name=name, build=build, make_inputs=make_inputs, is_video=is_video,
                               is_audio=is_audio, num_blocks=num_blocks, notes=notes, core=False,
                               block_lists=block_lists, model_class=f"diffusers.{cls_name}",
-                              one_graph=one_graph, graph_break=graph_break, t_max=t_max, adacache=adacache or {}))
+                              one_graph=one_graph, graph_break=graph_break, t_max=t_max, adacache=adacache or {},
+                              uses_timestep=uses_timestep))
 
 
 def _ones(b, n):
@@ -519,8 +521,9 @@ _dcase(
     lambda g, b, t: ((_randn(g, b, 4, 2, 4, 4), t, _randn(g, b, 6, 32), _ones(b, 6)),
                      dict(encoder_hidden_states_2=_randn(g, b, 4, 24), encoder_attention_mask_2=_ones(b, 4),
                           image_embeds=torch.zeros(b, 3, 16), return_dict=False)),
-    is_video=True, num_blocks=2, block_lists=("transformer_blocks",),
-    notes="HunyuanVideo 1.5 (t2v: image_embeds all zero); masks over text / byT5 / image tokens.",
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), adacache=dict(frames_arg="hidden_states"),
+    notes="HunyuanVideo 1.5 (t2v: image_embeds all zero); masks over text / byT5 / image tokens; its graph breaks "
+          "before the blocks (`if is_t2v:`), so the blocks' graph gets tokens: frames_arg names the 5-D input.",
 )
 
 _dcase(
@@ -577,7 +580,8 @@ _dcase(
          cross_attention_dim=32, norm_num_groups=8),
     lambda g, b, t: ((_randn(g, b, 32, 8, 8),), dict(encoder_hidden_states=_randn(g, b, 6, 32), timestep=t,
                                                     return_dict=False)),
-    num_blocks=2, block_lists=("transformer_blocks",),
+    num_blocks=2, block_lists=("transformer_blocks",), uses_timestep=False,
+    notes="UNet-style Transformer2D layer (norm_type layer_norm) that never uses its `timestep` argument.",
 )
 
 _dcase(
@@ -598,13 +602,16 @@ _dcase(
     "wan_animate", "WanAnimateTransformer3DModel",
     dict(_WAN_CFG, in_channels=12, latent_channels=4, out_channels=4, image_dim=16, motion_encoder_size=32,
          motion_style_dim=16, motion_dim=8, motion_encoder_dim=16, face_encoder_hidden_dim=16,
-         face_encoder_num_heads=2, inject_face_latents_blocks=1,
+         face_encoder_num_heads=2, inject_face_latents_blocks=2, num_layers=4,
          motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8, "32": 8}),
     lambda g, b, t: ((_randn(g, b, 12, 2, 8, 8), t, _randn(g, b, 6, 32)),
                      dict(encoder_hidden_states_image=_randn(g, b, 4, 16),
                           pose_hidden_states=_randn(g, b, 4, 1, 8, 8),
                           face_pixel_values=_randn(g, b, 3, 1, 32, 32), return_dict=False)),
-    is_video=True, num_blocks=2, block_lists=("blocks",),
+    is_video=True, num_blocks=4, block_lists=("blocks",),
+    notes="face adapters after blocks 0 and 2 of 4 (inject_face_latents_blocks=2), as in the released model (40 "
+          "blocks, every 5th: the last adapter follows block 35, not the last block); the motion encoder's "
+          "res-blocks feed the adapters.",
 )
 
 _dcase(
@@ -883,9 +890,10 @@ def _sana_wm_refiner_inputs(g, b, t):
 
 _dcase(
     "sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel", dict(_SANA_WM_REFINER_CFG), _sana_wm_refiner_inputs,
-    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
+    is_video=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0, adacache=dict(packed_frames=2),
     notes="LTX-2-derived video refiner: packed tokens (B, F*H*W, C), per-token timestep (B, N), video_rotary_emb "
-          "built by model.build_rotary_emb_for_absolute_positions (cached here); no KV cache.",
+          "built by model.build_rotary_emb_for_absolute_positions (cached here); no KV cache; the frame count is "
+          "no argument (it is implicit in the rotary table): packed_frames gives it.",
 )
 
 

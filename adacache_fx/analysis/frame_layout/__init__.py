@@ -37,7 +37,7 @@ class FrameLayout:
     def describe(self) -> str:
         a = self.probe_axis
         segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.segmented else ""
-        source = (f"packed tokens of input {self.video_input!r} (frames from frames_arg)" if self.packed
+        source = (f"packed tokens of input {self.video_input!r} (frames from frames_arg or packed_frames)" if self.packed
                   else f"input {self.video_input!r} dim {self.video_frame_dim}")
         shard = ""
         if a.shard is not None:
