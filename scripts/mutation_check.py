@@ -190,7 +190,7 @@ MUTATIONS = [
              [T_CP]),
     # ----- generality ------------------------------------------------------------------------------
     Mutation("feeding_chains_not_merged", "blocks whose outputs only later blocks use join their region",
-             [(REGIONS, "chains = _merge_feeding_chains(chains, order, graph_nodes)", "chains = chains")],
+             [(REGIONS, "chains = _merge_feeding_chains(chains, order, graph_nodes, block_of)", "chains = chains")],
              [T_GENERAL]),
     Mutation("packed_frames_ignored", "packed_frames gives packed video tokens a frame axis",
              [(BACKEND, "else self.config.packed_frames", "else None")],

@@ -16,6 +16,8 @@ on a WanPipeline whose transformer has parallelism enabled), checked on every ra
 * a codebook with a threshold on (and next to) the measured distance: decisions identical on
   every rank, and equal to the single-process run's when the threshold is not within 1e-4 of it;
 * NaN metric sums on one rank make every rank compute;
+* Flux (both block lists in one region): caching off, ``{inf: 3}`` with its collectives counted,
+  the near-threshold fuzz and the NaN, as above;
 * MoReg under CP: the frame axis reaches each rank's shard of the frames (the analysis says
   ``shard r of 2``), and the motion scores, with the frame pairs across the shard boundary from
   the neighbour rank (2 frames: one per rank, only boundary pairs; 4 frames: two per rank), equal
@@ -144,25 +146,49 @@ def _scenario_model(mode, ref):
     if res["aborted"]:
         return res
 
-    res["fuzz"] = []
-    for trial in ref["fuzz"]:
+    res.update(_fuzz_and_nan(backend, model, ref["fuzz"]))
+    return res
+
+
+def _fuzz_trials(backend, model, case="wan"):
+    """Codebooks with a threshold on (and next to) step 2's distance of single-process runs, with
+    the computed steps they give there."""
+    trials = []
+    for seed in FUZZ_SEEDS:
+        _generation(backend, {INF: 1}, N_FUZZ)
+        _loop(model, N_FUZZ, seed=seed, case=case)
+        d2 = backend.report().metrics[0].reg_distance
+        for offset in FUZZ_OFFSETS:
+            codebook = {d2 * (1.0 + offset): 3, INF: 1}
+            _generation(backend, codebook, N_FUZZ)
+            _loop(model, N_FUZZ, seed=seed, case=case)
+            trials.append({"seed": seed, "offset": offset, "codebook": codebook,
+                           "single_steps": backend.report().computed_steps})
+    return trials
+
+
+def _fuzz_and_nan(backend, model, trials, case="wan") -> dict:
+    """On a rank: the fuzz trials' computed steps and distances (stopping at the first disagreement
+    between ranks), then the computed steps with NaN metric sums on the last rank."""
+    import torch.distributed as dist
+    res = {"fuzz": []}
+    for trial in trials:
         _generation(backend, trial["codebook"], N_FUZZ)
-        _loop(model, N_FUZZ, seed=trial["seed"])
+        _loop(model, N_FUZZ, seed=trial["seed"], case=case)
         report = backend.report()
         res["fuzz"].append((report.computed_steps, [m.reg_distance for m in report.metrics]))
         res["aborted"] = _disagreement(report.computed_steps, f"the computed steps of fuzz trial {trial}")
         if res["aborted"]:
             return res
-
-    import torch.distributed as dist
     res["nan_steps"] = _nan_generation(backend, dist.get_rank() == WORLD - 1, NAN_STEP, N_FIXED,
-                                       lambda n: _loop(model, n))
+                                       lambda n: _loop(model, n, case=case))
     return res
 
 
-def _scenario_flux(mode):
+def _scenario_flux(mode, ref):
     """An image model under CP: Flux's double- and single-stream blocks, its text and image tokens
-    both split by the root hook; caching off, and ``{inf: 3}`` with its collectives counted."""
+    both split by the root hook; caching off, ``{inf: 3}`` with its collectives counted, the
+    near-threshold fuzz and NaN on one rank."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -175,6 +201,9 @@ def _scenario_flux(mode):
     fixed = _profiled_generation(backend, {INF: 3}, N_FIXED,
                                  lambda n, on_step: _loop(model, n, on_step=on_step, case="flux"))
     res.update({f"fixed_{key}": value for key, value in fixed.items()})
+    res["aborted"] = _disagreement(res["fixed_steps"], "Flux's computed steps")
+    if not res["aborted"]:
+        res.update(_fuzz_and_nan(backend, model, ref["flux_fuzz"], case="flux"))
     return res
 
 
@@ -272,7 +301,7 @@ def _worker(rank, port, ref, queue):
                 res = _scenario_model(mode, ref)
                 if not res["aborted"]:
                     res["moreg"] = _scenario_moreg(mode)
-                    res["flux"] = _scenario_flux(mode)
+                    res["flux"] = _scenario_flux(mode, ref)
                 if mode == "ulysses" and not res["aborted"]:
                     res["pipeline"] = _scenario_pipeline(mode)
                     res["boundary"] = _scenario_boundary_sums()
@@ -339,18 +368,7 @@ def ref():
     backend = compile_model(model, _config({INF: 3}, N_FIXED), inner="eager")
     data["fixed_outputs"] = _loop(model, N_FIXED)
     data["fixed_steps"] = backend.report().computed_steps
-    fuzz = []
-    for seed in FUZZ_SEEDS:
-        _generation(backend, {INF: 1}, N_FUZZ)
-        _loop(model, N_FUZZ, seed=seed)
-        d2 = backend.report().metrics[0].reg_distance
-        for offset in FUZZ_OFFSETS:
-            codebook = {d2 * (1.0 + offset): 3, INF: 1}
-            _generation(backend, codebook, N_FUZZ)
-            _loop(model, N_FUZZ, seed=seed)
-            fuzz.append({"seed": seed, "offset": offset, "codebook": codebook,
-                         "single_steps": backend.report().computed_steps})
-    data["fuzz"] = fuzz
+    data["fuzz"] = _fuzz_trials(backend, model)
     data["nan_steps"] = _nan_generation(backend, True, NAN_STEP, N_FIXED, lambda n: _loop(model, n))
     data["moreg"] = _moreg_runs(get_case("wan").build())
     torch._dynamo.reset()
@@ -359,6 +377,8 @@ def ref():
     backend = compile_model(flux, _config({INF: 3}, N_FIXED), inner="eager")
     data["flux_fixed_outputs"] = _loop(flux, N_FIXED, case="flux")
     data["flux_fixed_steps"] = backend.report().computed_steps
+    data["flux_fuzz"] = _fuzz_trials(backend, flux, case="flux")
+    data["flux_nan_steps"] = _nan_generation(backend, True, NAN_STEP, N_FIXED, lambda n: _loop(flux, n, case="flux"))
     torch._dynamo.reset()
     torch.set_num_threads(threads)
     return data
@@ -371,7 +391,7 @@ _launched = {}
 def cp(ref):
     if not _launched:
         t0 = time.perf_counter()
-        _launched.update(_launch({"fuzz": ref["fuzz"]}))
+        _launched.update(_launch({"fuzz": ref["fuzz"], "flux_fuzz": ref["flux_fuzz"]}))
         print(f"\ncontext-parallel launch: {time.perf_counter() - t0:.1f} s")
     return _launched
 
@@ -487,23 +507,33 @@ def test_cp_fixed_codebook_skips_blocks_and_their_collectives(cp, ref, mode):
             _close(got, want, 1e-4)
 
 
+def _case_results(cp, mode, case):
+    return [r if case == "wan" else r["flux"] for r in _ranks(cp, mode)]
+
+
+@pytest.mark.parametrize("case", ["wan", "flux"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cp_near_thresholds_ranks_agree(cp, ref, mode):
-    ranks = _ranks(cp, mode)
-    for i, trial in enumerate(ref["fuzz"]):
+def test_cp_near_thresholds_ranks_agree(cp, ref, mode, case):
+    trials = ref["fuzz" if case == "wan" else "flux_fuzz"]
+    ranks = _case_results(cp, mode, case)
+    for r in ranks:
+        assert not r["aborted"], r["aborted"]
+    for i, trial in enumerate(trials):
         steps0, distances0 = ranks[0]["fuzz"][i]
         for r in ranks[1:]:
             assert r["fuzz"][i] == (steps0, distances0), f"ranks disagree in trial {trial}"
         if abs(trial["offset"]) >= FAR:
             assert steps0 == trial["single_steps"], f"trial {trial} differs from the single-process run"
-    assert len({tuple(ranks[0]["fuzz"][i][0]) for i in range(len(ref["fuzz"]))}) >= 2   # both sides exercised
+    assert len({tuple(ranks[0]["fuzz"][i][0]) for i in range(len(trials))}) >= 2   # both sides exercised
 
 
+@pytest.mark.parametrize("case", ["wan", "flux"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cp_nan_on_one_rank_makes_all_compute(cp, ref, mode):
-    assert ref["nan_steps"] != EXPECTED_FIXED and NAN_STEP + 1 in ref["nan_steps"]
-    for r in _ranks(cp, mode):
-        assert r["nan_steps"] == ref["nan_steps"]
+def test_cp_nan_on_one_rank_makes_all_compute(cp, ref, mode, case):
+    want = ref["nan_steps" if case == "wan" else "flux_nan_steps"]
+    assert want != EXPECTED_FIXED and NAN_STEP + 1 in want
+    for r in _case_results(cp, mode, case):
+        assert r["nan_steps"] == want
 
 
 FLUX_BLOCKS = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",

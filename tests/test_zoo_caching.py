@@ -42,9 +42,10 @@ XFAIL: dict[str, str] = {
                      "counts: 21 graphs), so no graph holds a whole block; would take guarding the block list "
                      "across graph breaks (module hooks)",
     "minimax_h3": "no MoReg frame layout: video, audio and text tokens come already packed into one sequence "
-                  "(B, L, C) with index tensors (video_indices, position_ids) and no frame-count argument, so "
-                  "neither a 5-D input nor frames_arg gives the frame axis; would take reading the frame layout "
-                  "from the index tensors",
+                  "(B, L, C) with index tensors (video_indices, position_ids), so the video tokens are no "
+                  "frame-major run of the sequence that a frame count (frames_arg, packed_frames) could place; "
+                  "would take reading the frame layout from the index tensors (this tiny case also has a single "
+                  "latent frame)",
 }
 
 #: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.

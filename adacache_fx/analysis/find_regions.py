@@ -232,16 +232,20 @@ def _numel(node: fx.Node) -> int:
         return 0
 
 
-def _merge_feeding_chains(chains: list, order: dict, graph_nodes: list) -> list:
-    """Join a chain to the one before it when a value of the earlier chain is used by the later
-    one, in its blocks or the glue between them (Wan-VACE: control blocks whose hints are added
-    between the main blocks): the hints then stay inside one region, and a reused step skips the
-    control blocks too. Where the joined chain holds no valid region, step 2 falls back to its
-    prefixes as for any chain."""
+def _merge_feeding_chains(chains: list, order: dict, graph_nodes: list, block_of: dict) -> list:
+    """Join a chain to the one before it when the earlier chain is no region by itself (its
+    outputs are not streams) and a value of it is used by the later one, in its blocks or the
+    glue between them (Wan-VACE: control blocks whose hints are added between the main blocks):
+    the hints then stay inside one region, and a reused step skips the control blocks too. A chain
+    that is a region by itself stays apart. Where the joined chain holds no valid region, step 2
+    falls back to its prefixes as for any chain."""
     merged = [chains[0]]
     for blocks, glue in chains[1:]:
         prev_blocks, prev_glue = merged[-1]
         prev_nodes = set().union(*(set(b.nodes) for b in prev_blocks), *prev_glue)
+        if _make_region(prev_blocks, prev_nodes, block_of) is not None:
+            merged.append((blocks, glue))
+            continue
         later_nodes = set().union(*(set(b.nodes) for b in blocks), *glue)
         reached = set(prev_nodes)   # the earlier chain's values and what is computed from them
         for node in graph_nodes[max(order[n] for n in prev_nodes) + 1:max(order[n] for n in later_nodes) + 1]:
@@ -286,7 +290,7 @@ def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> l
             chains.append((current, glue))
             current, glue, nodes = [block], [set()], set(block.nodes)
     chains.append((current, glue))
-    chains = _merge_feeding_chains(chains, order, graph_nodes)
+    chains = _merge_feeding_chains(chains, order, graph_nodes, block_of)
     # 2. each chain: the longest valid prefix becomes a region, the rest is retried
     regions = []
     for chain_blocks, chain_glue in chains:
