@@ -77,6 +77,36 @@ def _max_over_ranks(seconds: float) -> float:
     return float(t)
 
 
+def interleaved_generations(baseline, cached, reset, repeats: int) -> tuple:
+    """``repeats`` interleaved pairs of whole generations, ``baseline()`` then ``cached()`` (after
+    ``reset()``), every rank starting together: ``({"baseline": [s], "adacache": [s]}, last
+    baseline output, last cached output)``, each time the max over ranks."""
+    import torch.distributed as dist
+
+    def timed(run):
+        dist.barrier()
+        start = time.perf_counter()
+        out = run()
+        return _max_over_ranks(time.perf_counter() - start), out
+
+    times, out_base, out_cached = {"baseline": [], "adacache": []}, None, None
+    for _ in range(repeats):
+        t, out_base = timed(baseline)
+        times["baseline"].append(t)
+        reset()
+        t, out_cached = timed(cached)
+        times["adacache"].append(t)
+    return times, out_base, out_cached
+
+
+def same_on_every_rank(computed: list, world: int) -> None:
+    """Every rank must have taken the same decisions."""
+    import torch.distributed as dist
+    gathered = [None] * world
+    dist.all_gather_object(gathered, computed)
+    assert all(g == computed for g in gathered), f"ranks disagree: {gathered}"
+
+
 def _measure(rank, world, args, threads):
     import torch.distributed as dist
 
@@ -97,34 +127,20 @@ def _measure(rank, world, args, threads):
     backend = adacache_backend(AdaCacheConfig(codebook=dict(CODEBOOK_30_FAST), num_steps=n), inner="eager")
     cached = torch.compile(model, backend=backend)
 
-    def generate(fn, reset=None):
-        if reset is not None:
-            reset()
-        dist.barrier()
-        start = time.perf_counter()
+    def generate(fn):
         with torch.no_grad():
             for a in inputs:
                 out = fn(*a)
-        elapsed = time.perf_counter() - start
-        return _max_over_ranks(elapsed), out
+        return out
 
     # warm up (compiles), then interleaved repeats
     generate(baseline)
-    generate(cached, backend.reset)
-    times = {"baseline": [], "adacache": []}
-    out_base = out_cached = None
-    for _ in range(args.repeats):
-        t, out_base = generate(baseline)
-        times["baseline"].append(t)
-        t, out_cached = generate(cached, backend.reset)
-        times["adacache"].append(t)
-    report = backend.report()
-    computed = report.computed_steps
-
-    # every rank must have taken the same decisions
-    gathered = [None] * world
-    dist.all_gather_object(gathered, computed)
-    assert all(g == computed for g in gathered), f"ranks disagree: {gathered}"
+    backend.reset()
+    generate(cached)
+    times, out_base, out_cached = interleaved_generations(lambda: generate(baseline), lambda: generate(cached),
+                                                          backend.reset, args.repeats)
+    computed = backend.report().computed_steps
+    same_on_every_rank(computed, world)
 
     # communication of one computed step, timed alone: 2 all-to-alls per block, model shapes
     comm_step = metric_comm = 0.0

@@ -23,7 +23,6 @@ Usage (from the repository root)::
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -70,7 +69,7 @@ def measure(rank: int, world: int, args, threads: int) -> dict:
     from torch._dynamo.utils import counters
 
     from adacache_fx import AdaCacheConfig, compile_model
-    from benchmarks.distributed import _max_over_ranks
+    from benchmarks.distributed import _max_over_ranks, interleaved_generations, same_on_every_rank
     from examples.cpu_context_parallel import cpu_lse_attention, cpu_workarounds, enable_context_parallel
 
     cpu_workarounds(threads)
@@ -95,25 +94,12 @@ def measure(rank: int, world: int, args, threads: int) -> dict:
         cached_breaks = sum(counters["graph_break"].values())
         cached_graphs = counters["stats"]["unique_graphs"]
 
-        def timed(fn, reset=None):
-            if reset is not None:
-                reset()
-            dist.barrier()
-            start = time.perf_counter()
-            out = _generation(fn, x0, text, n)
-            return _max_over_ranks(time.perf_counter() - start), out
-
-        times = {"baseline": [], "adacache": []}
-        for _ in range(args.repeats):
-            t, out_base = timed(baseline)
-            times["baseline"].append(t)
-            t, out_cached = timed(models[1], backend.reset)
-            times["adacache"].append(t)
+        times, out_base, out_cached = interleaved_generations(
+            lambda: _generation(baseline, x0, text, n), lambda: _generation(models[1], x0, text, n), backend.reset,
+            args.repeats)
         report = backend.report()
         computed = report.computed_steps
-        gathered = [None] * world
-        dist.all_gather_object(gathered, computed)
-        assert all(g == computed for g in gathered), f"ranks disagree: {gathered}"
+        same_on_every_rank(computed, world)
 
         dist.barrier()
         comm_base, counts_base = _communication(lambda: _generation(baseline, x0, text, n))
