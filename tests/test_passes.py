@@ -274,6 +274,44 @@ def test_frame_layout_of_a_shard_of_part_of_a_frame_is_lost_and_said():
     assert any(m.startswith("MoReg off:") and "chunk" in m and "whole frames" in m for m in a.log)
 
 
+class _TableBlock(Block):
+    """A block whose attention inputs get a per-token table (as rotary embeddings enter q and k)."""
+
+    def forward(self, x, temb, table):
+        h = self.norm1(x) * (1 + temb[:, None])
+        q, k, v = self.qkv(h + table).chunk(3, dim=-1)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        return x + self.mlp(self.norm2(x))
+
+
+class _PackedWithTable(nn.Module):
+    """Packed video tokens (B, F*S, C) and a per-token table (B, F*S, 2C) with more elements (a
+    rotary table): the table reaches the probe too, but the stream comes from the tokens."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.embed, self.table = nn.Linear(3, c), nn.Linear(2 * c, c)
+        self.t = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.blocks = nn.ModuleList([_TableBlock(c) for _ in range(2)])
+        self.out, self.c = nn.Linear(c, 3), c
+
+    def forward(self, tokens, table, timestep, num_frames):
+        temb = self.t(sinusoid(timestep, self.c))
+        h, bias = self.embed(tokens) * (num_frames / 3), self.table(table)
+        for blk in self.blocks:
+            h = blk(h, temb, bias)
+        return self.out(h)
+
+
+def test_packed_layout_prefers_the_tokens_the_streams_come_from():
+    from adacache_fx import explain
+    model = seeded(_PackedWithTable())
+    e = explain(model, torch.randn(2, 30, 3), torch.randn(2, 30, 32), torch.full((2,), 3.0), 3,
+                config=AdaCacheConfig(frames_arg="num_frames"))
+    layout = e.frame_layout
+    assert layout.packed and layout.video_input == "tokens" and int(layout.probe_axis.frames) == 3
+
+
 def test_frame_layout_override_and_image_model():
     a, gm = analysis_of(seeded(ToyLatte()), torch.randn(2, 3, 3, 4, 5), torch.full((2,), 3.0), video_frame_dim=2)
     assert a.frame_layout.video_frame_dim == 2

@@ -167,13 +167,16 @@ def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
         raise AdaCacheConfigError(
             f"adacache: frames_arg={a.config.frames_arg!r} is read from the model's call arguments, which only "
             "adacache_fx.compile_model (and explain) see: compile the model with compile_model(model, config)")
-    a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log, a.packed_frames)
+    streams = [s.input for region in a.regions for s in region.streams]
+    a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log, a.packed_frames,
+                                        streams)
     is_video = bool(find_video_inputs(a.graph)) or a.packed_frames is not None
     if a.frame_layout is None and is_video and a.config.probe_branch == 0:
         # A video model whose frame axis does not reach the default probe: the same block's
         # other residual branches, then its output delta, keep MoReg on.
         for probe in probe_fallbacks(a.regions, a.probe):
-            layout = infer_frame_layout(a.graph, probe.node, a.config.video_frame_dim, packed_frames=a.packed_frames)
+            layout = infer_frame_layout(a.graph, probe.node, a.config.video_frame_dim, packed_frames=a.packed_frames,
+                                        streams=streams)
             if layout is not None:
                 a.note(f"infer_frame_layout: the frame axis does not reach {a.probe.describe()}; "
                        f"probe ({probe.rule}) {probe.describe()} instead, which it reaches")

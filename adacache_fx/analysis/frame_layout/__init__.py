@@ -67,8 +67,23 @@ def find_packed_inputs(graph: fx.Graph, frames: int) -> list:
     return sorted(packed, key=lambda n: -numel_hint(example_value(n)))
 
 
-def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[list]) -> Optional[FrameLayout]:
-    for video in find_packed_inputs(graph, frames):
+def _stream_sources(streams: list) -> set:
+    """The graph inputs the streams are computed from."""
+    seen, stack = set(), list(streams)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return {n for n in seen if n.op == "placeholder"}
+
+
+def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[list],
+                   streams: Optional[list] = None) -> Optional[FrameLayout]:
+    # the tokens the streams come from first: another (B, N, C) input of the same token count
+    # (a rotary table) may reach the probe too, with the same axis but a misleading name
+    sources = _stream_sources(streams or [])
+    for video in sorted(find_packed_inputs(graph, frames), key=lambda n: n not in sources):
         tokens = size_expr(example_value(video).shape[1])
         start = FrameAxis(1, sympy.simplify(tokens / frames), sympy.Integer(frames))
         axis = follow_frame_axis(graph, video, 1, start).get(probe)
@@ -81,12 +96,14 @@ def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[l
 
 
 def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int] = None,
-                       log: Optional[list] = None, packed_frames: Optional[int] = None) -> Optional[FrameLayout]:
+                       log: Optional[list] = None, packed_frames: Optional[int] = None,
+                       streams: Optional[list] = None) -> Optional[FrameLayout]:
     """Frame layout of ``probe``, or None (image model, or the axis was lost on the way).
-    ``packed_frames``: the frame count of packed video tokens, when the model takes no 5-D video."""
+    ``packed_frames``: the frame count of packed video tokens, when the model takes no 5-D video;
+    ``streams``: the regions' stream inputs (the packed input they come from is preferred)."""
     videos = find_video_inputs(graph)
     if not videos and packed_frames is not None and packed_frames > 1:
-        return _packed_layout(graph, probe, packed_frames, log)
+        return _packed_layout(graph, probe, packed_frames, log, streams)
     if not videos:
         if log is not None:
             log.append("no 5-D video input: image model, MoReg off")
