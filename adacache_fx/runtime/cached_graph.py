@@ -9,6 +9,7 @@ the metric op (under a shard of the frames, with the frame pairs across the shar
 """
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import torch
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
 from .state import RuntimeState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,15 +167,15 @@ class CachedGraph:
 
     def _probe_view(self, probe: torch.Tensor, args) -> tuple:
         """``(view, has_frames)``: the probe as ``(B', frames, inner)`` for the metric op; without
-        frames ``(B, 1, -1)`` (no frame axis, or a shard that holds part of a frame at this call's
-        shapes: every rank has the same shapes, so every rank measures without motion alike)."""
+        frames ``(B, 1, -1)``: no frame axis, or sizes that do not split into whole frames at this
+        call (a shard holding part of a frame; every rank has the same sizes, so every rank then
+        measures without motion alike). The distance never depends on the view."""
         axis = self.layout.frame_axis
         if axis is not None:
             try:
                 return self._frame_view(probe, axis, args), True
             except ValueError:
-                if axis.shard is None:
-                    raise
+                logger.debug("adacache: the probe does not split into whole frames at this call: no motion score")
         return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1), False
 
     def _frame_view(self, probe: torch.Tensor, axis, args) -> torch.Tensor:
@@ -236,10 +239,13 @@ class CachedGraph:
             if current.shape == previous.shape:
                 stride = self.layout.moreg_stride
                 sums = fused_cache_metrics(current, previous, stride).sum(0)
-                shard = self.layout.frame_axis.shard[:2] if has_frames and self.layout.frame_axis.shard else None
-                if shard is not None and current.shape[1] >= stride:   # this rank's frames of a sharded video
-                    sums = sums + shard_boundary_sums(current, stride, shard, self.process_group)
-                scheduler.add_metric_sums(sums, has_motion=has_frames and (shard is None or current.shape[1] >= stride))
+                shard = self.layout.frame_axis.shard if has_frames else None
+                if shard is not None:   # this rank's frames of a sharded video: add the boundary pairs
+                    if current.shape[1] >= stride:
+                        sums = sums + shard_boundary_sums(current, stride, shard[:2], self.process_group)
+                    else:   # fewer frames per shard than the stride (alike on every rank)
+                        has_frames = False
+                scheduler.add_metric_sums(sums, has_motion=has_frames)
         recorder = self.runtime.recorder
         if recorder is not None and scheduled:   # adacache_fx.calibrate, on uncached generations
             view, has_frames = self._probe_view(probe, args)
