@@ -15,8 +15,8 @@ nothing; ``--allow-baseline-failures`` deselects the failing tests and says so i
     python scripts/mutation_check.py --all-failures       # no -x: every test that catches each mutation
 
 Not part of CI. On a 2-core CPU machine (OMP_NUM_THREADS=1, the default here) a full run takes
-about 6-7 minutes: 2.5 for the baseline run of every test file involved, then 4-20 s per
-mutation (one pytest run, stopped at its first failure); ``--all-failures`` about 14 minutes.
+about 16 minutes: 6.5 for the baseline run of every test file involved, then 5-65 s per
+mutation (one pytest run, stopped at its first failure; the multi-process ones are the slowest).
 ``--check-anchors`` (a second) only checks that every patch still applies.
 """
 from __future__ import annotations
