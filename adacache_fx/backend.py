@@ -73,8 +73,7 @@ class AdaCacheBackend:
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
         work = copy_graph_module(gm)
-        frames = self.frames_from_call if self.frames_from_call is not None else self.config.packed_frames
-        analysis = analyze(work.graph, self.config, frames)
+        analysis = analyze(work.graph, self.config, self.frames_from_call)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())
         rewritten = rewrite(work, analysis)

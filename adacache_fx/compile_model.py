@@ -128,9 +128,7 @@ def _frames_value(signature: Optional[inspect.Signature], name: str, args, kwarg
 def frames_argument(model: torch.nn.Module, config: Optional[AdaCacheConfig], args, kwargs) -> Optional[int]:
     """The frame count ``config.frames_arg`` names in a call of ``model`` (None when not set)."""
     signature = _frames_parameter(model, config)
-    if signature is None:
-        return config.packed_frames if config is not None else None
-    return _frames_value(signature, config.frames_arg, args, kwargs, config.video_frame_dim)
+    return _frames_value(signature, config.frames_arg, args, kwargs, config.video_frame_dim) if signature else None
 
 
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,

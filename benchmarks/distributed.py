@@ -304,7 +304,7 @@ def _main_cp(args) -> None:
                   f" -> {1e3 * row['comm_adacache_s']:.1f} ms ({time.perf_counter() - start:.0f} s)", flush=True)
     command = command_line("benchmarks.distributed")
     info = machine()
-    write_results(out_dir, stem, distributed_cp.markdown(rows, info, command, machine_markdown),
+    write_results(out_dir, stem, distributed_cp.markdown(rows, info, command),
                   {"machine": info, "command": command, "rows": rows})
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.common import machine_markdown
+
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
            text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4, rope_max_seq_len=64)
 WAN_QUICK = dict(WAN, num_layers=2, ffn_dim=128)
@@ -123,7 +125,7 @@ def measure(rank: int, world: int, args, threads: int) -> dict:
     return {"rows": rows}
 
 
-def markdown(rows: list, info: dict, command: str, machine_markdown) -> list:
+def markdown(rows: list, info: dict, command: str) -> list:
     single = next((r for r in rows if r["world"] == 1), None)
     lines = [
         "# AdaCache under diffusers' context parallelism (gloo, CPU)", "",

@@ -77,7 +77,7 @@ T_CP = "tests/test_diffusers_context_parallel.py"
 T_GENERAL = "tests/test_general_blocks.py"
 T_BREAKS = "tests/test_graph_breaks.py"
 REGIONS = "adacache_fx/analysis/find_regions.py"
-BACKEND = "adacache_fx/backend.py"
+ANALYSIS = "adacache_fx/analysis/__init__.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -193,7 +193,7 @@ MUTATIONS = [
              [(REGIONS, "chains = _merge_feeding_chains(chains, order, graph_nodes, block_of)", "chains = chains")],
              [T_GENERAL]),
     Mutation("packed_frames_ignored", "packed_frames gives packed video tokens a frame axis",
-             [(BACKEND, "else self.config.packed_frames", "else None")],
+             [(ANALYSIS, "        packed_frames = config.packed_frames", "        packed_frames = None")],
              [T_BREAKS]),
     # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
     Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",

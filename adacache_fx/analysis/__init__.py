@@ -232,8 +232,11 @@ ANALYSIS_PASSES = (
 
 
 def analyze(graph: fx.Graph, config: AdaCacheConfig, packed_frames: Optional[int] = None) -> GraphAnalysis:
-    """Run ``ANALYSIS_PASSES`` on ``graph``. ``packed_frames``: the value of the call's
-    ``config.frames_arg`` argument (Dynamo bakes Python ints into the graph as constants)."""
+    """Run ``ANALYSIS_PASSES`` on ``graph``. ``packed_frames``: the frame count the call's
+    ``config.frames_arg`` argument gives (Dynamo bakes Python ints into the graph as constants);
+    None: ``config.packed_frames``."""
+    if packed_frames is None:
+        packed_frames = config.packed_frames
     analysis = GraphAnalysis(graph=graph, config=config, packed_frames=packed_frames)
     for run_pass in ANALYSIS_PASSES:
         run_pass(analysis)

@@ -191,6 +191,17 @@ def is_parameter_placeholder(node: fx.Node) -> bool:
     return "_parameters_" in name or "_buffers_" in name
 
 
+def ancestors(node: fx.Node) -> set:
+    """Every node ``node`` is computed from (not ``node`` itself)."""
+    seen, stack = set(), [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
 def topo_index(graph: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(graph.nodes)}
 

@@ -17,7 +17,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..graph_nodes import example_value, is_parameter_placeholder, numel_hint, size_hint, user_placeholder_name
+from ..graph_nodes import ancestors, example_value, is_parameter_placeholder, numel_hint, size_hint, user_placeholder_name
 from .axis import FrameAxis, size_expr
 from .walk import follow_frame_axis
 
@@ -67,22 +67,11 @@ def find_packed_inputs(graph: fx.Graph, frames: int) -> list:
     return sorted(packed, key=lambda n: -numel_hint(example_value(n)))
 
 
-def _stream_sources(streams: list) -> set:
-    """The graph inputs the streams are computed from."""
-    seen, stack = set(), list(streams)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return {n for n in seen if n.op == "placeholder"}
-
-
 def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[list],
                    streams: Optional[list] = None) -> Optional[FrameLayout]:
     # the tokens the streams come from first: another (B, N, C) input of the same token count
     # (a rotary table) may reach the probe too, with the same axis but a misleading name
-    sources = _stream_sources(streams or [])
+    sources = {n for s in streams or [] for n in ancestors(s) | {s} if n.op == "placeholder"}
     for video in sorted(find_packed_inputs(graph, frames), key=lambda n: n not in sources):
         tokens = size_expr(example_value(video).shape[1])
         start = FrameAxis(1, sympy.simplify(tokens / frames), sympy.Integer(frames))

@@ -135,5 +135,4 @@ def fits(value, axis: FrameAxis) -> bool:
     """Whether ``axis`` is consistent with the size of ``value``'s dim."""
     if not isinstance(value, torch.Tensor):
         return True
-    extent = axis.extent(size_expr(value.shape[axis.dim]))
-    return exact_quotient(extent, axis.inner * axis.frames) is not None
+    return exact_quotient(axis.extent(size_expr(value.shape[axis.dim])), axis.inner * axis.frames) is not None

@@ -13,7 +13,7 @@ import operator
 
 import torch.fx as fx
 
-from ..graph_nodes import describe_node, example_value
+from ..graph_nodes import ancestors, describe_node, example_value
 from .walk import follow_frame_axis
 
 _SPLITS = ("chunk", "split", "tensor_split", "narrow")
@@ -23,21 +23,11 @@ def _name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
-
-
 def axis_stops(graph: fx.Graph, video: fx.Node, frame_dim: int, target: fx.Node) -> list:
     """The nodes on the way to ``target`` that the frame axis of ``video`` reaches an input of
     but not the node itself (a getitem of a split counts with the split's inputs), graph order."""
     layouts = follow_frame_axis(graph, video, frame_dim)
-    on_path = _ancestors(target) | {target}
+    on_path = ancestors(target) | {target}
 
     def reached(arg: fx.Node) -> bool:
         if arg in layouts:
