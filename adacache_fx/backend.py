@@ -21,15 +21,16 @@ from .analysis.graph_nodes import is_parameter_placeholder
 from .compile import CompiledPieces, compile_pieces, count_flops, resolve_inner
 from .config import AdaCacheConfig, AdaCacheConfigError
 from .report import RegionInfo, Report
-from .rewrite import Rewrite, copy_graph_module, rewrite
+from .rewrite import Rewrite, copy_graph_module, output_position, rewrite
 from .runtime import CachedGraph, GraphLayout, RuntimeState
+from .compile.sub_batch_plan import plan_per_sample
 
 logger = logging.getLogger("adacache_fx")
 
 
 # Config fields read while the graphs are analysed and rewritten (set_config cannot change them).
 COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg", "packed_frames",
-                       "moreg_stride", "process_group")
+                       "moreg_stride", "process_group", "per_sample", "guidance_in_batch")
 
 
 class AdaCacheWarning(UserWarning):
@@ -108,13 +109,32 @@ class AdaCacheBackend:
         info = [(region.block_paths, [_shape(s.shape) for s in region.streams],
                  analysis.probe.block if analysis.probe.region == r else None)
                 for r, region in enumerate(analysis.regions)]
+        probe_positions = {analysis.probe.region: output_position(pieces.top, rw.outputs.probe_index,
+                                                                  pieces.regions[analysis.probe.region][0])}
+        sub_batch = None
+        if self.config.per_sample:
+            layout.batch_source, sub_batch, why = plan_per_sample(rw, pieces, placeholders, layout,
+                                                                  self.config.guidance_in_batch)
+            if why is not None:
+                self._warn_per_sample(why)
         # Only graphs that cache take part in the decision, so only they choose the group (with
         # graph breaks, a fragment without the model's collectives must not choose it).
         cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
-                             process_group=analysis.process_group, region_info=info)
+                             process_group=analysis.process_group, region_info=info,
+                             probe_positions=probe_positions, sub_batch=sub_batch)
         cached.region_flops = sum(pieces.flops.get(name, 0) for name, _c, _r in pieces.regions.values())
         cached.total_flops = sum(pieces.flops.values())
         return cached
+
+    @staticmethod
+    def _warn_per_sample(why: str) -> None:
+        if "one schedule for the batch" in why:
+            message = f"adacache: per_sample: {why}"
+        else:
+            message = (f"adacache: per_sample: {why}, so every row computes on a step where any sample does (the "
+                       "schedules stay per sample); trace a dynamic batch (adacache_fx.compile_model marks it, or "
+                       "torch.compile(..., dynamic=True)) to run the blocks on the computing samples alone")
+        warnings.warn(message, AdaCacheWarning, stacklevel=4)
 
     # ----- user API ---------------------------------------------------------------
     def reset(self) -> None:
@@ -170,6 +190,8 @@ class AdaCacheBackend:
             compile_seconds=self.compile_seconds,
             cached_flops=sum(g.region_flops for g in self.graphs),
             total_flops=sum(g.total_flops for g in self.graphs) + self.uncached_flops,
+            sample_computed_steps=getattr(scheduler, "sample_computed_steps", None),
+            sample_metrics=getattr(scheduler, "sample_metrics", None),
         )
 
     def _instance_of(self, model: torch.nn.Module) -> int:

@@ -45,7 +45,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, P
 from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend
 from .config import AdaCacheConfig, AdaCacheConfigError
 
-__all__ = ["DATA_DEPENDENT_CAPTURE", "capture_failed", "compile_model", "data_dependent_capture", "frames_argument"]
+__all__ = ["DATA_DEPENDENT_CAPTURE", "capture_failed", "compile_model", "data_dependent_capture", "frames_argument",
+           "mark_batch_dynamic"]
 
 # Dynamo settings under which data-dependent ops are traced into the graph instead of breaking it.
 DATA_DEPENDENT_CAPTURE = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
@@ -131,6 +132,19 @@ def frames_argument(model: torch.nn.Module, config: Optional[AdaCacheConfig], ar
     return _frames_value(signature, config.frames_arg, args, kwargs, config.video_frame_dim) if signature else None
 
 
+def mark_batch_dynamic(args, kwargs) -> None:
+    """Mark dim 0 of the call's tensors of the first tensor's batch size dynamic (where Dynamo can
+    keep it so: ``maybe_mark_dynamic``), so that the regions compile once for every sub-batch of a
+    schedule per sample. A batch of one row stays specialised, as Dynamo does for sizes 0 and 1."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()]
+    if not tensors:
+        return
+    batch = tensors[0].shape[0]
+    for tensor in tensors:
+        if tensor.shape[0] == batch:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
                   inner: Union[str, Callable] = "inductor", mode: Optional[str] = None,
                   options: Optional[dict] = None, capture_data_dependent: bool = True,
@@ -161,6 +175,8 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
         # analysis of a graph traced by this call reads it here
         backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs,
                                                  backend.config.video_frame_dim)
+        if backend.config.per_sample:
+            mark_batch_dynamic(args, kwargs)
         if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
             _prepare_module_hooks(model)
             hooks_prepared[0] = True

@@ -118,6 +118,15 @@ class AdaCacheConfig:
             reuse). Forecasting keeps one more tensor per stream and guidance branch.
         reuse_damping: the share of the linear extrapolation that ``"damped"`` adds (0: constant,
             1: linear).
+        per_sample: a schedule per sample of the batch (each sample its own distance, motion
+            score, rate and next computed step), and on a step where only some samples compute,
+            the blocks run on those samples' rows alone. Needs a graph traced with a dynamic
+            batch size for the sub-batches (:func:`adacache_fx.compile_model` marks it; with
+            ``torch.compile``: ``dynamic=True``); with a static batch every row computes when any
+            sample does. Default False: one schedule for the batch, as every other cache decides.
+        guidance_in_batch: how many guidance copies of the samples the batch holds, concatenated
+            on dim 0 (diffusers' classifier-free guidance ``[uncond, cond]``: 2); the rows of one
+            sample stay together. Guidance as separate calls: 1 (the calls are branches).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
@@ -141,6 +150,8 @@ class AdaCacheConfig:
     process_group: object = "auto"
     reuse: str = "linear"
     reuse_damping: float = 0.5
+    per_sample: bool = False
+    guidance_in_batch: int = 1
     first_computed_steps: int = 1
     last_computed_steps: int = 2
 
@@ -197,6 +208,12 @@ class AdaCacheConfig:
         if not isinstance(self.reuse_damping, (int, float)) or isinstance(self.reuse_damping, bool) \
                 or not 0.0 <= self.reuse_damping <= 1.0:
             raise ValueError(f"reuse_damping must be a number in [0, 1], got {self.reuse_damping!r}")
+        if not isinstance(self.per_sample, bool):
+            raise ValueError(f"per_sample must be True or False, got {self.per_sample!r}")
+        if isinstance(self.guidance_in_batch, bool) or not isinstance(self.guidance_in_batch, int) \
+                or self.guidance_in_batch < 1:
+            raise ValueError(f"guidance_in_batch must be a positive integer (2 for a batched [uncond, cond]), got "
+                             f"{self.guidance_in_batch!r}")
         for name in ("first_computed_steps", "last_computed_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

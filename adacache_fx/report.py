@@ -26,6 +26,8 @@ class Report:
     compile_seconds: float = 0.0    # time spent in the backend (analysis + inner compiles)
     cached_flops: int = 0           # FLOPs of one forward inside the cached regions
     total_flops: int = 0            # FLOPs of one forward, every graph (cached or not)
+    sample_computed_steps: Optional[list] = None   # per_sample: the computed steps of each sample
+    sample_metrics: Optional[list] = None          # per_sample: each sample's [StepMetric]
 
     @property
     def cached_flops_fraction(self) -> float:
@@ -41,6 +43,8 @@ class Report:
                  f"({self.computed_fraction:.0%}), cache {self.cache_bytes / 2**20:.2f} MiB, "
                  f"{self.cached_flops_fraction:.0%} of a forward's FLOPs in cached regions"]
         lines.append(f"computed steps: {self.computed_steps}")
+        for i, steps in enumerate(self.sample_computed_steps or []):
+            lines.append(f"computed steps per sample: sample {i}: {len(steps)}/{self.num_steps} {steps}")
         for info in self.regions:
             span = info.blocks[0] if len(info.blocks) == 1 else f"{info.blocks[0]} .. {info.blocks[-1]}"
             lines.append(f"region {info.graph}.{info.region}: {len(info.blocks)} blocks ({span}), "

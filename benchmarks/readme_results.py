@@ -106,6 +106,10 @@ def demo_section() -> list:
              f"AdaCache {min(d['adacache_s']):.1f}-{max(d['adacache_s']):.1f} s)",
              f"- against the uncached video: PSNR {d['psnr']:.2f} dB, SSIM {d['ssim']:.4f}; "
              f"cache {d['cache_bytes'] / 2**20:.2f} MiB"]
+    if d.get("sample_computed_steps"):
+        lines.append("- schedule per sample (`AdaCacheConfig(per_sample=True)`): " + "; ".join(
+            f"{p}: {len(steps)}/{d['steps']} ({psnr:.2f} dB)"
+            for p, steps, psnr in zip(d["prompts"], d["sample_computed_steps"], d["sample_psnr"])))
     return lines
 
 
@@ -237,6 +241,8 @@ def coverage_section() -> list:
 def block() -> str:
     parts = []
     for section in (demo_section(), e2e_section(), overhead_section(), graph_breaks_section(), kernels_section(),
+                    text_section("per_sample.md", "A schedule per sample vs one schedule per batch (reference model, "
+                                 "batches of 4 prompts mixing low and high motion)", "Results"),
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     text_section("distributed_cp.md", "diffusers' context parallelism (WanTransformer3DModel), 1/2 gloo "
                                  "processes on the 2-core CPU", "Results"),

@@ -76,6 +76,11 @@ T_CALIBRATE = "tests/test_calibrate.py"
 T_CP = "tests/test_diffusers_context_parallel.py"
 T_GENERAL = "tests/test_general_blocks.py"
 T_BREAKS = "tests/test_graph_breaks.py"
+T_PER_SAMPLE = "tests/test_per_sample.py"
+T_PER_SAMPLE_DIST = "tests/test_per_sample_distributed.py"
+PS_CALLS = "adacache_fx/runtime/per_sample_calls.py"
+PS_SCHED = "adacache_fx/runtime/per_sample_scheduler.py"
+SUB_BATCH = "adacache_fx/runtime/sub_batch.py"
 REGIONS = "adacache_fx/analysis/find_regions.py"
 ANALYSIS = "adacache_fx/analysis/__init__.py"
 
@@ -208,6 +213,27 @@ MUTATIONS = [
     Mutation("schedulers_shared_between_models", "two compiled models keep separate schedules",
              [(STATE, "return self.schedulers[instance]", "return self.schedulers[0]")],
              [T_STATE]),
+    # ----- a schedule per sample -----------------------------------------------------------------------
+    Mutation("per_sample_metric_pooled", "each sample's metric is its own rows' sums, not the batch's",
+             [(PS_CALLS, "owner = torch.tensor([measured[p % len(measured)] for p in range(rows.numel())], "
+                         "device=per_row.device)",
+               "owner = torch.tensor([measured[0] for p in range(rows.numel())], device=per_row.device)")],
+             [T_PER_SAMPLE]),
+    Mutation("per_sample_guidance_rows_split", "a sample's guidance copies are rows i, i + S, ...",
+             [(PS_CALLS, "for h in range(copies) for i in samples]", "for i in samples for h in range(copies)]")],
+             [T_PER_SAMPLE]),
+    Mutation("per_sample_reused_rows_store_forecast", "reused rows keep their own delta, not its forecast",
+             [(PS_CALLS, "            if not every:   # the reused rows keep their own delta, not its forecast",
+               "            if False:")],
+             [T_PER_SAMPLE]),
+    Mutation("per_sample_scatter_wrong_rows", "the computed rows go back to their own places in the batch",
+             [(SUB_BATCH, "return full.unflatten(spec, (batch, -1)).index_copy(spec, rows.to(full.device), grouped)",
+               "return full.unflatten(spec, (batch, -1)).index_copy(spec, rows.flip(0).to(full.device), grouped)")],
+             [T_PER_SAMPLE]),
+    Mutation("per_sample_sums_not_reduced", "under sequence parallelism the per-sample sums are reduced over the ranks",
+             [(PS_SCHED, "host = all_reduce_sums(stacked, self.process_group).tolist()",
+               "host = stacked.tolist()")],
+             [T_PER_SAMPLE_DIST]),
 ]
 
 

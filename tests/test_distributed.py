@@ -265,7 +265,8 @@ def _scenario_bp(rank, world, ref):
     return res
 
 
-def _worker(rank, world, port, ref, queue):
+def _worker(rank, world, port, ref, queue, scenarios=None):
+    """One rank: every scenario ``{name: fn(rank, world, ref)}`` (default: SP then BP) in order."""
     import datetime
 
     import torch.distributed as dist
@@ -274,11 +275,12 @@ def _worker(rank, world, port, ref, queue):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
-        t0 = time.perf_counter()
-        out = {"sp": _scenario_sp(rank, world, ref)}
-        t1 = time.perf_counter()
-        out["bp"] = _scenario_bp(rank, world, ref)
-        out["seconds"] = (t1 - t0, time.perf_counter() - t1)
+        out, seconds = {}, []
+        for name, scenario in (scenarios or {"sp": _scenario_sp, "bp": _scenario_bp}).items():
+            t0 = time.perf_counter()
+            out[name] = scenario(rank, world, ref)
+            seconds.append(time.perf_counter() - t0)
+        out["seconds"] = tuple(seconds)
         dist.barrier()
         queue.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -294,15 +296,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, ref: dict, timeout: float = LAUNCH_TIMEOUT_S) -> list:
-    """Run ``_worker`` on ``world`` spawned processes; kill them and fail on a timeout."""
+def launch(world: int, ref: dict, timeout: float = LAUNCH_TIMEOUT_S, scenarios=None) -> list:
+    """Run ``_worker`` (with ``scenarios``: module-level functions) on ``world`` spawned
+    processes; kill them and fail on a timeout."""
     import queue as queue_mod
 
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, ref, q), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, ref, q, scenarios), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results, deadline = {}, time.monotonic() + timeout

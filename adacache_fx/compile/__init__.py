@@ -33,6 +33,7 @@ class CompiledPieces:
     regions: dict = field(default_factory=dict)  # region index -> (attribute name, compute fn, reuse fn)
     fake_inputs: list = field(default_factory=list)
     flops: dict = field(default_factory=dict)    # attribute name -> FLOPs of one call (0 where not counted)
+    example_inputs: dict = field(default_factory=dict)   # attribute name -> the piece's example inputs (fake)
 
 
 class _Compiled(torch.nn.Module):
@@ -159,7 +160,7 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     top = rw.split.top
     fakes = graph_inputs(rw.gm, example_inputs)
     inputs = _piece_inputs(top, fakes)
-    result = CompiledPieces(top=top, fake_inputs=fakes)
+    result = CompiledPieces(top=top, fake_inputs=fakes, example_inputs=inputs)
     # a piece's op nodes keep their names from the graph (its placeholders are named after the
     # producers of its inputs, so only op nodes are looked up)
     per_node = {n.name: f for n, f in flops_by_node(rw.gm, example_inputs).items()}

@@ -20,7 +20,11 @@ import torch
 
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
+from .per_sample_calls import PerSampleCalls
+from .per_sample_scheduler import PerSampleScheduler
+from .scheduler import sampler_time
 from .state import RuntimeState
+from .sub_batch import gather, narrow_rows, scatter
 
 logger = logging.getLogger(__name__)
 
@@ -52,33 +56,53 @@ class CallState:
 
     compute: bool = True
     deltas: list = field(default_factory=list)
+    rows: Optional[torch.Tensor] = None     # compute only these batch rows (per-sample schedules)
+    padded: Optional[torch.Tensor] = None   # ``rows`` padded to the traced minimum batch
+    batch: int = 0                          # batch rows of the call
+    plan: object = None                     # sub_batch.SubBatchPlan of the graph
 
 
 class RegionRunner(torch.nn.Module):
     """Stands in for a region piece: computes it, or rebuilds its outputs from the cache."""
 
-    def __init__(self, index: int, compute_fn, reuse_fn, state: CallState):
+    def __init__(self, index: int, compute_fn, reuse_fn, state: CallState, probe_position: Optional[int] = None):
         super().__init__()
         self.index = index
         self.compute_fn = compute_fn
         self.reuse_fn = reuse_fn
         self.state = state
+        self.probe_position = probe_position   # where the probe is among this piece's outputs
         self.executions = 0   # how often the blocks really ran (tests count this)
+        self.batch_rows: list = []   # batch rows of each execution under per-sample schedules (tests count this)
         self.layouts: list = []   # (shape, stride) of each output on the last computed call
 
     def forward(self, *args):
-        if self.state.compute:
+        state = self.state
+        if state.compute and state.rows is None:
             self.executions += 1
             outputs = self.compute_fn(*args)
             self.layouts = [(o.shape, o.stride()) if isinstance(o, torch.Tensor) else None for o in outputs]
+            if state.plan is not None:
+                self.batch_rows.append(state.batch)
             return outputs
-        outputs = self.reuse_fn(*args, *self.state.deltas[self.index])
+        outputs = self.reuse_fn(*args, *state.deltas[self.index])
+        if state.compute:   # some samples compute: their rows alone, scattered into the reused outputs
+            outputs = self._some_rows(args, outputs)
         return tuple(_same_layout(o, layout) for o, layout in zip(outputs, self.layouts))
 
-
-def _time(scheduler) -> float:
-    """The sampler's variable at the current step: the host timestep, else the step index."""
-    return float(scheduler.timestep) if scheduler.timestep is not None else float(scheduler.step)
+    def _some_rows(self, args, reused):
+        state, plan = self.state, self.state.plan
+        self.executions += 1
+        self.batch_rows.append(state.padded.numel())
+        sub = self.compute_fn(*[gather(a, spec, state.padded, state.batch)
+                                for a, spec in zip(args, plan.inputs[self.index])])
+        outputs = []
+        for position, (full, part, spec) in enumerate(zip(reused, sub, plan.outputs[self.index])):
+            if position == self.probe_position:   # the probe of the computed rows only (the reuse path has none)
+                outputs.append(narrow_rows(part, spec, state.rows.numel(), state.padded.numel()))
+            else:
+                outputs.append(scatter(full, part, spec, state.rows, state.batch))
+        return tuple(outputs)
 
 
 def _same_layout(value, layout):
@@ -108,13 +132,19 @@ class GraphLayout:
     frame_axis: object               # FrameAxis of the probe (None: no MoReg)
     symbol_sources: dict             # sympy symbol -> (input index, dim) for dynamic shapes
     moreg_stride: int = 1
+    batch_source: Optional[tuple] = None   # (input index, dim) whose size is the batch rows (per-sample schedules)
+
+    def deltas_of_region(self, region: int) -> list:
+        """The graph output index of each of ``region``'s deltas, in stream order."""
+        return [index for (r, _s, index) in self.deltas if r == region]
 
 
-class CachedGraph:
+class CachedGraph(PerSampleCalls):
     """Callable returned to Dynamo for a graph with cacheable regions."""
 
     def __init__(self, *, top, regions: dict, layout: GraphLayout, runtime: RuntimeState,
-                 process_group=None, region_info: Optional[list] = None):
+                 process_group=None, region_info: Optional[list] = None, probe_positions: Optional[dict] = None,
+                 sub_batch=None):
         self.top = top
         self.layout = layout
         self.runtime = runtime
@@ -122,9 +152,10 @@ class CachedGraph:
         self.region_info = region_info or []   # [(blocks, streams, probe block or None)]
         self.call = CallState()
         self.runners = []
+        self.sub_batch = sub_batch     # sub_batch.SubBatchPlan: regions run on some samples' rows
         for r in sorted(regions):
             name, compute, reuse = regions[r]
-            runner = RegionRunner(r, compute, reuse, self.call)
+            runner = RegionRunner(r, compute, reuse, self.call, (probe_positions or {}).get(r))
             setattr(top, name, runner)
             self.runners.append(runner)
         top.recompile()
@@ -204,7 +235,10 @@ class CachedGraph:
         if scheduler.process_group is None:
             scheduler.process_group = self.process_group
         ts = self.layout.timestep_index
-        decision = scheduler.begin_call(self.runtime.clock.timestep(args[ts] if ts is not None else None), key=self)
+        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)
+        if isinstance(scheduler, PerSampleScheduler) and self.layout.batch_source is not None:
+            return self._user_outputs(self._call_per_sample(args, scheduler, branches, timestep))
+        decision = scheduler.begin_call(timestep, key=self)
         cache = branches.get(decision.branch)
         compute = decision.compute or not (cache is not None and cache.generation == decision.generation
                                            and cache.step == scheduler.last_computed_step)
@@ -213,10 +247,13 @@ class CachedGraph:
         if not compute and cache.stream_shapes != self._current_shapes(args):
             compute = True
         self.call.compute = compute
-        self.call.deltas = [] if compute else self._reused_deltas(cache, _time(scheduler))
+        self.call.deltas = [] if compute else self._reused_deltas(cache, sampler_time(scheduler))
         result = self.top(*args)
         if compute:
             branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
+        return self._user_outputs(result)
+
+    def _user_outputs(self, result):
         user = result[:self.layout.num_user_outputs]
         if not self.layout.user_output_is_tuple:
             return user[0]
@@ -250,7 +287,7 @@ class CachedGraph:
         if recorder is not None and scheduled:   # adacache_fx.calibrate, on uncached generations
             view, has_frames = self._probe_view(probe, args)
             recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
-        time = _time(scheduler)
+        time = sampler_time(scheduler)
         slopes, span = self._slopes(cache, deltas, time, decision.generation, scheduler)
         return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
                            stream_shapes=self._current_shapes(args),

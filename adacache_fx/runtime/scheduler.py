@@ -160,14 +160,25 @@ class AdaCacheScheduler:
 
     def _finalize(self) -> None:
         """``finalize`` at the start of a step, where every rank takes part."""
+        pending = self.take_pending()
+        if pending is not None:
+            sums = all_reduce_sums(pending.sums, self.process_group)
+            self.conclude(pending, [float(v) for v in sums.tolist()])
+
+    def take_pending(self) -> Optional[_PendingMetric]:
+        """The last computed step's sums still to be read (None: none; without sums the rate
+        stays 1 and nothing is left to read). ``PerSampleScheduler`` reads many samples' at once."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return None
         if pending.sums is None:  # no previous probe: the rate stays 1
             self.next_compute_step = pending.step + 1
-            return
-        pending.sums = all_reduce_sums(pending.sums, self.process_group)
-        metric = self._metric(pending)
+            return None
+        return pending
+
+    def conclude(self, pending: _PendingMetric, sums: list) -> None:
+        """The decision from ``pending``'s five sums, reduced and read on the host."""
+        metric = self._metric(pending, sums)
         self.metrics.append(metric)
         self.next_compute_step = metric.next_step
 
@@ -185,10 +196,10 @@ class AdaCacheScheduler:
             self.last_computed_step = s
             self.computed_steps.append(s)
 
-    def _metric(self, pending: _PendingMetric) -> StepMetric:
+    def _metric(self, pending: _PendingMetric, sums: list) -> StepMetric:
         cfg = self.config
         s, k = pending.step, max(pending.k, 1)
-        diff, base, motion_num, motion_a, motion_b = (float(v) for v in pending.sums.tolist())
+        diff, base, motion_num, motion_a, motion_b = sums
         distance = _safe_div(diff, base) / k
         reg = distance
         motion = motion_reg = motion_grad = None
@@ -206,6 +217,11 @@ class AdaCacheScheduler:
             reg = distance * (motion_reg + abs(motion_grad))
         rate = codebook_rate(cfg.codebook, reg)
         return StepMetric(s, distance, motion, motion_reg, motion_grad, reg, rate, s + rate)
+
+
+def sampler_time(scheduler) -> float:
+    """The sampler's variable at the current step: the host timestep, else the step index."""
+    return float(scheduler.timestep) if scheduler.timestep is not None else float(scheduler.step)
 
 
 def codebook_rate(codebook: dict, distance: float) -> int:

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..config import AdaCacheConfig
 from .clock import StepClock
+from .per_sample_scheduler import PerSampleScheduler
 from .scheduler import AdaCacheScheduler
 
 
@@ -25,9 +26,10 @@ class RuntimeState:
         self.requested_num_steps: Optional[int] = None
         self.recorder = None   # a calibration.TrajectoryRecorder while adacache_fx.calibrate records
 
-    def scheduler(self, instance: int) -> AdaCacheScheduler:
+    def scheduler(self, instance: int):
+        """Instance ``instance``'s ``AdaCacheScheduler`` (a ``PerSampleScheduler`` with ``per_sample``)."""
         while len(self.schedulers) <= instance:
-            scheduler = AdaCacheScheduler(self.config)
+            scheduler = (PerSampleScheduler if self.config.per_sample else AdaCacheScheduler)(self.config)
             if self.requested_num_steps is not None:
                 scheduler.set_num_steps(self.requested_num_steps)
             self.schedulers.append(scheduler)

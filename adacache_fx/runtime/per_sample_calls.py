@@ -1,0 +1,210 @@
+"""The guarded call under a schedule per sample (``AdaCacheConfig(per_sample=True)``).
+
+``CachedGraph`` runs this path when the instance's scheduler is a ``PerSampleScheduler``. A
+branch's cache holds full-batch deltas and probe, and per sample the computed step, the
+sampler's variable and the forecast span they belong to. On a step:
+
+* every sample computes: the blocks run on the whole batch (as without per-sample schedules);
+* none computes: every row reuses its own sample's delta (or its forecast);
+* some compute: the region pieces run on those samples' rows alone (``sub_batch``) and the
+  other rows reuse; without a sub-batch plan (a static batch) every row computes.
+
+Each computing sample with its previous computed step's probe gets its own metric: the fused op
+returns per-row sums, added per sample on the device (one host read per step, in the scheduler).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ops import fused_cache_metrics
+from .distributed import shard_boundary_sums
+from .scheduler import sampler_time
+from .sub_batch import gather, scatter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleCache:
+    """What one guidance branch keeps between steps, for a batch of samples."""
+
+    generation: int
+    deltas: list                    # per region: [delta per stream], every row
+    stream_shapes: list
+    probe: Optional[torch.Tensor]   # every row: each sample's at its own last computed step
+    steps: list                     # per sample: the computed step its rows' deltas belong to
+    times: list                     # per sample: the sampler's variable at that step
+    slopes: Optional[list] = None   # forecast reuse: per region, [delta - previous delta] per stream
+    spans: Optional[list] = None    # per sample: the variable's change behind its slope rows (0: none)
+
+    def nbytes(self) -> int:
+        tensors = [d for region in self.deltas for d in region]
+        tensors += [d for region in (self.slopes or []) for d in region]
+        if self.probe is not None:
+            tensors.append(self.probe)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PerSampleCalls:
+    """The per-sample methods of ``CachedGraph`` (kept apart to keep each file readable)."""
+
+    def _grouping(self, args) -> tuple:
+        """``(batch rows, samples, guidance copies)`` of this call: ``guidance_in_batch`` copies of
+        the samples, or one row per sample when the batch does not split into them."""
+        index, dim = self.layout.batch_source
+        batch = int(args[index].shape[dim]) if dim is not None else int(args[index])
+        copies = self.runtime.config.guidance_in_batch
+        if batch % copies:
+            copies = 1
+        return batch, batch // copies, copies
+
+    @staticmethod
+    def _sample_rows(samples: list, num_samples: int, copies: int, device) -> torch.Tensor:
+        return torch.tensor([h * num_samples + i for h in range(copies) for i in samples], dtype=torch.long,
+                            device=device)
+
+    def _call_per_sample(self, args, scheduler, branches: dict, timestep: Optional[float]):
+        batch, num_samples, copies = self._grouping(args)
+        decision = scheduler.begin_call(timestep, key=self, num_samples=num_samples)
+        time = sampler_time(scheduler)
+        cache: Optional[SampleCache] = branches.get(decision.branch)
+        usable = (cache is not None and cache.generation == decision.generation
+                  and cache.stream_shapes == self._current_shapes(args) and len(cache.steps) == num_samples)
+        computing = [i for i, (scheduled, sample) in enumerate(zip(decision.samples, scheduler.samples))
+                     if scheduled or not (usable and cache.steps[i] == sample.last_computed_step)]
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        state = self.call
+        state.batch, state.plan = batch, self.sub_batch
+        if len(computing) == num_samples or (computing and self.sub_batch is None):
+            computing = list(range(num_samples))
+            state.compute, state.deltas = True, []
+        else:
+            state.compute = bool(computing)
+            state.deltas = self._reused_per_sample(cache, time, batch, copies)
+            if computing:
+                state.rows = self._sample_rows(computing, num_samples, copies, device)
+                need = max(self.sub_batch.min_rows - state.rows.numel(), 0)
+                state.padded = torch.cat([state.rows, state.rows[:1].expand(need)]) if need else state.rows
+        try:
+            result = self.top(*args)
+        finally:
+            state.rows = state.padded = state.plan = None
+        if computing:
+            branches[decision.branch] = self._store_per_sample(
+                scheduler, decision, cache if usable else None, result, args, computing, device, time)
+        return result
+
+    # ----- the cache after a step with computed samples -----------------------------------
+    def _store_per_sample(self, scheduler, decision, cache: Optional[SampleCache], result, args, computing: list,
+                          device, time: float) -> SampleCache:
+        batch, num_samples, copies = self._grouping(args)
+        every = len(computing) == num_samples
+        rows = None if every else self._sample_rows(computing, num_samples, copies, device)
+        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
+        deltas: list = [[] for _ in self.runners]
+        for (r, _s, index) in self.layout.deltas:
+            new = result[index]
+            if not every:   # the reused rows keep their own delta, not its forecast
+                old = cache.deltas[r][len(deltas[r])]
+                new = scatter(old, gather(new, spec.get(index), rows, batch), spec.get(index), rows, batch)
+            deltas[r].append(new)
+        probe = result[self.layout.probe_index].detach()
+        if not every:   # the piece gave the computed rows' probe alone
+            probe = scatter(cache.probe, probe, spec.get(self.layout.probe_index), rows, batch)
+        steps = list(cache.steps) if cache is not None else [0] * num_samples
+        times = list(cache.times) if cache is not None else [0.0] * num_samples
+        for i in computing:
+            steps[i], times[i] = scheduler.samples[i].last_computed_step, time
+        measured = [i for i in computing if decision.samples[i] and cache is not None and cache.probe is not None
+                    and len(scheduler.samples[i].computed_steps) >= 2
+                    and cache.steps[i] == scheduler.samples[i].computed_steps[-2]]
+        if measured:
+            self._sample_metric(scheduler, probe, cache.probe, measured, args)
+        recorder = self.runtime.recorder
+        if recorder is not None and every:   # adacache_fx.calibrate records the batch, on uncached generations
+            view, has_frames = self._probe_view(probe, args)
+            recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
+        slopes, spans = self._sample_slopes(cache, deltas, computing, time, args, device)
+        return SampleCache(generation=decision.generation, deltas=deltas, stream_shapes=self._current_shapes(args),
+                           probe=probe, steps=steps, times=times, slopes=slopes, spans=spans)
+
+    def _sample_metric(self, scheduler, probe, previous, measured: list, args) -> None:
+        batch, num_samples, copies = self._grouping(args)
+        spec = self.sub_batch.graph_outputs.get(self.layout.probe_index) if self.sub_batch is not None else 0
+        rows = self._sample_rows(measured, num_samples, copies, probe.device)
+        current, has_frames = self._probe_view(gather(probe, spec, rows, batch), args)
+        before, _ = self._probe_view(gather(previous, spec, rows, batch), args)
+        if current.shape != before.shape:
+            return
+        stride = self.layout.moreg_stride
+        per_row = fused_cache_metrics(current, before, stride)   # (rows * m, 5)
+        per_batch_row = per_row.reshape(rows.numel(), -1, per_row.shape[-1]).sum(1)
+        owner = torch.tensor([measured[p % len(measured)] for p in range(rows.numel())], device=per_row.device)
+        sums = torch.zeros(num_samples, per_row.shape[-1], dtype=per_row.dtype, device=per_row.device)
+        sums.index_add_(0, owner, per_batch_row)
+        shard = self.layout.frame_axis.shard if has_frames else None
+        if shard is not None:   # each sample's frame pairs across this rank's shard boundary
+            if current.shape[1] < stride:
+                has_frames = False
+            else:
+                grouped = current.reshape(rows.numel(), -1, *current.shape[1:])
+                for i in measured:
+                    mine = torch.cat([grouped[p] for p in range(rows.numel()) if measured[p % len(measured)] == i])
+                    sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.process_group)
+        scheduler.add_metric_sums(sums, has_motion=has_frames)
+
+    # ----- forecast reuse, per sample ---------------------------------------------------------
+    def _sample_slopes(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float, args, device):
+        """Each computing sample's rows of ``delta - previous delta`` (when its previous computed
+        step's deltas are in ``cache``); the other samples keep theirs: two tensors per stream."""
+        if self.runtime.config.reuse == "constant" or cache is None:
+            return None, None
+        batch, num_samples, copies = self._grouping(args)
+        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
+        spans = list(cache.spans) if cache.spans is not None else [0.0] * num_samples
+        fresh = [i for i in computing if time != cache.times[i]]
+        for i in computing:
+            spans[i] = time - cache.times[i] if i in fresh else 0.0
+        if not fresh:
+            return cache.slopes, spans
+        rows = self._sample_rows(fresh, num_samples, copies, device)
+        slopes = []
+        for r, (new, old) in enumerate(zip(deltas, cache.deltas)):
+            if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
+                return None, None
+            region = []
+            for j, (a, b) in enumerate(zip(new, old)):
+                index = self.layout.deltas_of_region(r)[j]
+                diff = a - b
+                if cache.slopes is not None and len(fresh) < num_samples:
+                    diff = scatter(cache.slopes[r][j], gather(diff, spec.get(index), rows, batch), spec.get(index),
+                                   rows, batch)
+                region.append(diff)
+            slopes.append(region)
+        return slopes, spans
+
+    def _reused_per_sample(self, cache: SampleCache, time: float, batch: int, copies: int) -> list:
+        """What the reused rows add: each sample's delta, or its forecast at ``time``."""
+        config = self.runtime.config
+        if config.reuse == "constant" or cache.slopes is None:
+            return cache.deltas
+        damping = config.reuse_damping if config.reuse == "damped" else 1.0
+        scales = [damping * (time - t) / span if span else 0.0 for t, span in zip(cache.times, cache.spans)]
+        if len(set(scales)) == 1:   # every sample at the same point: one scalar, as without per-sample schedules
+            return [[torch.add(d, slope, alpha=scales[0]) for d, slope in zip(region, slopes)]
+                    for region, slopes in zip(cache.deltas, cache.slopes)]
+        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
+        per_row = torch.tensor(scales * copies)
+        out = []
+        for r, (region, slopes) in enumerate(zip(cache.deltas, cache.slopes)):
+            added = []
+            for j, (d, slope) in enumerate(zip(region, slopes)):
+                dim = spec.get(self.layout.deltas_of_region(r)[j], 0)
+                along = per_row.to(d.dtype).repeat_interleave(d.shape[dim] // batch).to(d.device, non_blocking=True)
+                added.append(d + slope * along.reshape([-1] + [1] * (d.dim() - dim - 1)))
+            out.append(added)
+        return out
