@@ -20,7 +20,7 @@ import torch
 
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
-from .per_sample_calls import PerSampleCalls
+from .per_sample_calls import PerSampleCalls, cache_bytes
 from .per_sample_scheduler import PerSampleScheduler
 from .scheduler import sampler_time
 from .state import RuntimeState
@@ -43,11 +43,7 @@ class BranchCache:
     slope_span: float = 0.0         # the variable's change between the two computed steps
 
     def nbytes(self) -> int:
-        tensors = [d for region in self.deltas for d in region]
-        tensors += [d for region in (self.slopes or []) for d in region]
-        if self.probe is not None:
-            tensors.append(self.probe)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return cache_bytes(self.deltas, self.slopes, self.probe)
 
 
 @dataclass

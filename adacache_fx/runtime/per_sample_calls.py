@@ -42,11 +42,16 @@ class SampleCache:
     spans: Optional[list] = None    # per sample: the variable's change behind its slope rows (0: none)
 
     def nbytes(self) -> int:
-        tensors = [d for region in self.deltas for d in region]
-        tensors += [d for region in (self.slopes or []) for d in region]
-        if self.probe is not None:
-            tensors.append(self.probe)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return cache_bytes(self.deltas, self.slopes, self.probe)
+
+
+def cache_bytes(deltas: list, slopes: Optional[list], probe: Optional[torch.Tensor]) -> int:
+    """Bytes a branch's cache holds: its deltas, forecast slopes and probe."""
+    tensors = [d for region in deltas for d in region]
+    tensors += [d for region in (slopes or []) for d in region]
+    if probe is not None:
+        tensors.append(probe)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PerSampleCalls:
