@@ -272,3 +272,27 @@ def test_a_probe_without_the_batch_in_dim_0_gives_one_schedule_for_the_batch():
     assert backend.graphs[0].layout.batch_source is None
     assert backend.report().sample_computed_steps == [backend.report().computed_steps]   # one schedule
     torch.testing.assert_close(preds[0][0], plain[0][0])   # step 1 computed: the uncached output
+
+
+def test_one_host_read_of_the_metric_per_step_for_every_sample(monkeypatch):
+    base = seeded(ToyFlowDiT(classes=4))
+    model, backend = _compiled(_config(guidance_in_batch=2), base)
+    _generate(model, backend, [0, 1, 2], "batched", steps=3)   # compiles
+    backend.reset()
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(self):
+        if self.dim() == 2 and self.shape[-1] == 5:   # the metric's partial sums (the loop reads its timesteps)
+            reads.append(tuple(self.shape))
+        return original(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    _generate(model, backend, [0, 1, 2], "batched")
+    backend.report()
+    monkeypatch.undo()
+    scheduler = backend.scheduler
+    measured_steps = {m.step for sample in scheduler.sample_metrics for m in sample}
+    # one read per step whose samples were measured, of all the measured samples' sums at once
+    assert len(reads) == len(measured_steps)
+    assert sum(shape[0] for shape in reads) == sum(len(sample) for sample in scheduler.sample_metrics)
+    assert any(shape[0] > 1 for shape in reads)
