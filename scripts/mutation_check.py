@@ -230,6 +230,11 @@ MUTATIONS = [
              [(SUB_BATCH, "return full.unflatten(spec, (batch, -1)).index_copy(spec, rows.to(full.device), grouped)",
                "return full.unflatten(spec, (batch, -1)).index_copy(spec, rows.flip(0).to(full.device), grouped)")],
              [T_PER_SAMPLE]),
+    Mutation("per_sample_shard_boundary_skipped", "under a shard of the frames each sample's motion score adds its "
+             "boundary frame pairs",
+             [(PS_CALLS, "sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.process_group)",
+               "sums[i] += 0 * shard_boundary_sums(mine, stride, shard[:2], self.process_group)")],
+             [T_CP]),
     Mutation("per_sample_sums_not_reduced", "under sequence parallelism the per-sample sums are reduced over the ranks",
              [(PS_SCHED, "host = all_reduce_sums(stacked, self.process_group).tolist()",
                "host = stacked.tolist()")],

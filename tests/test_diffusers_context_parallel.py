@@ -33,6 +33,7 @@ a hang kills the ranks and fails the tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -237,6 +238,32 @@ def _scenario_moreg(mode):
     return _moreg_runs(_parallel(get_case("wan").build(), mode))
 
 
+PER_SAMPLE_FRAMES = 4   # two whole frames per rank
+
+
+def _per_sample_run(model):
+    """Two samples of different motion in one batch, per-sample schedules with MoReg: each sample's
+    motion scores and computed steps (the sharded metric adds each sample's boundary pairs)."""
+    torch._dynamo.reset()
+    config = dataclasses.replace(_moreg_config(MOREG_CODEBOOK), per_sample=True)
+    backend = compile_model(model, config, inner="eager")
+    grid = timesteps(N_MOREG) + [0.0]
+    (x1, _t), kwargs = get_case("wan").make_inputs(2, grid[0], seed=3)
+    x = torch.randn((2, x1.shape[1], PER_SAMPLE_FRAMES) + tuple(x1.shape[3:]), generator=torch.Generator().manual_seed(3))
+    drift = torch.stack([0.0 * x[0], 0.5 * torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(4))])
+    with torch.no_grad():
+        for t, t_next in zip(grid, grid[1:]):
+            out = get_output(model(x, timestep_tensor(2, t), **kwargs))
+            x = x + (t_next - t) / 1000.0 * out + drift * torch.arange(PER_SAMPLE_FRAMES, dtype=torch.float32).view(1, 1, -1, 1, 1)
+    report = backend.report()
+    return {"steps": report.sample_computed_steps,
+            "motions": [[m.motion for m in sample] for sample in report.sample_metrics]}
+
+
+def _scenario_per_sample(mode):
+    return _per_sample_run(_parallel(get_case("wan").build(), mode))
+
+
 def _scenario_boundary_sums():
     """``shard_boundary_sums`` on this rank's frames of seeded videos, reduced over the ranks, against
     the float64 sums of the whole video; and a stride longer than the shard refused before any exchange."""
@@ -305,6 +332,7 @@ def _worker(rank, port, ref, queue):
                 if mode == "ulysses" and not res["aborted"]:
                     res["pipeline"] = _scenario_pipeline(mode)
                     res["boundary"] = _scenario_boundary_sums()
+                    res["per_sample"] = _scenario_per_sample(mode)
                 res["seconds"] = time.perf_counter() - t0
                 queue.put((rank, mode, "ok", res))
             except Exception:  # noqa: BLE001 - reported to the parent
@@ -371,6 +399,7 @@ def ref():
     data["fuzz"] = _fuzz_trials(backend, model)
     data["nan_steps"] = _nan_generation(backend, True, NAN_STEP, N_FIXED, lambda n: _loop(model, n))
     data["moreg"] = _moreg_runs(get_case("wan").build())
+    data["per_sample"] = _per_sample_run(get_case("wan").build())
     torch._dynamo.reset()
     flux = get_case("flux").build()
     data["flux_off"] = _loop(flux, N_OFF, case="flux")
@@ -469,6 +498,21 @@ def test_cp_moreg_decisions_equal_single_process(cp, ref, mode):
             assert got["fast_distances"] == ranks[0]["moreg"][frames]["fast_distances"]   # bitwise across ranks
             torch.testing.assert_close(torch.tensor(got["fast_distances"]), torch.tensor(want["fast_distances"][:-1]),
                                        rtol=1e-4, atol=0)
+
+
+def test_cp_per_sample_motion_and_schedules_equal_single_process(cp, ref):
+    """Per-sample schedules on a shard of the frames: each sample's motion score adds its own
+    frame pairs across the shard boundary, so both ranks take the single process's per-sample
+    decisions."""
+    want = ref["per_sample"]
+    assert len({tuple(s) for s in want["steps"]}) > 1   # the two samples' schedules differ
+    for r in _ranks(cp, "ulysses"):
+        got = r["per_sample"]
+        assert got["steps"] == want["steps"]
+        for mine, theirs in zip(got["motions"], want["motions"]):
+            # under a process group the last computed step's sums wait for the next step's collective
+            assert None not in mine and len(mine) >= len(theirs) - 1
+            torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs[:len(mine)]), rtol=1e-4, atol=0)
 
 
 def test_cp_shard_boundary_sums_against_reference(cp):
