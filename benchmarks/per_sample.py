@@ -215,7 +215,7 @@ def markdown(result: dict) -> list:
                      f"{r['computed_low']:.1f} / {r['computed_high']:.1f} | {_f(r['block_rows'], '{:.0f}')} | "
                      f"{_f(r['psnr_mean'])} | {_f(r['psnr_worst'])} | {_f(r['psnr_worst_high'])} | "
                      f"{_f(r['compile_s'], '{:.0f}')} | {r['warmup_s']:.0f} |")
-    lines += ["", *verdict(result), "", "## Computed steps per prompt", "", "| prompt | motion level | " +
+    lines += ["", *verdict(result), "", *motion_lines(result), "", "## Computed steps per prompt", "", "| prompt | motion level | " +
               " | ".join(r["method"] for r in result["rows"][1:]) + " |",
               "|---|---|" + "---|" * (len(result["rows"]) - 1)]
     for p in result["prompts"]:
@@ -223,6 +223,22 @@ def markdown(result: dict) -> list:
         lines.append(f"| {p}{' (high)' if p in result['high_motion'] else ''} | {result['motion_level'][p]:.4f} | "
                      + " | ".join(cells) + " |")
     return lines
+
+
+def motion_lines(result: dict) -> list:
+    """Spearman rho (95% CI) between each prompt's motion level (of its baseline video) and its
+    computed steps, per method: does the schedule give more compute to more motion?"""
+    from benchmarks.e2e.analysis import spearman, spearman_ci
+    prompts = result["prompts"]
+    motion = [result["motion_level"][p] for p in prompts]
+    parts = []
+    for r in result["rows"][1:]:
+        steps = [len(r["steps_per_prompt"][p]) for p in prompts]
+        rho = spearman(motion, steps)
+        ci = spearman_ci(rho, len(prompts)) if rho is not None else None
+        parts.append(f"{r['method']} " + ("- (the same steps for every prompt)" if rho is None
+                                          else f"{rho:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"))
+    return [f"rho(motion level, computed steps) over the {len(prompts)} prompts, 95% CI: " + "; ".join(parts) + "."]
 
 
 def verdict(result: dict) -> list:
@@ -251,7 +267,13 @@ def main(argv=None):
     ap.add_argument("--inner", default="inductor")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite <out>/per_sample.md from a result JSON")
     a = ap.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            result = json.load(f)
+        write_results(a.out, "per_sample", markdown(result), result)
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     result = Bench(a).run()
