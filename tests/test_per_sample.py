@@ -296,3 +296,27 @@ def test_one_host_read_of_the_metric_per_step_for_every_sample(monkeypatch):
     assert len(reads) == len(measured_steps)
     assert sum(shape[0] for shape in reads) == sum(len(sample) for sample in scheduler.sample_metrics)
     assert any(shape[0] > 1 for shape in reads)
+
+
+def test_a_new_generation_may_have_another_batch():
+    base = seeded(ToyFlowDiT(classes=4))
+    fresh_model, fresh = _compiled(_config(guidance_in_batch=2), base)   # (torch._dynamo.reset() resets backends)
+    want = _generate(fresh_model, fresh, [2, 0], "batched")
+    want_steps = fresh.report().sample_computed_steps
+    model, backend = _compiled(_config(guidance_in_batch=2), base)
+    _generate(model, backend, [0, 1, 2], "batched")
+    backend.reset()
+    preds = _generate(model, backend, [2, 0], "batched")
+    assert backend.report().sample_computed_steps == want_steps
+    assert len(want_steps) == 2
+    for row, ref in zip(preds, want):
+        for a, b in zip(row, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_guidance_copies_that_do_not_divide_the_batch_warn():
+    base = seeded(ToyFlowDiT(classes=4))
+    model, backend = _compiled(_config(guidance_in_batch=2), base)
+    with pytest.warns(UserWarning, match="guidance_in_batch=2 does not divide the batch of 3 rows"):
+        _generate(model, backend, [0, 1, 2], None)
+    assert len(backend.report().sample_computed_steps) == 3

@@ -15,6 +15,7 @@ returns per-row sums, added per sample on the device (one host read per step, in
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +65,10 @@ class PerSampleCalls:
         batch = int(args[index].shape[dim]) if dim is not None else int(args[index])
         copies = self.runtime.config.guidance_in_batch
         if batch % copies:
+            if not getattr(self, "_warned_copies", False):
+                self._warned_copies = True
+                warnings.warn(f"adacache: per_sample: guidance_in_batch={copies} does not divide the batch of {batch} "
+                              "rows; each row is a sample of its own", UserWarning, stacklevel=4)
             copies = 1
         return batch, batch // copies, copies
 
