@@ -156,7 +156,11 @@ def plan_per_sample(rw, pieces, placeholders: list, layout, guidance_in_batch: i
             else None
         return (source, 0), None, why
     source = layout.symbol_sources[symbol]
-    if batch_spec(probe, symbol) != 0:
+    try:
+        probe_dim = batch_spec(probe, symbol)
+    except ValueError:
+        probe_dim = None
+    if probe_dim != 0:
         return None, None, "the probe's first dim does not hold the batch: one schedule for the batch"
     outputs = {index: graph_values[index] for (_r, _s, index) in rw.outputs.deltas}
     outputs[rw.outputs.probe_index] = probe
