@@ -113,8 +113,12 @@ class AdaCacheBackend:
                                                                   pieces.regions[analysis.probe.region][0])}
         sub_batch = None
         if self.config.per_sample:
-            layout.batch_source, sub_batch, why = plan_per_sample(rw, pieces, placeholders, layout,
-                                                                  self.config.guidance_in_batch)
+            try:
+                layout.batch_source, sub_batch, why = plan_per_sample(rw, pieces, placeholders, layout,
+                                                                      self.config.guidance_in_batch)
+            except Exception as exc:  # noqa: BLE001 - the graph still caches, with one schedule for the batch
+                logger.debug("adacache: per-sample plan failed", exc_info=True)
+                why = f"the sub-batch plan failed ({type(exc).__name__}: {exc}): one schedule for the batch"
             if why is not None:
                 self._warn_per_sample(why)
         # Only graphs that cache take part in the decision, so only they choose the group (with
