@@ -99,7 +99,7 @@ MUTATIONS = [
     Mutation("reuse_last_computed_output", "a reused step is skeleton(input) + cached delta, not the last output",
              [(GRAPH, "            outputs = self.compute_fn(*args)\n",
                "            outputs = self.compute_fn(*args)\n            self._mutation_last = outputs\n"),
-              (GRAPH, "        outputs = self.reuse_fn(*args, *self.state.deltas[self.index])\n",
+              (GRAPH, "        outputs = self.reuse_fn(*args, *state.deltas[self.index])\n",
                "        outputs = self._mutation_last\n")],
              [T_BACKEND, T_GUIDANCE]),
     Mutation("reuse_input_only", "a reused step adds the cached delta",
@@ -116,9 +116,9 @@ MUTATIONS = [
              [T_GUIDANCE, T_BACKEND]),
     # ----- forecast reuse (config.reuse) ---------------------------------------------------------
     Mutation("forecast_in_step_index", "the forecast extrapolates in the timestep, not the step index",
-             [(GRAPH, "self.call.deltas = [] if compute else self._reused_deltas(cache, _time(scheduler))",
+             [(GRAPH, "self.call.deltas = [] if compute else self._reused_deltas(cache, sampler_time(scheduler))",
                "self.call.deltas = [] if compute else self._reused_deltas(cache, float(scheduler.step))"),
-              (GRAPH, "        time = _time(scheduler)\n        slopes, span",
+              (GRAPH, "        time = sampler_time(scheduler)\n        slopes, span",
                "        time = float(scheduler.step)\n        slopes, span")],
              [T_FORECAST]),
     Mutation("forecast_damping_ignored", "damped reuse scales the extrapolation by reuse_damping",
@@ -147,16 +147,15 @@ MUTATIONS = [
                       "        if scheduler.process_group is None:\n"
                       "            scheduler.process_group = self.process_group\n"
                       "        ts = self.layout.timestep_index\n"
-                      "        decision = scheduler.begin_call(self.runtime.clock.timestep(args[ts] if ts is not None "
-                      "else None), key=self)\n",
+                      "        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n",
                "        ts = self.layout.timestep_index\n"
-               "        _t = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n"
-               "        _branch = self.runtime.scheduler(instance).begin_call(_t, key=self).branch\n"
+               "        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n"
+               "        _branch = self.runtime.scheduler(instance).begin_call(timestep, key=self).branch\n"
                "        scheduler = self.runtime.scheduler(64 * (1 + _branch) + instance)\n"
                "        if scheduler.process_group is None:\n"
-               "            scheduler.process_group = self.process_group\n"
-               "        decision = scheduler.begin_call(_t, key=self)\n"
-               "        decision.branch = _branch\n")],
+               "            scheduler.process_group = self.process_group\n"),
+              (GRAPH, "        decision = scheduler.begin_call(timestep, key=self)\n",
+               "        decision = scheduler.begin_call(timestep, key=self)\n        decision.branch = _branch\n")],
              [T_GUIDANCE, T_BACKEND]),
     # ----- shapes --------------------------------------------------------------------------------
     Mutation("shape_guard_skipped", "a shape change inside a generation computes",
