@@ -190,6 +190,9 @@ def main():
         print("schedule : per sample (AdaCacheConfig(per_sample=True)): the blocks run on the prompts that compute")
         for prompt, steps in zip(prompts, report.sample_computed_steps):
             print(f"           {prompt:34s} {len(steps):2d}/{a.steps} computed: {steps}")
+        if len({tuple(steps) for steps in report.sample_computed_steps}) == 1 and len(prompts) > 1:
+            print("           every prompt computed the same steps: here per-sample schedules changed nothing "
+                  "(benchmarks/results/per_sample.md measures when they do)")
 
     save_gif(base, cached, a.out / "side_by_side.gif")
     plot_schedule(report, a.steps, a.out / "schedule.png", f"AdaCache-{a.mode}, {a.schedule} schedule", prompts)
