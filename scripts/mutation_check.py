@@ -214,9 +214,8 @@ MUTATIONS = [
              [T_STATE]),
     # ----- a schedule per sample -----------------------------------------------------------------------
     Mutation("per_sample_metric_pooled", "each sample's metric is its own rows' sums, not the batch's",
-             [(PS_CALLS, "owner = torch.tensor([measured[p % len(measured)] for p in range(rows.numel())], "
-                         "device=per_row.device)",
-               "owner = torch.tensor([measured[0] for p in range(rows.numel())], device=per_row.device)")],
+             [(PS_CALLS, "owner = self._sample_rows([measured[p % len(measured)] for p in range(rows.numel())]",
+               "owner = self._sample_rows([measured[0] for p in range(rows.numel())]")],
              [T_PER_SAMPLE]),
     Mutation("per_sample_guidance_rows_split", "a sample's guidance copies are rows i, i + S, ...",
              [(PS_CALLS, "for h in range(copies) for i in samples]", "for i in samples for h in range(copies)]")],

@@ -92,7 +92,7 @@ def test_blocks_run_on_the_computing_samples_rows_alone():
     _generate(model, backend, [0, 1, 2], "batched")
     scheduler = backend.scheduler
     computing = [sum(step in steps for steps in scheduler.sample_computed_steps) for step in range(1, STEPS + 1)]
-    rows = backend.graphs[0].runners[0].batch_rows
+    rows = list(backend.graphs[0].runners[0].batch_rows)
     assert rows == [2 * k for k in computing if k]   # two guidance rows per computing sample
     assert any(0 < k < 3 for k in computing)         # some steps computed part of the batch
     assert scheduler.computed_steps == [s for s, k in enumerate(computing, start=1) if k]
@@ -103,7 +103,7 @@ def test_one_computing_row_is_padded_to_the_traced_minimum():
     base = seeded(ToyFlowDiT(classes=4))
     model, backend = _compiled(_config(), base)
     _generate(model, backend, [0, 1, 2], None)
-    rows = backend.graphs[0].runners[0].batch_rows
+    rows = list(backend.graphs[0].runners[0].batch_rows)
     computing = [sum(step in steps for steps in backend.scheduler.sample_computed_steps) for step in range(1, STEPS + 1)]
     assert 1 in computing   # a step where one sample computed ...
     assert rows == [max(k, 2) for k in computing if k]   # ... ran 2 rows: Dynamo traces dynamic sizes for >= 2
@@ -162,7 +162,7 @@ def test_a_static_batch_keeps_the_schedules_and_computes_every_row():
     assert any(issubclass(w.category, AdaCacheWarning) and "static batch of 6 rows" in str(w.message) for w in caught)
     scheduler = backend.scheduler
     assert len({tuple(s) for s in scheduler.sample_computed_steps}) > 1
-    rows = backend.graphs[0].runners[0].batch_rows
+    rows = list(backend.graphs[0].runners[0].batch_rows)
     assert rows == [] and backend.report().block_executions == len(scheduler.computed_steps)
     # a sample that reuses on a step another computes gets fresh blocks: never a wrong delta
     assert all(torch.isfinite(p).all() for row in preds for p in row)
@@ -320,3 +320,27 @@ def test_guidance_copies_that_do_not_divide_the_batch_warn():
     with pytest.warns(UserWarning, match="guidance_in_batch=2 does not divide the batch of 3 rows"):
         _generate(model, backend, [0, 1, 2], None)
     assert len(backend.report().sample_computed_steps) == 3
+
+
+def test_a_sub_batch_the_compiled_piece_refuses_falls_back_to_every_row():
+    """A compiled piece may refuse a sub-batch at run time (inductor asserts its inputs' strides):
+    the step is run again with every row, the graph computes every row from then on (warned), and
+    every output equals the uncached model's where every row computed."""
+    base = seeded(ToyFlowDiT(classes=4))
+    model, backend = _compiled(_config(guidance_in_batch=2), base)
+    _generate(model, backend, [0, 1, 2], "batched", steps=2)   # compiles (steps 1-2: every sample computes)
+    runner = backend.graphs[0].runners[0]
+    compute = runner.compute_fn
+
+    def refuses_sub_batches(*args):
+        if args[0].shape[0] < 6:
+            raise AssertionError("expected size 6==2")
+        return compute(*args)
+    runner.compute_fn = refuses_sub_batches
+    backend.reset()
+    with pytest.warns(UserWarning, match="a region failed on a sub-batch"):
+        _generate(model, backend, [0, 1, 2], "batched")
+    assert backend.graphs[0].sub_batch is None
+    scheduler = backend.scheduler
+    assert len({tuple(s) for s in scheduler.sample_computed_steps}) > 1   # still a schedule per sample
+    assert backend.report().block_executions - 2 >= len(scheduler.computed_steps)

@@ -45,7 +45,7 @@ def _scenario_per_sample(rank, world, ref):
     backend = compile_model(model, _config(), inner="eager")
     outs = _loop(model, backend)
     return {"steps": backend.scheduler.sample_computed_steps, "outputs": [o.numpy() for o in outs],
-            "rows": backend.graphs[0].runners[0].batch_rows, "planned": backend.graphs[0].sub_batch is not None}
+            "rows": list(backend.graphs[0].runners[0].batch_rows), "planned": backend.graphs[0].sub_batch is not None}
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def _hints(values) -> dict:
     for v in values:
         mode = getattr(v, "fake_mode", None)
         if mode is not None and getattr(mode, "shape_env", None) is not None:
-            return dict(mode.shape_env.backed_var_to_val)
+            env = mode.shape_env
+            return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
     return {}
 
 
@@ -128,6 +129,15 @@ def min_rows(symbol, values) -> int:
     return 2
 
 
+def _size_hint(size) -> int:
+    """A size's value at the traced call, without a shape guard (``int()`` on a SymInt would
+    specialise the graph to it)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    hint = size.node.hint
+    return int(hint) if hint is not None else 1
+
+
 def _outputs(gm: fx.GraphModule) -> list:
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
     out = out if isinstance(out, (tuple, list)) else (out,)
@@ -147,9 +157,9 @@ def plan_per_sample(rw, pieces, placeholders: list, layout, guidance_in_batch: i
     symbol = batch_symbol(example_value(placeholders[source]))
     graph_values = _outputs(rw.gm)
     probe = graph_values[rw.outputs.probe_index]
-    if symbol is None or symbol not in layout.symbol_sources:   # a static batch
-        rows = int(example_value(placeholders[source]).shape[0])
-        if not isinstance(probe, torch.Tensor) or not probe.dim() or int(probe.shape[0]) % rows:
+    if symbol is None or symbol not in layout.symbol_sources:   # a static batch (or a folded one: B*F)
+        rows = _size_hint(example_value(placeholders[source]).shape[0])
+        if not isinstance(probe, torch.Tensor) or not probe.dim() or _size_hint(probe.shape[0]) % rows:
             return None, None, (f"the probe's first dim does not hold the batch of {rows} rows: one schedule for "
                                 "the batch")
         why = f"the graph was traced with a static batch of {rows} rows" if rows // guidance_in_batch > 1 \

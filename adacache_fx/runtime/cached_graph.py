@@ -9,6 +9,7 @@ the metric op (under a shard of the frames, with the frame pairs across the shar
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import weakref
@@ -69,7 +70,8 @@ class RegionRunner(torch.nn.Module):
         self.state = state
         self.probe_position = probe_position   # where the probe is among this piece's outputs
         self.executions = 0   # how often the blocks really ran (tests count this)
-        self.batch_rows: list = []   # batch rows of each execution under per-sample schedules (tests count this)
+        # batch rows of each recent execution under per-sample schedules (tests and benchmarks count them)
+        self.batch_rows: collections.deque = collections.deque(maxlen=4096)
         self.layouts: list = []   # (shape, stride) of each output on the last computed call
 
     def forward(self, *args):

@@ -72,21 +72,35 @@ class PerSampleCalls:
             copies = 1
         return batch, batch // copies, copies
 
-    @staticmethod
-    def _sample_rows(samples: list, num_samples: int, copies: int, device) -> torch.Tensor:
-        return torch.tensor([h * num_samples + i for h in range(copies) for i in samples], dtype=torch.long,
-                            device=device)
+    def _sample_rows(self, samples: list, num_samples: int, copies: int, device) -> torch.Tensor:
+        """The batch rows of ``samples`` (``h * S + i`` per guidance copy ``h``), as a cached device
+        tensor: a host-to-device copy waits for the device, so each subset is copied once."""
+        key = (tuple(samples), num_samples, copies, device)
+        cache = self.__dict__.setdefault("_row_indices", {})
+        if key not in cache:
+            cache[key] = torch.tensor([h * num_samples + i for h in range(copies) for i in samples],
+                                      dtype=torch.long).to(device)
+        return cache[key]
+
+    def _device(self, args) -> torch.device:
+        """Where the activations are (the first tensor on an accelerator, else the CPU)."""
+        devices = [a.device for a in args if isinstance(a, torch.Tensor)]
+        return next((d for d in devices if d.type != "cpu"), devices[0] if devices else torch.device("cpu"))
 
     def _call_per_sample(self, args, scheduler, branches: dict, timestep: Optional[float]):
         batch, num_samples, copies = self._grouping(args)
         decision = scheduler.begin_call(timestep, key=self, num_samples=num_samples)
         time = sampler_time(scheduler)
+        if len(decision.samples) != num_samples:   # another graph of this step sees another batch: compute
+            self.call.compute, self.call.deltas = True, []
+            branches.pop(decision.branch, None)
+            return self.top(*args)
         cache: Optional[SampleCache] = branches.get(decision.branch)
         usable = (cache is not None and cache.generation == decision.generation
                   and cache.stream_shapes == self._current_shapes(args) and len(cache.steps) == num_samples)
         computing = [i for i, (scheduled, sample) in enumerate(zip(decision.samples, scheduler.samples))
                      if scheduled or not (usable and cache.steps[i] == sample.last_computed_step)]
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        device = self._device(args)
         state = self.call
         state.batch, state.plan = batch, self.sub_batch
         if len(computing) == num_samples or (computing and self.sub_batch is None):
@@ -100,6 +114,17 @@ class PerSampleCalls:
                 need = max(self.sub_batch.min_rows - state.rows.numel(), 0)
                 state.padded = torch.cat([state.rows, state.rows[:1].expand(need)]) if need else state.rows
         try:
+            result = self.top(*args)
+        except Exception as exc:  # noqa: BLE001 - a sub-batch the compiled pieces refuse: compute every row
+            if state.rows is None:
+                raise
+            warnings.warn(f"adacache: per_sample: a region failed on a sub-batch ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); this graph computes every row when any "
+                          "sample computes from now on", UserWarning, stacklevel=3)
+            self.sub_batch = None
+            state.rows = state.padded = state.plan = None
+            state.compute, state.deltas = True, []
+            computing = list(range(num_samples))
             result = self.top(*args)
         finally:
             state.rows = state.padded = state.plan = None
@@ -123,8 +148,15 @@ class PerSampleCalls:
                 new = scatter(old, gather(new, spec.get(index), rows, batch), spec.get(index), rows, batch)
             deltas[r].append(new)
         probe = result[self.layout.probe_index].detach()
+        probe_spec = spec.get(self.layout.probe_index, 0)
         if not every:   # the piece gave the computed rows' probe alone
-            probe = scatter(cache.probe, probe, spec.get(self.layout.probe_index), rows, batch)
+            probe = scatter(cache.probe, probe, probe_spec, rows, batch)
+        off_schedule = [i for i in computing if not decision.samples[i]]
+        if off_schedule and cache is not None and cache.probe is not None:
+            # a sample computed off its schedule (a static batch, a stale cache) keeps the probe of its
+            # last scheduled computed step: its next metric compares with that step, over that gap
+            kept = self._sample_rows(off_schedule, num_samples, copies, device)
+            probe = scatter(probe, gather(cache.probe, probe_spec, kept, batch), probe_spec, kept, batch)
         steps = list(cache.steps) if cache is not None else [0] * num_samples
         times = list(cache.times) if cache is not None else [0.0] * num_samples
         for i in computing:
@@ -133,7 +165,7 @@ class PerSampleCalls:
                     and len(scheduler.samples[i].computed_steps) >= 2
                     and cache.steps[i] == scheduler.samples[i].computed_steps[-2]]
         if measured:
-            self._sample_metric(scheduler, probe, cache.probe, measured, args)
+            self._sample_metric(scheduler, probe, cache.probe, measured, args, device)
         recorder = self.runtime.recorder
         if recorder is not None and every:   # adacache_fx.calibrate records the batch, on uncached generations
             view, has_frames = self._probe_view(probe, args)
@@ -142,10 +174,10 @@ class PerSampleCalls:
         return SampleCache(generation=decision.generation, deltas=deltas, stream_shapes=self._current_shapes(args),
                            probe=probe, steps=steps, times=times, slopes=slopes, spans=spans)
 
-    def _sample_metric(self, scheduler, probe, previous, measured: list, args) -> None:
+    def _sample_metric(self, scheduler, probe, previous, measured: list, args, device) -> None:
         batch, num_samples, copies = self._grouping(args)
         spec = self.sub_batch.graph_outputs.get(self.layout.probe_index) if self.sub_batch is not None else 0
-        rows = self._sample_rows(measured, num_samples, copies, probe.device)
+        rows = self._sample_rows(measured, num_samples, copies, device)
         current, has_frames = self._probe_view(gather(probe, spec, rows, batch), args)
         before, _ = self._probe_view(gather(previous, spec, rows, batch), args)
         if current.shape != before.shape:
@@ -153,7 +185,8 @@ class PerSampleCalls:
         stride = self.layout.moreg_stride
         per_row = fused_cache_metrics(current, before, stride)   # (rows * m, 5)
         per_batch_row = per_row.reshape(rows.numel(), -1, per_row.shape[-1]).sum(1)
-        owner = torch.tensor([measured[p % len(measured)] for p in range(rows.numel())], device=per_row.device)
+        owner = self._sample_rows([measured[p % len(measured)] for p in range(rows.numel())], num_samples, 1,
+                                  per_row.device)   # the sample of each gathered row (cached like the rows)
         sums = torch.zeros(num_samples, per_row.shape[-1], dtype=per_row.dtype, device=per_row.device)
         sums.index_add_(0, owner, per_batch_row)
         shard = self.layout.frame_axis.shard if has_frames else None
@@ -165,7 +198,7 @@ class PerSampleCalls:
                 for i in measured:
                     mine = torch.cat([grouped[p] for p in range(rows.numel()) if measured[p % len(measured)] == i])
                     sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.process_group)
-        scheduler.add_metric_sums(sums, has_motion=has_frames)
+        scheduler.add_metric_sums(sums, has_motion=has_frames, samples=measured)
 
     # ----- forecast reuse, per sample ---------------------------------------------------------
     def _sample_slopes(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float, args, device):
@@ -214,6 +247,9 @@ class PerSampleCalls:
             added = []
             for j, (d, slope) in enumerate(zip(region, slopes)):
                 dim = spec.get(self.layout.deltas_of_region(r)[j], 0)
+                if not isinstance(dim, int):   # no batch dim in this delta: nothing to scale per row
+                    added.append(torch.add(d, slope, alpha=scales[0]))
+                    continue
                 along = per_row.to(d.dtype).repeat_interleave(d.shape[dim] // batch).to(d.device, non_blocking=True)
                 added.append(d + slope * along.reshape([-1] + [1] * (d.dim() - dim - 1)))
             out.append(added)

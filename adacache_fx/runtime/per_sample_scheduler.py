@@ -58,7 +58,8 @@ class PerSampleScheduler:
     timestep = property(lambda self: self.clock.timestep)
     generation = property(lambda self: self.clock.generation)
     num_steps = property(lambda self: self.clock.num_steps)
-    metrics = property(lambda self: [])   # per sample: ``sample_metrics``
+    # per sample: ``sample_metrics``; a batch of one sample (or one schedule for the batch): its metrics
+    metrics = property(lambda self: list(self.samples[0].metrics) if len(self.samples) == 1 else [])
 
     @property
     def last_computed_step(self) -> int:
@@ -89,10 +90,18 @@ class PerSampleScheduler:
         return sample
 
     # ----- per call ------------------------------------------------------------------
-    def begin_call(self, timestep: Optional[float], key: object = None, num_samples: int = 1) -> SampleDecision:
+    def begin_call(self, timestep: Optional[float], key: object = None,
+                   num_samples: Optional[int] = None) -> SampleDecision:
+        """``num_samples``: the call's sample count (None: a graph that does not know it, which follows
+        the current samples). A count that changes at a new step restarts the generation; within a
+        step (another graph of the model), the decision's ``samples`` keep the current count and the
+        caller computes every row."""
         before = (self.clock.generation, self.clock.step)
         decision = self.clock.begin_call(timestep, key)
-        if self.samples and len(self.samples) != num_samples and decision.generation == before[0]:
+        advanced = (self.clock.generation, self.clock.step) != before
+        if num_samples is None:
+            num_samples = len(self.samples) or 1
+        elif self.samples and len(self.samples) != num_samples and decision.generation == before[0] and advanced:
             self.clock.reset()   # the batch changed inside a generation: start a new one
             decision = self.clock.begin_call(timestep, key)
         if decision.generation != before[0] or not self.samples:
@@ -106,13 +115,13 @@ class PerSampleScheduler:
             self.computed_steps.append(self.clock.step)
         return SampleDecision(decision.step, decision.branch, any(flags), decision.generation, samples=flags)
 
-    def add_metric_sums(self, sums: torch.Tensor, has_motion: bool) -> None:
-        """Accumulate one branch's per-sample ``(S, 5)`` partial sums; the rows of samples that
-        did not compute this step are ignored. ``(5,)``: a batch of one sample."""
+    def add_metric_sums(self, sums: torch.Tensor, has_motion: bool, samples: Optional[list] = None) -> None:
+        """Accumulate one branch's per-sample ``(S, 5)`` partial sums for the measured ``samples``
+        (default: all). ``(5,)``: the batch's sums, one schedule (a graph without per-sample rows)."""
         if sums.dim() == 1:
-            sums = sums.unsqueeze(0)
-        for sample, row in zip(self.samples, sums):
-            sample.add_metric_sums(row, has_motion)
+            sums = sums.unsqueeze(0).expand(len(self.samples), -1)
+        for i in (range(len(self.samples)) if samples is None else samples):
+            self.samples[i].add_metric_sums(sums[i], has_motion)
 
     def finalize(self) -> None:
         """As ``AdaCacheScheduler.finalize``: under a process group, sums that need the collective

@@ -37,7 +37,13 @@ def gather(value, spec, rows: torch.Tensor, batch: int):
     if spec == SCALED:
         return int(value) // batch * rows.numel()
     grouped = value.unflatten(spec, (batch, -1))
-    return grouped.index_select(spec, rows.to(value.device)).flatten(spec, spec + 1)
+    picked = grouped.index_select(spec, rows.to(value.device)).flatten(spec, spec + 1)
+    if value.is_contiguous() or 0 in value.stride():
+        return picked
+    # a strided view (text tokens sliced off a joint sequence): the same strides, which the compiled
+    # piece asserts (inductor checks every input's size and stride)
+    out = torch.empty_strided(picked.shape, value.stride(), dtype=value.dtype, device=value.device)
+    return out.copy_(picked)
 
 
 def scatter(full, sub, spec, rows: torch.Tensor, batch: int):
