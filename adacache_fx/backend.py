@@ -132,13 +132,7 @@ class AdaCacheBackend:
 
     @staticmethod
     def _warn_per_sample(why: str) -> None:
-        if "one schedule for the batch" in why:
-            message = f"adacache: per_sample: {why}"
-        else:
-            message = (f"adacache: per_sample: {why}, so every row computes on a step where any sample does (the "
-                       "schedules stay per sample); trace a dynamic batch (adacache_fx.compile_model marks it, or "
-                       "torch.compile(..., dynamic=True)) to run the blocks on the computing samples alone")
-        warnings.warn(message, AdaCacheWarning, stacklevel=4)
+        warnings.warn(f"adacache: per_sample: {why}", AdaCacheWarning, stacklevel=4)
 
     # ----- user API ---------------------------------------------------------------
     def reset(self) -> None:

@@ -144,6 +144,12 @@ def _outputs(gm: fx.GraphModule) -> list:
     return [example_value(v) if isinstance(v, fx.Node) else v for v in out]
 
 
+# a reason without a plan, continued: what the graph does instead, and how to get sub-batches
+_EVERY_ROW = (", so every row computes on a step where any sample does (the schedules stay per sample); trace a "
+              "dynamic batch (adacache_fx.compile_model marks it, or torch.compile(..., dynamic=True)) to run the "
+              "blocks on the computing samples alone")
+
+
 def plan_per_sample(rw, pieces, placeholders: list, layout, guidance_in_batch: int) -> tuple:
     """``(batch source, plan, why)`` of a rewritten graph under ``per_sample``: the graph input
     ``(index, dim)`` whose size is the batch (None: no per-sample schedules in this graph), the
@@ -162,8 +168,8 @@ def plan_per_sample(rw, pieces, placeholders: list, layout, guidance_in_batch: i
         if not isinstance(probe, torch.Tensor) or not probe.dim() or _size_hint(probe.shape[0]) % rows:
             return None, None, (f"the probe's first dim does not hold the batch of {rows} rows: one schedule for "
                                 "the batch")
-        why = f"the graph was traced with a static batch of {rows} rows" if rows // guidance_in_batch > 1 \
-            else None
+        why = f"the graph was traced with a static batch of {rows} rows{_EVERY_ROW}" \
+            if rows // guidance_in_batch > 1 else None
         return (source, 0), None, why
     source = layout.symbol_sources[symbol]
     try:
@@ -179,4 +185,4 @@ def plan_per_sample(rw, pieces, placeholders: list, layout, guidance_in_batch: i
     try:
         return source, plan_sub_batches(symbol, region_pieces, outputs), None
     except ValueError as exc:
-        return source, None, str(exc)
+        return source, None, f"{exc}{_EVERY_ROW}"

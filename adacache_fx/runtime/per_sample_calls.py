@@ -14,7 +14,6 @@ returns per-row sums, added per sample on the device (one host read per step, in
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -24,9 +23,7 @@ import torch
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
 from .scheduler import sampler_time
-from .sub_batch import gather, scatter
-
-logger = logging.getLogger(__name__)
+from .sub_batch import gather, replace_rows, scatter
 
 
 @dataclass
@@ -88,7 +85,7 @@ class PerSampleCalls:
         return next((d for d in devices if d.type != "cpu"), devices[0] if devices else torch.device("cpu"))
 
     def _call_per_sample(self, args, scheduler, branches: dict, timestep: Optional[float]):
-        batch, num_samples, copies = self._grouping(args)
+        grouping = batch, num_samples, copies = self._grouping(args)
         decision = scheduler.begin_call(timestep, key=self, num_samples=num_samples)
         time = sampler_time(scheduler)
         if len(decision.samples) != num_samples:   # another graph of this step sees another batch: compute
@@ -130,13 +127,13 @@ class PerSampleCalls:
             state.rows = state.padded = state.plan = None
         if computing:
             branches[decision.branch] = self._store_per_sample(
-                scheduler, decision, cache if usable else None, result, args, computing, device, time)
+                scheduler, decision, cache if usable else None, result, args, grouping, computing, device, time)
         return result
 
     # ----- the cache after a step with computed samples -----------------------------------
-    def _store_per_sample(self, scheduler, decision, cache: Optional[SampleCache], result, args, computing: list,
-                          device, time: float) -> SampleCache:
-        batch, num_samples, copies = self._grouping(args)
+    def _store_per_sample(self, scheduler, decision, cache: Optional[SampleCache], result, args, grouping: tuple,
+                          computing: list, device, time: float) -> SampleCache:
+        batch, num_samples, copies = grouping
         every = len(computing) == num_samples
         rows = None if every else self._sample_rows(computing, num_samples, copies, device)
         spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
@@ -145,7 +142,7 @@ class PerSampleCalls:
             new = result[index]
             if not every:   # the reused rows keep their own delta, not its forecast
                 old = cache.deltas[r][len(deltas[r])]
-                new = scatter(old, gather(new, spec.get(index), rows, batch), spec.get(index), rows, batch)
+                new = replace_rows(old, new, spec.get(index), rows, batch)
             deltas[r].append(new)
         probe = result[self.layout.probe_index].detach()
         probe_spec = spec.get(self.layout.probe_index, 0)
@@ -156,7 +153,7 @@ class PerSampleCalls:
             # a sample computed off its schedule (a static batch, a stale cache) keeps the probe of its
             # last scheduled computed step: its next metric compares with that step, over that gap
             kept = self._sample_rows(off_schedule, num_samples, copies, device)
-            probe = scatter(probe, gather(cache.probe, probe_spec, kept, batch), probe_spec, kept, batch)
+            probe = replace_rows(probe, cache.probe, probe_spec, kept, batch)
         steps = list(cache.steps) if cache is not None else [0] * num_samples
         times = list(cache.times) if cache is not None else [0.0] * num_samples
         for i in computing:
@@ -165,17 +162,17 @@ class PerSampleCalls:
                     and len(scheduler.samples[i].computed_steps) >= 2
                     and cache.steps[i] == scheduler.samples[i].computed_steps[-2]]
         if measured:
-            self._sample_metric(scheduler, probe, cache.probe, measured, args, device)
+            self._sample_metric(scheduler, probe, cache.probe, measured, args, grouping, device)
         recorder = self.runtime.recorder
         if recorder is not None and every:   # adacache_fx.calibrate records the batch, on uncached generations
             view, has_frames = self._probe_view(probe, args)
             recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
-        slopes, spans = self._sample_slopes(cache, deltas, computing, time, args, device)
+        slopes, spans = self._sample_slopes(cache, deltas, computing, time, grouping, device)
         return SampleCache(generation=decision.generation, deltas=deltas, stream_shapes=self._current_shapes(args),
                            probe=probe, steps=steps, times=times, slopes=slopes, spans=spans)
 
-    def _sample_metric(self, scheduler, probe, previous, measured: list, args, device) -> None:
-        batch, num_samples, copies = self._grouping(args)
+    def _sample_metric(self, scheduler, probe, previous, measured: list, args, grouping: tuple, device) -> None:
+        batch, num_samples, copies = grouping
         spec = self.sub_batch.graph_outputs.get(self.layout.probe_index) if self.sub_batch is not None else 0
         rows = self._sample_rows(measured, num_samples, copies, device)
         current, has_frames = self._probe_view(gather(probe, spec, rows, batch), args)
@@ -201,12 +198,13 @@ class PerSampleCalls:
         scheduler.add_metric_sums(sums, has_motion=has_frames, samples=measured)
 
     # ----- forecast reuse, per sample ---------------------------------------------------------
-    def _sample_slopes(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float, args, device):
+    def _sample_slopes(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float,
+                       grouping: tuple, device):
         """Each computing sample's rows of ``delta - previous delta`` (when its previous computed
         step's deltas are in ``cache``); the other samples keep theirs: two tensors per stream."""
         if self.runtime.config.reuse == "constant" or cache is None:
             return None, None
-        batch, num_samples, copies = self._grouping(args)
+        batch, num_samples, copies = grouping
         spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
         spans = list(cache.spans) if cache.spans is not None else [0.0] * num_samples
         fresh = [i for i in computing if time != cache.times[i]]
@@ -220,12 +218,10 @@ class PerSampleCalls:
             if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
                 return None, None
             region = []
-            for j, (a, b) in enumerate(zip(new, old)):
-                index = self.layout.deltas_of_region(r)[j]
+            for j, (a, b, index) in enumerate(zip(new, old, self.layout.deltas_of_region(r))):
                 diff = a - b
                 if cache.slopes is not None and len(fresh) < num_samples:
-                    diff = scatter(cache.slopes[r][j], gather(diff, spec.get(index), rows, batch), spec.get(index),
-                                   rows, batch)
+                    diff = replace_rows(cache.slopes[r][j], diff, spec.get(index), rows, batch)
                 region.append(diff)
             slopes.append(region)
         return slopes, spans
@@ -241,16 +237,16 @@ class PerSampleCalls:
             return [[torch.add(d, slope, alpha=scales[0]) for d, slope in zip(region, slopes)]
                     for region, slopes in zip(cache.deltas, cache.slopes)]
         spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
-        per_row = torch.tensor(scales * copies)
+        per_row = torch.tensor(scales * copies).to(cache.deltas[0][0].device, non_blocking=True)   # once per call
         out = []
         for r, (region, slopes) in enumerate(zip(cache.deltas, cache.slopes)):
             added = []
-            for j, (d, slope) in enumerate(zip(region, slopes)):
-                dim = spec.get(self.layout.deltas_of_region(r)[j], 0)
+            for d, slope, index in zip(region, slopes, self.layout.deltas_of_region(r)):
+                dim = spec.get(index, 0)
                 if not isinstance(dim, int):   # no batch dim in this delta: nothing to scale per row
                     added.append(torch.add(d, slope, alpha=scales[0]))
                     continue
-                along = per_row.to(d.dtype).repeat_interleave(d.shape[dim] // batch).to(d.device, non_blocking=True)
+                along = per_row.to(d.dtype).repeat_interleave(d.shape[dim] // batch)
                 added.append(d + slope * along.reshape([-1] + [1] * (d.dim() - dim - 1)))
             out.append(added)
         return out

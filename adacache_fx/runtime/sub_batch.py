@@ -57,6 +57,11 @@ def scatter(full, sub, spec, rows: torch.Tensor, batch: int):
     return full.unflatten(spec, (batch, -1)).index_copy(spec, rows.to(full.device), grouped).flatten(spec, spec + 1)
 
 
+def replace_rows(full, source, spec, rows: torch.Tensor, batch: int):
+    """``full`` with its rows ``rows`` taken from ``source`` (both of the whole batch)."""
+    return scatter(full, gather(source, spec, rows, batch), spec, rows, batch)
+
+
 def narrow_rows(sub, spec, k: int, batch_rows_of_sub: int):
     """The first ``k`` batch rows of a sub-batch output (drops the padding rows)."""
     if spec is None or spec == SCALED or sub is None or batch_rows_of_sub == k:
