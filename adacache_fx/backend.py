@@ -56,6 +56,11 @@ class AdaCacheBackend:
         self.uncached_flops = 0           # FLOPs of one call of every graph that runs uncached
         self.frames_from_call = None      # config.frames_arg of the call being traced (set by compile_model)
 
+    @property
+    def inner(self) -> Callable:
+        """The inner compiler (a torch.compile backend): what compiles each rewritten piece."""
+        return self._inner
+
     # ----- torch.compile protocol ---------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
         start = time.perf_counter()

@@ -148,38 +148,36 @@ def mark_batch_dynamic(args, kwargs) -> None:
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
                   inner: Union[str, Callable] = "inductor", mode: Optional[str] = None,
                   options: Optional[dict] = None, capture_data_dependent: bool = True,
-                  **compile_kwargs) -> AdaCacheBackend:
+                  block_guard: str = "graph", **compile_kwargs) -> AdaCacheBackend:
     """Compile ``model`` in place (``model.compile``: the module keeps its class, attributes and
     state-dict keys) with the AdaCache backend, and return the backend.
 
     ``capture_data_dependent`` (default True): trace the model's calls under
     :func:`data_dependent_capture`, so that ``.item()``, ``.tolist()`` and ``nonzero``-like ops
-    stay inside the graph. ``compile_kwargs`` go to ``model.compile`` (``dynamic=``,
-    ``fullgraph=``). Raises ``RuntimeError`` when the model is already compiled."""
+    stay inside the graph. ``block_guard``: ``"graph"`` (default) caches the regions the backend
+    finds inside Dynamo's graphs; ``"modules"`` guards the block lists at their calls instead, for
+    a model whose graph breaks inside every block even with capture (a Python loop over a tensor's
+    values): the first call runs eagerly and finds the blocks (``runtime/module_guard.py``), the
+    blocks and the rest of the model are compiled by the inner compiler. ``compile_kwargs`` go to
+    ``model.compile`` (``dynamic=``, ``fullgraph=``). Raises ``RuntimeError`` when the model is
+    already compiled."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model takes an nn.Module, got {type(model).__name__}")
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("compile_model: this module is already compiled (module.compile or compile_model was "
                            "called on it); compile it once")
+    if block_guard not in ("graph", "modules"):
+        raise AdaCacheConfigError(f"compile_model: block_guard must be 'graph' or 'modules', got {block_guard!r}")
     backend = adacache_backend(config, inner=inner, mode=mode, options=options)
     signature = _frames_parameter(model, backend.config)
     _prepare_module_hooks(model)
-    model.compile(backend=backend, **compile_kwargs)
+    guard = _module_guard(model, backend, compile_kwargs) if block_guard == "modules" else None
+    model.compile(backend=backend if guard is None else backend.inner, **compile_kwargs)
     compiled = model._compiled_call_impl
     capturing = [capture_data_dependent]
     hooks_prepared = [False]
 
-    @functools.wraps(compiled)
-    def call(*args, **kwargs):
-        # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
-        # analysis of a graph traced by this call reads it here
-        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs,
-                                                 backend.config.video_frame_dim)
-        if backend.config.per_sample:
-            mark_batch_dynamic(args, kwargs)
-        if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
-            _prepare_module_hooks(model)
-            hooks_prepared[0] = True
+    def run(args, kwargs):
         if not capturing[0]:
             with _trace_config(False):
                 return compiled(*args, **kwargs)
@@ -193,9 +191,58 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"adacache: tracing {type(model).__name__} with data-dependent ops captured failed "
                           f"({type(exc).__name__}: {first_line}); this model is traced as plain torch.compile "
-                          "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=2)
+                          "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=3)
+            if guard is not None:
+                guard.restart_call()
             with _trace_config(False):
                 return compiled(*args, **kwargs)
 
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
+        # analysis of a graph traced by this call reads it here
+        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs,
+                                                 backend.config.video_frame_dim)
+        if backend.config.per_sample:
+            mark_batch_dynamic(args, kwargs)
+        if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
+            _prepare_module_hooks(model)
+            hooks_prepared[0] = True
+        if guard is None:
+            return run(args, kwargs)
+        if not guard.observed:
+            return _observe(model, backend, guard, args, kwargs, backend.frames_from_call)
+        guard.begin_call(args, kwargs, backend.frames_from_call)
+        try:
+            output = run(args, kwargs)
+        except BaseException:
+            guard.abort_call()
+            raise
+        guard.end_call()
+        return output
+
     model._compiled_call_impl = call
     return backend
+
+
+def _module_guard(model: torch.nn.Module, backend: AdaCacheBackend, compile_kwargs: dict):
+    """The block-list guard of ``block_guard="modules"``, its blocks compiled by the inner compiler."""
+    from .runtime.module_guard import ModuleBlockGuard
+    if backend.config.per_sample:
+        raise AdaCacheConfigError("compile_model: per_sample=True needs block_guard='graph' (the module-level "
+                                  "guard takes one decision per call)")
+    guard = ModuleBlockGuard(model, backend.runtime,
+                             lambda forward: torch.compile(forward, backend=backend.inner, **compile_kwargs))
+    backend.graphs.append(guard)
+    return guard
+
+
+def _observe(model: torch.nn.Module, backend: AdaCacheBackend, guard, args, kwargs, frames):
+    """The first call of a model under ``block_guard="modules"``: eager, observed (the blocks'
+    calls found), then guarded from the next call on."""
+    output = guard.observe(model._call_impl, args, kwargs, frames)
+    if guard.why_uncached is not None:
+        backend.uncached_graphs.append(guard.why_uncached)
+        warnings.warn(f"adacache: {type(model).__name__} runs uncached: {guard.why_uncached}; try "
+                      "block_guard='graph'", AdaCacheWarning, stacklevel=3)
+    return output

@@ -68,25 +68,34 @@ def overhead_section() -> list:
 
 
 def graph_breaks_section() -> list:
-    d = _load("graph_breaks.json")
-    if d is None:
-        return ["Graph-breaking model: not measured yet (`python -m benchmarks.graph_breaks`)."]
-    m, runs, per_step = d["machine"], d["runs"], d["per_step_ms"]
-    lines = [
-        f"**A model that breaks Dynamo's graph in every block** ([benchmarks/results/graph_breaks.md]"
-        f"(benchmarks/results/graph_breaks.md); {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, "
-        f"{m['date']}; `examples/models/breaking_dit.py` with {', '.join(k for k, v in d['constructs'].items() if v)}; "
-        f"{d['steps']} steps, inductor; each method in its own process, alternated, medians):",
-        "",
-        "| method | compile (s) | graphs | graph breaks | recompiles in a generation | per step (ms) |",
-        "|---|---|---|---|---|---|",
-    ]
-    names = {"plain": "plain `torch.compile`", "off": "`compile_model`, caching off", "fixed": "`compile_model`, `{inf: 3}`"}
-    for key in ("plain", "off", "fixed"):
-        r = runs[key][0]
-        lines.append(f"| {names[key]} | {r['compile_s']:.1f} | {r['graphs']} | {r['graph_breaks']} | "
-                     f"{r['recompiles_in_generation']} | {per_step[key]:.1f} |")
-    return lines
+    lines = []
+    for name, title in (("graph_breaks", "A model that breaks Dynamo's graph in every block"),
+                        ("graph_breaks_python_loop", "A model whose blocks break the graph where no capture helps "
+                                                     "(a Python loop over per-expert token counts; "
+                                                     "`block_guard=\"modules\"`)")):
+        d = _load(f"{name}.json")
+        if d is None:
+            lines += [f"{title}: not measured yet (`python -m benchmarks.graph_breaks"
+                      f"{' --model python_loop' if name.endswith('loop') else ''}`).", ""]
+            continue
+        m, runs, per_step = d["machine"], d["runs"], d["per_step_ms"]
+        lines += [
+            f"**{title}** ([benchmarks/results/{name}.md]"
+            f"(benchmarks/results/{name}.md); {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, "
+            f"{m['date']}; `examples/models/breaking_dit.py` with {', '.join(k for k, v in d['constructs'].items() if v)}; "
+            f"{d['steps']} steps, inductor; each method in its own process, alternated, medians):",
+            "",
+            "| method | compile (s) | graphs | graph breaks | recompiles in a generation | per step (ms) |",
+            "|---|---|---|---|---|---|",
+        ]
+        names = {"plain": "plain `torch.compile`", "off": "`compile_model`, caching off",
+                 "fixed": "`compile_model`, `{inf: 3}`"}
+        for key in ("plain", "off", "fixed"):
+            r = runs[key][0]
+            lines.append(f"| {names[key]} | {r['compile_s']:.1f} | {r['graphs']} | {r['graph_breaks']} | "
+                         f"{r['recompiles_in_generation']} | {per_step[key]:.1f} |")
+        lines.append("")
+    return lines[:-1]
 
 
 def demo_section() -> list:

@@ -81,6 +81,10 @@ T_PER_SAMPLE_DIST = "tests/test_per_sample_distributed.py"
 PS_CALLS = "adacache_fx/runtime/per_sample_calls.py"
 PS_SCHED = "adacache_fx/runtime/per_sample_scheduler.py"
 SUB_BATCH = "adacache_fx/runtime/sub_batch.py"
+MODULE_GUARD = "adacache_fx/runtime/module_guard.py"
+FORECAST = "adacache_fx/runtime/forecast.py"
+MODULE_BLOCKS = "adacache_fx/analysis/find_module_blocks.py"
+T_MODULE_GUARD = "tests/test_module_guard.py"
 REGIONS = "adacache_fx/analysis/find_regions.py"
 ANALYSIS = "adacache_fx/analysis/__init__.py"
 
@@ -122,8 +126,8 @@ MUTATIONS = [
                "        time = float(scheduler.step)\n        slopes, span")],
              [T_FORECAST]),
     Mutation("forecast_damping_ignored", "damped reuse scales the extrapolation by reuse_damping",
-             [(GRAPH, "scale *= config.reuse_damping", "scale *= 1.0")],
-             [T_FORECAST]),
+             [(FORECAST, "scale *= config.reuse_damping", "scale *= 1.0")],
+             [T_FORECAST, T_MODULE_GUARD]),
     # ----- calibration -----------------------------------------------------------------------------
     Mutation("calibration_gap_off_by_one", "the recorded trajectory pairs each step with the probe k steps before",
              [(RECORD, "gap = step - previous_step", "gap = step - previous_step + 1")],
@@ -237,6 +241,30 @@ MUTATIONS = [
              [(PS_SCHED, "host = all_reduce_sums(stacked, self.process_group).tolist()",
                "host = stacked.tolist()")],
              [T_PER_SAMPLE_DIST]),
+    # ----- the block-list guard (block_guard="modules") ------------------------------------------
+    Mutation("module_guard_reuse_adds_no_delta", "a reused region's first block returns its inputs plus the deltas",
+             [(MODULE_GUARD, "_argument(args, kwargs, key) + next(deltas)",
+               "_argument(args, kwargs, key) + 0 * next(deltas)")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_later_blocks_run", "on a reused step no block of the region runs",
+             [(MODULE_GUARD, "if not call.active or call.computing[r]:",
+               "if not call.active or call.computing[r] or j > 0:")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_branches_share_one_cache", "each guidance branch keeps its own deltas (block guard)",
+             [(MODULE_GUARD, "cache = self._branches.get(decision.branch)", "cache = self._branches.get(0)"),
+              (MODULE_GUARD, "self._branches[decision.branch] = BranchCache(", "self._branches[0] = BranchCache(")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_calls_not_chained", "a module list whose calls do not feed each other holds no blocks",
+             [(MODULE_BLOCKS, "unchained = {name for name, own in per_container.items() if len(own) > 1",
+               "unchained = {name for name, own in per_container.items() if len(own) > 1e9")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_probe_is_the_output", "the probe is the block's output delta, not its output",
+             [(MODULE_GUARD, "return (out - inputs[key]).detach()", "return out.detach()")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_forecast_ignored", "a reused step under linear reuse adds the forecast (block guard)",
+             [(MODULE_GUARD, "self.call.deltas = forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))",
+               "self.call.deltas = cache.deltas")],
+             [T_MODULE_GUARD]),
 ]
 
 

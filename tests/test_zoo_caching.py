@@ -37,16 +37,26 @@ ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).
 XFAIL: dict[str, str] = {
-    "hidream_image": "no region: the mixture-of-experts dispatch breaks Dynamo's graph inside every block even "
-                     "with data-dependent ops captured (`bincount`, then a Python loop over the per-expert token "
-                     "counts: 21 graphs), so no graph holds a whole block; would take guarding the block list "
-                     "across graph breaks (module hooks)",
     "minimax_h3": "no MoReg frame layout: video, audio and text tokens come already packed into one sequence "
                   "(B, L, C) with index tensors (video_indices, position_ids), so the video tokens are no "
                   "frame-major run of the sequence that a frame count (frames_arg, packed_frames) could place; "
                   "would take reading the frame layout from the index tensors (this tiny case also has a single "
                   "latent frame)",
 }
+
+#: case -> why no graph holds a whole block, so the block lists are guarded at their calls
+#: (``compile_model(block_guard="modules")``, runtime/module_guard.py) instead of inside a graph.
+MODULE_GUARD: dict[str, str] = {
+    "hidream_image": "the mixture-of-experts dispatch breaks Dynamo's graph inside every block even with "
+                     "data-dependent ops captured (`bincount`, then a Python loop over the per-expert token counts), "
+                     "so no graph holds a whole block",
+}
+
+
+def compile_options(name) -> dict:
+    """The case's ``compile_model`` options besides its config."""
+    return {"block_guard": "modules"} if name in MODULE_GUARD else {}
+
 
 #: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.
 GRAPH_BREAK = sorted(n for n, c in ZOO.items() if c.one_graph is False)
@@ -56,7 +66,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
           "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image",
-          "kandinsky6_sr", "hunyuan_video15", "sana_wm_refiner", "dreamlite"]
+          "kandinsky6_sr", "hunyuan_video15", "sana_wm_refiner", "dreamlite", "hidream_image"]
 
 _models: dict = {}
 
@@ -104,7 +114,7 @@ def _compiled(name, config):
     stays uncompiled for the other checks)."""
     model = copy.deepcopy(_model(name))
     torch._dynamo.reset()
-    return model, compile_model(model, config, inner="eager")
+    return model, compile_model(model, config, inner="eager", **compile_options(name))
 
 
 def check_caching_off(name, steps=8):
@@ -125,13 +135,16 @@ def check_caching_off(name, steps=8):
 def check_fixed_codebook(name):
     case = get_case(name)
     compiled, backend = _compiled(name, AdaCacheConfig(codebook={INF: 3}, num_steps=12, **case.adacache))
+    if name in MODULE_GUARD:   # the first call runs eagerly (observed), the second compiles: as plain
+        sample_loop(compiled, case.make_inputs, timesteps(12, case.t_max), output=case.output)   # torch.compile
+        backend.reset()                                                        # it recompiles the first time
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs = sample_loop(compiled, case.make_inputs, timesteps(12, case.t_max), output=case.output)
     report = backend.report()
     runners = sum(len(g.runners) for g in backend.graphs)
     assert runners >= 1, f"nothing cached: {report.uncached_graphs}"
     assert report.computed_steps == [1, 2, 5, 8, 11, 12]
-    assert report.block_executions == 6 * runners
+    assert report.block_executions == 6 * runners * (2 if name in MODULE_GUARD else 1)
     assert all(torch.isfinite(o).all() for o in outs)
     assert len(report.metrics) == 5   # steps 2, 5, 8, 11, 12 each compare with the previous probe
     if case.is_video:   # MoReg saw the frame axis
@@ -151,7 +164,65 @@ def test_one_graph_case_caches(name):
         backend.uncached_graphs
 
 
-@pytest.mark.parametrize("name", _params(_selected(GRAPH_BREAK)))
+def check_module_guard_caching_off(name):
+    """``check_caching_off`` under the module-level guard, which must find every block list of the
+    case as a region (so every block's FLOPs are inside the regions). Returns the guard."""
+    case = get_case(name)
+    guard = check_caching_off(name).graphs[0]
+    assert sorted({r.container for r in guard.regions}) == sorted(case.block_lists), guard.describe()
+    assert sum(len(r.paths) for r in guard.regions) == case.num_blocks, guard.describe()
+    return guard
+
+
+def dynamo_counts(name) -> dict:
+    """Dynamo's counters over two 3-step generations under plain ``torch.compile`` and under
+    ``compile_model`` with the case's options: ``{"plain" | "ours": (graphs, graph breaks, graphs
+    compiled in the second generation)}`` (graph breaks: Dynamo's ``graph_break`` counter, as
+    benchmarks/graph_breaks.py counts them)."""
+    from torch._dynamo.utils import counters
+
+    case = get_case(name)
+    result = {}
+    for method in ("plain", "ours"):
+        graphs = []
+
+        def count(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        model = copy.deepcopy(_model(name))
+        torch._dynamo.reset()
+        counters.clear()
+        if method == "ours":
+            compile_model(model, AdaCacheConfig(codebook={INF: 1}, num_steps=3, **case.adacache), inner=count,
+                          **compile_options(name))
+        else:
+            model = torch.compile(model, backend=count)
+        sample_loop(model, case.make_inputs, timesteps(3, case.t_max), output=case.output)
+        first = len(graphs)
+        sample_loop(model, case.make_inputs, timesteps(3, case.t_max), output=case.output)
+        result[method] = (len(graphs), sum(counters["graph_break"].values()), len(graphs) - first)
+    return result
+
+
+@pytest.mark.parametrize("name", _params(_selected(sorted(MODULE_GUARD))))
+def test_module_guard_case_caches_every_block_list(name):
+    """No graph holds a whole block: the block lists are guarded at their calls. Every block list
+    of the case is a region; exact with caching off; the contract; no more graph breaks than plain
+    ``torch.compile`` and no graph compiled in a second generation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaCacheWarning)
+        case = get_case(name)
+        args, kwargs = case.make_inputs(2, 0.5 * case.t_max)
+        torch._dynamo.reset()
+        assert not explain(_model(name), *args, config=AdaCacheConfig(**case.adacache), **kwargs).regions
+        check_module_guard_caching_off(name)
+        check_fixed_codebook(name)
+        counts = dynamo_counts(name)
+        assert counts["ours"][1] <= counts["plain"][1] and counts["ours"][2] == 0, counts
+
+
+@pytest.mark.parametrize("name", _params(_selected([n for n in GRAPH_BREAK if n not in MODULE_GUARD])))
 def test_graph_break_case_caches_the_graph_with_the_blocks(name):
     """The model breaks Dynamo's graph itself under the default config; ``compile_model``, which
     captures data-dependent ops, makes no more graphs than plain ``torch.compile``, is exact with
@@ -170,7 +241,7 @@ def test_graph_break_case_caches_the_graph_with_the_blocks(name):
 
 def test_every_case_is_in_the_matrix():
     assert set(ONE_GRAPH) | set(GRAPH_BREAK) == set(ZOO)
-    assert set(XFAIL) <= set(ZOO)
+    assert set(XFAIL) <= set(ZOO) and set(MODULE_GUARD) <= set(GRAPH_BREAK)
     assert set(SUBSET) <= set(ZOO)
 
 

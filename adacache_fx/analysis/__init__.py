@@ -79,7 +79,8 @@ class GraphAnalysis:
                     + " If the model breaks Dynamo's graph inside its blocks" + _last_graph_break() + ", the stack "
                     "reaches the backend in fragments: compile with adacache_fx.compile_model(model, config), "
                     "which captures .item(), .tolist() and nonzero into the graph (a Python branch or loop on a "
-                    "tensor's value must be rewritten: torch.cond, or hoisted out of the blocks); "
+                    "tensor's value, which no capture keeps in the graph, needs compile_model(model, config, "
+                    "block_guard='modules'), which guards the block lists at their calls across graph breaks); "
                     "torch._dynamo.explain(model)(*inputs) lists the breaks."
                     + " Details: " + "; ".join(self.log[-2:]))
         if not self.regions:

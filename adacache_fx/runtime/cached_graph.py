@@ -21,6 +21,7 @@ import torch
 
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
+from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
 from .per_sample_calls import PerSampleCalls, cache_bytes
 from .per_sample_scheduler import PerSampleScheduler
 from .scheduler import sampler_time
@@ -267,8 +268,7 @@ class CachedGraph(PerSampleCalls):
             deltas[r].append(result[index])
         probe = result[self.layout.probe_index]
         scheduled = decision.compute
-        if scheduled and cache is not None and cache.probe is not None and cache.generation == decision.generation \
-                and len(scheduler.computed_steps) >= 2 and cache.step == scheduler.computed_steps[-2]:
+        if previous_probe_due(cache, decision, scheduler):
             current, has_frames = self._probe_view(probe, args)
             previous, _ = self._probe_view(cache.probe, args)
             if current.shape == previous.shape:
@@ -293,30 +293,10 @@ class CachedGraph(PerSampleCalls):
 
     # ----- forecast reuse (config.reuse) ------------------------------------------
     def _slopes(self, cache: Optional[BranchCache], deltas: list, time: float, generation: int, scheduler):
-        """``delta - previous delta`` per stream, when the previous computed step's deltas are in
-        ``cache`` (same generation, same shapes); replaces ``cache``'s own slopes, so a forecast keeps
-        two tensors per stream: O(1) in the number of steps."""
-        if self.runtime.config.reuse == "constant" or cache is None or cache.generation != generation:
-            return None, 0.0
-        if len(scheduler.computed_steps) < 2 or cache.step != scheduler.computed_steps[-2] or time == cache.time:
-            return None, 0.0
-        slopes = []
-        for new, old in zip(deltas, cache.deltas):
-            if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
-                return None, 0.0
-            slopes.append([a - b for a, b in zip(new, old)])
-        return slopes, time - cache.time
+        return forecast_slopes(self.runtime.config, cache, deltas, time, generation, scheduler)
 
     def _reused_deltas(self, cache: BranchCache, time: float) -> list:
-        """What a reused step adds: the cached deltas, or their forecast at ``time``."""
-        config = self.runtime.config
-        if config.reuse == "constant" or cache.slopes is None:
-            return cache.deltas
-        scale = (time - cache.time) / cache.slope_span
-        if config.reuse == "damped":
-            scale *= config.reuse_damping
-        return [[torch.add(d, slope, alpha=scale) for d, slope in zip(region, slopes)]
-                for region, slopes in zip(cache.deltas, cache.slopes)]
+        return forecast_deltas(self.runtime.config, cache, time)
 
     # ----- state ----------------------------------------------------------------
     def reset(self) -> None:

@@ -11,7 +11,11 @@ Each construct is one switch, so a test or a benchmark can take them one at a ti
   attention-mask handling does);
 * ``mask_nonzero``: the valid text tokens are gathered by ``nonzero`` indices instead;
 * ``moe``: the MLP is a top-k mixture of experts; each expert runs on the tokens routed to it,
-  found with ``nonzero`` (HiDream / Nucleus-style routing).
+  found with ``nonzero`` (Nucleus-style routing);
+* ``moe_loop``: the same experts dispatched as HiDream-Image's inference code does: the routed
+  tokens sorted by expert, the per-expert counts read with ``bincount().tolist()`` and a Python
+  loop over them that skips empty experts. A Python ``if`` on a tensor's value: no capture
+  setting keeps it in the graph, so every block spans several graphs.
 
 ``forward(x, timestep, grid_sizes, context, context_mask)``: ``x`` is a video
 ``(B, C, F, H, W)``, ``grid_sizes`` ``(B, 3)`` int64 (``F, H, W`` per sample), ``context``
@@ -55,8 +59,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class Experts(nn.Module):
     """Top-k mixture of experts over the tokens of ``(B, N, C)``."""
 
-    def __init__(self, c: int, n_experts: int = 3, top_k: int = 2):
+    def __init__(self, c: int, n_experts: int = 3, top_k: int = 2, python_loop: bool = False):
         super().__init__()
+        self.python_loop = python_loop
         self.router = nn.Linear(c, n_experts)
         self.up = nn.ModuleList([nn.Linear(c, 2 * c) for _ in range(n_experts)])
         self.down = nn.ModuleList([nn.Linear(2 * c, c) for _ in range(n_experts)])
@@ -65,6 +70,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, chosen = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        if self.python_loop:
+            return self._sorted_dispatch(flat, weights, chosen).reshape(x.shape)
         out = torch.zeros_like(flat)
         for e, (up, down) in enumerate(zip(self.up, self.down)):
             token, slot = torch.nonzero(chosen == e, as_tuple=True)
@@ -72,14 +79,31 @@ class Experts(nn.Module):
             out = out.index_add(0, token, y)
         return out.reshape(x.shape)
 
+    def _sorted_dispatch(self, flat, weights, chosen):
+        order = chosen.flatten().argsort()
+        ends = chosen.flatten().bincount(minlength=len(self.up)).cumsum(0).tolist()
+        out = torch.zeros_like(flat)
+        start = 0
+        for e, end in enumerate(ends):
+            if end == start:   # a Python branch on a routed count: Dynamo breaks the graph here
+                continue
+            slots = order[start:end]
+            token = slots // self.top_k
+            y = self.down[e](F.gelu(self.up[e](flat[token]))) * weights.flatten()[slots, None]
+            out = out.index_add(0, token, y)
+            start = end
+        return out
+
 
 class BreakingBlock(nn.Module):
-    def __init__(self, c: int, heads: int, rope_tolist: bool, mask_item: bool, mask_nonzero: bool, moe: bool):
+    def __init__(self, c: int, heads: int, rope_tolist: bool, mask_item: bool, mask_nonzero: bool, moe: bool,
+                 moe_loop: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(c, elementwise_affine=False), nn.LayerNorm(c, elementwise_affine=False)
         self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
         self.kv_context = nn.Linear(c, 2 * c)
-        self.mlp = Experts(c) if moe else nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.mlp = (Experts(c, python_loop=moe_loop) if moe or moe_loop
+                    else nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c)))
         self.ada = nn.Linear(c, 4 * c)
         self.heads = heads
         self.rope_tolist, self.mask_item, self.mask_nonzero = rope_tolist, mask_item, mask_nonzero
@@ -108,12 +132,13 @@ class BreakingBlock(nn.Module):
 
 class BreakingDiT(nn.Module):
     def __init__(self, in_channels: int = 3, dim: int = 32, heads: int = 2, depth: int = 4, context_dim: int = 16, *,
-                 rope_tolist: bool = False, mask_item: bool = False, mask_nonzero: bool = False, moe: bool = False):
+                 rope_tolist: bool = False, mask_item: bool = False, mask_nonzero: bool = False, moe: bool = False,
+                 moe_loop: bool = False):
         super().__init__()
         self.embed = nn.Linear(in_channels, dim)
         self.embed_context = nn.Linear(context_dim, dim)
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList([BreakingBlock(dim, heads, rope_tolist, mask_item, mask_nonzero, moe)
+        self.blocks = nn.ModuleList([BreakingBlock(dim, heads, rope_tolist, mask_item, mask_nonzero, moe, moe_loop)
                                      for _ in range(depth)])
         self.out = nn.Linear(dim, in_channels)
         self.dim = dim

@@ -1,0 +1,202 @@
+"""Find the block stack on the module tree and in one observed forward, for a model whose graph
+breaks inside its blocks (``compile_model(model, config, block_guard="modules")``).
+
+A graph-level region needs a Dynamo graph that holds whole blocks. When the graph breaks inside
+every block (a Python loop over per-expert token counts: no capture setting keeps it in the
+graph), no graph does, and the blocks are found on the module tree and at their calls instead:
+
+    candidates   every ModuleList / Sequential / ModuleDict whose members are modules of one
+                 class with submodules of their own (blocks, not ``nn.Linear`` lists), outermost
+                 only (experts inside a block are no candidates)
+    observe      one forward runs eagerly with forward hooks on the candidates' members: each
+                 call of a member is recorded with its tensor inputs and outputs
+    match        each tensor output of a call is matched to the input it continues, its stream:
+                 an input of the same shape and dtype, the nearest one when several are
+                 (a block changes its stream by a residual update, not into another stream)
+    chain        a call feeds the next when the next call's stream holds the previous call's
+                 output values (the same tensor, or at least a quarter of its elements exactly
+                 equal: HiDream-Image appends each block's own text states to the stream and
+                 slices them off after, so only part of the stream is passed on unchanged)
+    group        consecutive calls of one container's members in container order, each feeding
+                 the next, whose every tensor output has a stream form a region; its streams are
+                 the first call's inputs that the last call's outputs continue. A container
+                 called several times whose calls never feed each other holds no blocks (per-layer
+                 projections of the text); one called once is a list of one block
+
+Before (observed calls)                      After (regions)
+    double_blocks.0 (h, enc) -> (h', enc')       region 0: double_blocks.0 .. 1, streams (h, enc)
+    double_blocks.1 (h', cat(enc', t)) -> ...    region 1: single_blocks.0 .. 1, stream (x)
+    single_blocks.0 (cat(h, enc)) -> x'
+    single_blocks.1 (x') -> x''
+    caption_proj.0 (llama_0) -> (B, L, D)        no region: its calls do not feed each other
+    caption_proj.1 (llama_1) -> (B, L, D)
+
+What the model does between two calls (HiDream-Image concatenates each block's own text states
+to the stream and slices them off after) stays its own: on a reused step it still runs, on the
+inputs the guard returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BlockCall", "ModuleRegion", "block_containers", "group_calls", "tensor_inputs", "output_tensors"]
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def block_containers(model: nn.Module) -> dict:
+    """``{container path: [(member path, member)]}``: the module lists that may hold blocks."""
+    found: dict = {}
+    inside: list = []   # member paths of the containers found: nothing under them is a candidate
+    for path, module in model.named_modules():
+        if not isinstance(module, _CONTAINERS) or any(path.startswith(p + ".") for p in inside):
+            continue
+        members = list(module.named_children())
+        classes = {type(m) for _n, m in members}
+        if not members or len(classes) != 1 or not all(any(True for _ in m.children()) for _n, m in members):
+            continue
+        found[path] = [(f"{path}.{name}" if path else name, m) for name, m in members]
+        inside.extend(p for p, _m in found[path])
+    return found
+
+
+def tensor_inputs(args: tuple, kwargs: dict) -> list:
+    """``[(key, tensor)]``: a call's top-level tensor arguments, keyed by position or name."""
+    items = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+    return [(key, value) for key, value in items if isinstance(value, torch.Tensor)]
+
+
+def output_tensors(output) -> Optional[list]:
+    """A block's outputs as a list (tensors and None), or None when the structure is not a
+    tensor or a tuple / list of them."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in output):
+        return list(output)
+    return None
+
+
+@dataclass
+class BlockCall:
+    """One observed call of a candidate member."""
+
+    container: str
+    index: int                     # position of the member in its container
+    path: str                      # the member's module path
+    inputs: list                   # [(key, tensor)]
+    outputs: Optional[list]        # [tensor or None], None: not a tensor structure
+    streams: Optional[list] = None  # per output: the key of the input it continues (None for a None output)
+    why_not: str = ""              # why it is no block call (no stream for an output, ...)
+    structure: type = tuple        # the type of the block's output (a tensor, a tuple, a list)
+    flops: int = 0                 # FLOPs of the call (torch.utils.flop_counter)
+
+
+@dataclass
+class ModuleRegion:
+    """Consecutive calls of one container's members, guarded as one region."""
+
+    container: str
+    paths: list                    # the blocks' module paths, in call order
+    streams: list                  # per output position: the key of the first call's input it continues
+    shapes: list                   # per output position: the stream's shape (None for a None output)
+    num_outputs: int
+    calls: list = field(default_factory=list)   # [BlockCall] of the observed forward
+
+    @property
+    def first(self) -> str:
+        return self.paths[0]
+
+
+def match_streams(call: BlockCall) -> None:
+    """Set ``call.streams``: for each tensor output, the input it continues."""
+    if call.outputs is None:
+        call.why_not = "its output is not a tensor or a tuple of tensors"
+        return
+    used: set = set()
+    streams = []
+    for k, out in enumerate(call.outputs):
+        if out is None:
+            streams.append(None)
+            continue
+        same = [(key, t) for key, t in call.inputs if key not in used and t.shape == out.shape and t.dtype == out.dtype]
+        if not same:
+            call.why_not = f"its output {k} {tuple(out.shape)} continues none of its inputs (no input of that shape)"
+            return
+        key = min(same, key=lambda item: _relative_distance(out, item[1]))[0] if len(same) > 1 else same[0][0]
+        used.add(key)
+        streams.append(key)
+    call.streams = streams
+
+
+def _relative_distance(out: torch.Tensor, inp: torch.Tensor) -> float:
+    diff = (out.detach().double() - inp.detach().double()).norm()
+    return float(diff / inp.detach().double().norm().clamp_min(1e-30))
+
+
+def _feeds(previous: BlockCall, call: BlockCall) -> bool:
+    """Whether ``call``'s streams hold ``previous``'s outputs (see the module docstring)."""
+    inputs = dict(call.inputs)
+    for out, key in zip(previous.outputs, call.streams):
+        value = inputs.get(key) if key is not None else None
+        if out is None or value is None or value.shape != out.shape:
+            continue
+        if value is out or _equal_fraction(out, value) >= 0.25:
+            return True
+    return False
+
+
+def _equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    equal = (a.detach() == b.detach()) & (a.detach() != 0)
+    return float(equal.float().mean()) if a.numel() else 0.0
+
+
+def group_calls(calls: list) -> tuple:
+    """``(regions, notes)``: the regions of an observed forward's calls, and why the other
+    calls are none."""
+    for call in calls:
+        match_streams(call)
+    fed = {id(c) for p, c in zip(calls, calls[1:])
+           if c.streams is not None and p.streams is not None and p.container == c.container and _feeds(p, c)}
+    per_container: dict = {}
+    for call in calls:
+        per_container.setdefault(call.container, []).append(call)
+    unchained = {name for name, own in per_container.items() if len(own) > 1 and not any(id(c) in fed for c in own)}
+    notes = [f"{name}: its {len(per_container[name])} calls do not feed each other (no block list)"
+             for name in sorted(unchained)]
+    calls = [c for c in calls if c.container not in unchained]
+    regions, run = [], []
+
+    def close():
+        if run:
+            first, last = run[0], run[-1]
+            shapes = [tuple(o.shape) if o is not None else None for o in last.outputs]
+            regions.append(ModuleRegion(container=first.container, paths=[c.path for c in run],
+                                        streams=list(first.streams), shapes=shapes,
+                                        num_outputs=len(last.outputs), calls=list(run)))
+            run.clear()
+
+    for call in calls:
+        if call.streams is None:
+            close()
+            notes.append(f"{call.path}: {call.why_not}")
+            continue
+        continues = (run and call.container == run[-1].container and call.index == run[-1].index + 1
+                     and id(call) in fed
+                     and len(call.outputs) == len(run[-1].outputs)
+                     and [s is None for s in call.streams] == [s is None for s in run[-1].streams]
+                     and all(o is None or o.shape == p.shape for o, p in zip(call.outputs, run[-1].outputs)))
+        if not continues:
+            close()
+        run.append(call)
+    close()
+    seen: set = set()
+    for region in regions:   # a member called twice in one forward (weight sharing) is guarded once per call
+        if seen & set(region.paths):
+            notes.append(f"{region.container}: its blocks are called more than once per forward")
+            return [], notes
+        seen |= set(region.paths)
+    return regions, notes

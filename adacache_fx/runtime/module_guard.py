@@ -1,0 +1,372 @@
+"""Guard at the block-list level: the cache-or-compute runtime for a model whose Dynamo graph
+breaks inside its blocks (``compile_model(model, config, block_guard="modules")``).
+
+No graph holds a whole block there, so the guard sits at the blocks' calls instead of inside a
+graph. The first call runs eagerly and is observed (``analysis/find_module_blocks.py``: which
+module lists hold blocks, their streams, the regions); then each block of a region gets a
+``forward`` that Dynamo does not trace (``torch._dynamo.disable``: the model's graph breaks at
+each block call, as it already broke inside each block) and that decides, from the step's
+decision taken once per model call:
+
+    computed step   block i runs its own compiled forward (``torch.compile`` with the inner
+                    compiler; one compile serves every block of a class); the region's first
+                    block's stream inputs and last block's outputs give one delta per stream
+    reused step     the region's first block returns ``in + delta`` (or its forecast) without
+                    running; every later block of the region returns the inputs it continues:
+                    no block's Python runs, only the model's own code between the calls
+
+The probe is a block's own output delta on its first stream (rule "block delta"): the middle
+block of the longest region, or ``probe_block``. MoReg needs the frame count: ``frames_arg``,
+with the video tokens frame-major in dim 1 of the probe. The schedule is the scheduler's, with
+the same contract as the graph-level guard: the decision is taken once per model call, before any
+block runs.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..analysis.find_module_blocks import BlockCall, block_containers, group_calls, output_tensors, tensor_inputs
+from ..config import AdaCacheConfigError
+from ..ops import fused_cache_metrics
+from .cached_graph import BranchCache
+from .distributed import resolve_process_group
+from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
+from .scheduler import sampler_time
+
+logger = logging.getLogger(__name__)
+
+
+class RegionExecutions:
+    """How often a region's blocks really ran (``report().block_executions``)."""
+
+    def __init__(self):
+        self.executions = 0
+
+
+@dataclass
+class _Call:
+    """The model call in flight."""
+
+    active: bool = False
+    compute: bool = True
+    scheduled: bool = False        # the schedule's own decision (not a fallback compute)
+    decision: object = None
+    cache: Optional[BranchCache] = None
+    deltas: list = field(default_factory=list)   # per region: what a reused first block adds
+    computing: list = field(default_factory=list)  # per region: its blocks run on this call
+    inputs: dict = field(default_factory=dict)     # region -> its first block's stream inputs
+    outputs: dict = field(default_factory=dict)    # region -> its last block's stream outputs
+    probe: Optional[torch.Tensor] = None
+    frames: Optional[int] = None
+
+
+class ModuleBlockGuard:
+    """Installed by ``compile_model(block_guard="modules")``; one per compiled model."""
+
+    def __init__(self, model: torch.nn.Module, runtime, compile_block: Callable[[Callable], Callable]):
+        self.runtime = runtime
+        self.compile_block = compile_block
+        self.containers = block_containers(model)
+        self._model = weakref.ref(model)
+        self._weights = {id(p) for p in model.parameters()}
+        self.signature = inspect.signature(model.forward)
+        self.regions: list = []
+        self.notes: list = []          # why observed calls are no region
+        self.observed = False
+        self.why_uncached: Optional[str] = None   # set when the observed call found no region
+        self.runners: list = []        # RegionExecutions per region
+        self.region_info: list = []    # [(blocks, streams, probe block or None)] as CachedGraph's
+        self.region_flops = 0
+        self.total_flops = 0
+        self.probe: Optional[tuple] = None   # (region, position in it)
+        self.timestep_name: Optional[str] = None
+        self.call = _Call()
+        self._branches: dict = {}      # branch -> BranchCache
+        if not self.containers:
+            raise AdaCacheConfigError(
+                f"block_guard='modules': {type(model).__name__} has no module list of blocks (a ModuleList, "
+                "Sequential or ModuleDict of modules of one class); use block_guard='graph'")
+
+    # ----- the first call: observe, then install the block forwards --------------
+    def observe(self, run: Callable, args: tuple, kwargs: dict, frames: Optional[int] = None):
+        """Run the model eagerly (``run``) with hooks on the candidate blocks, find the regions,
+        and install the guarded forwards. Returns the call's output: the generation's first
+        computed step, whose deltas and probe are kept."""
+        calls, handles, depth, flops = [], [], [0], FlopCounterMode(display=False)
+        starts: dict = {}
+        for container, members in self.containers.items():
+            for index, (path, module) in enumerate(members):
+                handles.append(module.register_forward_pre_hook(
+                    self._pre_hook(depth, flops, starts, path), with_kwargs=True))
+                handles.append(module.register_forward_hook(
+                    self._post_hook(depth, flops, starts, calls, container, index, path), with_kwargs=True))
+        try:
+            with flops:
+                output = run(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.regions, self.notes = group_calls(calls)
+        self.total_flops = flops.get_total_flops()
+        self.region_flops = sum(c.flops for region in self.regions for c in region.calls)
+        self.observed = True
+        if not self.regions:
+            self.why_uncached = ("block_guard='modules': no module list whose calls continue their inputs "
+                                 "(streams): " + "; ".join(self.notes or ["no candidate block was called"]))
+            return output
+        self.timestep_name = self._timestep_argument(args, kwargs)
+        self.probe = self._choose_probe()
+        self._install()
+        self.begin_call(args, kwargs, frames)
+        self._store_observed()
+        self.end_call()
+        return output
+
+    def _pre_hook(self, depth, flops, starts, path):
+        def hook(module, args, kwargs):
+            depth[0] += 1
+            starts[path] = flops.get_total_flops()
+        return hook
+
+    def _post_hook(self, depth, flops, starts, calls, container, index, path):
+        def hook(module, args, kwargs, output):
+            depth[0] -= 1
+            if depth[0] == 0:   # a candidate called inside another one's call is part of that block
+                calls.append(BlockCall(container, index, path, tensor_inputs(args, kwargs), output_tensors(output),
+                                       structure=type(output), flops=flops.get_total_flops() - starts[path]))
+        return hook
+
+    def _timestep_argument(self, args, kwargs) -> Optional[str]:
+        """The forward argument that carries the timestep: ``timestep_arg``, else the one floating
+        tensor of one value per batch row (or one value), else None (each call is a step)."""
+        config = self.runtime.config
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        if config.timestep_arg is not None:
+            if config.timestep_arg not in self.signature.parameters:
+                raise AdaCacheConfigError(f"adacache: timestep_arg={config.timestep_arg!r} names no argument of "
+                                          f"forward{self.signature}")
+            return config.timestep_arg
+        tensors = [v for v in bound.values() if isinstance(v, torch.Tensor) and v.dim()]
+        batch = tensors[0].shape[0] if tensors else 1
+        found = [name for name, v in bound.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() <= 1 and v.numel() in (1, batch)]
+        if len(found) > 1:
+            raise AdaCacheConfigError(f"adacache: block_guard='modules': several arguments could be the timestep "
+                                      f"({found}); name it with AdaCacheConfig(timestep_arg=...)")
+        if not found and config.num_steps is None:
+            raise AdaCacheConfigError("adacache: no timestep argument found (a floating tensor of one value per "
+                                      "batch row), so every call is a step and AdaCacheConfig(num_steps=...) is "
+                                      "required (or name it with timestep_arg=...)")
+        return found[0] if found else None
+
+    def _choose_probe(self) -> tuple:
+        """``(region, position)``: the middle block of the longest region, or ``probe_block`` (an
+        index over that region's blocks, negative from the end, or a module path)."""
+        probe_block = self.runtime.config.probe_block
+        if isinstance(probe_block, str):
+            for r, region in enumerate(self.regions):
+                for j, path in enumerate(region.paths):
+                    if path == probe_block or path.endswith("." + probe_block):
+                        return r, j
+            raise AdaCacheConfigError(f"probe_block={probe_block!r} names no guarded block "
+                                      f"(blocks: {[p for region in self.regions for p in region.paths]})")
+        r = max(range(len(self.regions)), key=lambda i: (len(self.regions[i].paths), -i))
+        count = len(self.regions[r].paths)
+        j = count // 2 if probe_block is None else probe_block
+        if not -count <= j < count:
+            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for the {count} blocks of "
+                                      f"{self.regions[r].container}")
+        return r, j % count
+
+    def _install(self) -> None:
+        model = self._model()
+        modules = dict(model.named_modules())
+        self.runners = [RegionExecutions() for _ in self.regions]
+        for r, region in enumerate(self.regions):
+            for j, path in enumerate(region.paths):
+                module = modules[path]
+                module.forward = self._guarded_forward(r, j, self.compile_block(module.forward))
+        self.region_info = [(region.paths, region.shapes,
+                             region.paths[self.probe[1]] if self.probe[0] == r else None)
+                            for r, region in enumerate(self.regions)]
+
+    def _store_observed(self) -> None:
+        """The observed call is the generation's first computed step: keep its deltas and probe."""
+        for r, region in enumerate(self.regions):
+            first, last = region.calls[0], region.calls[-1]
+            inputs = dict(first.inputs)
+            self.call.inputs[r] = [inputs[key] if key is not None else None for key in region.streams]
+            self.call.outputs[r] = list(last.outputs)
+            self.runners[r].executions += 1
+        call = self.regions[self.probe[0]].calls[self.probe[1]]
+        self.call.probe = _block_delta(call.outputs, dict(call.inputs), call.streams)
+
+    # ----- per model call ----------------------------------------------------------
+    def begin_call(self, args: tuple, kwargs: dict, frames: Optional[int] = None) -> None:
+        """The step's decision, taken once for the whole call, before any block runs."""
+        if not self.regions:   # nothing to guard: the model runs as compiled
+            return
+        scheduler = self.runtime.scheduler(0)
+        if scheduler.process_group is None:   # "auto": the world (no graph holds the model's collectives)
+            scheduler.process_group = resolve_process_group(self.runtime.config.process_group)
+        value = None
+        if self.timestep_name is not None:
+            value = self.signature.bind_partial(*args, **kwargs).arguments.get(self.timestep_name)
+        timestep = self.runtime.clock.timestep(value)
+        decision = scheduler.begin_call(timestep, key=self)
+        cache = self._branches.get(decision.branch)
+        valid = (cache is not None and cache.generation == decision.generation
+                 and cache.step == scheduler.last_computed_step)
+        compute = decision.compute or not valid or not self.regions
+        self.call = _Call(active=True, compute=compute, scheduled=decision.compute, decision=decision, cache=cache,
+                          computing=[compute] * len(self.regions), frames=frames)
+        if not compute:
+            self.call.deltas = forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
+
+    def restart_call(self) -> None:
+        """The call is run again (traced without data-dependent capture): forget what it recorded."""
+        self.call.inputs, self.call.outputs, self.call.probe = {}, {}, None
+
+    def end_call(self) -> None:
+        call, self.call = self.call, _Call()
+        if call.compute and self.regions and all(call.computing):
+            self._store(call)
+
+    def abort_call(self) -> None:
+        self.call = _Call()
+
+    # ----- the block forwards ----------------------------------------------------------
+    def _guarded_forward(self, r: int, j: int, compiled: Callable):
+        region = self.regions[r]
+        last = len(region.paths) - 1
+        streams = region.calls[j].streams
+        structure = region.calls[j].structure
+        is_probe = self.probe == (r, j)
+
+        @torch._dynamo.disable   # the decision is host state: Dynamo breaks the graph at the call
+        def forward(*args, **kwargs):
+            call = self.call
+            if call.active and not call.computing[r] and j == 0 and not self._reusable(r, args, kwargs):
+                call.computing[r] = True   # the inputs changed shape: this region computes (when in doubt)
+            if not call.active or call.computing[r]:
+                output = compiled(*args, **kwargs)
+                if call.active:
+                    self._record(r, j, last, is_probe, streams, args, kwargs, output)
+                return output
+            if j == 0:   # the region's result: its inputs plus the deltas
+                deltas = iter(call.deltas[r])
+                values = [None if key is None else _argument(args, kwargs, key) + next(deltas)
+                          for key in region.streams]
+            else:        # already in the first block's result: pass the streams on
+                values = [None if key is None else _argument(args, kwargs, key) for key in streams]
+            return _rebuild(structure, values)
+
+        return forward
+
+    def _reusable(self, r: int, args, kwargs) -> bool:
+        region = self.regions[r]
+        deltas = iter(self.call.deltas[r])
+        for key in region.streams:
+            if key is None:
+                continue
+            value = _argument(args, kwargs, key)
+            if value is None or value.shape != next(deltas).shape:
+                return False
+        return True
+
+    def _record(self, r, j, last, is_probe, streams, args, kwargs, output) -> None:
+        call = self.call
+        if j == 0:
+            self.runners[r].executions += 1
+            call.inputs[r] = [None if key is None else _argument(args, kwargs, key) for key in self.regions[r].streams]
+        if j == last:
+            call.outputs[r] = output_tensors(output)
+        if is_probe:
+            inputs = {key: _argument(args, kwargs, key) for key in streams if key is not None}
+            call.probe = _block_delta(output_tensors(output), inputs, streams)
+
+    # ----- after a computed call: deltas, probe, metric -------------------------------
+    def _store(self, call: _Call) -> None:
+        scheduler = self.runtime.scheduler(0)
+        deltas = []
+        for r in range(len(self.regions)):
+            ins, outs = call.inputs.get(r), call.outputs.get(r)
+            if ins is None or outs is None or len(ins) != len(outs) or any(
+                    (i is None) != (o is None) or (i is not None and i.shape != o.shape) for i, o in zip(ins, outs)):
+                logger.debug("adacache: region %d's streams changed shape inside the call: nothing cached", r)
+                return
+            deltas.append([(o - i).detach() for i, o in zip(ins, outs) if i is not None])
+        decision, cache, probe = call.decision, call.cache, call.probe
+        if previous_probe_due(cache, decision, scheduler) and probe is not None:
+            current, has_frames = _probe_view(probe, call.frames)
+            previous, _ = _probe_view(cache.probe, call.frames)
+            if current.shape == previous.shape:
+                stride = self.runtime.config.moreg_stride
+                has_frames = has_frames and current.shape[1] > stride
+                scheduler.add_metric_sums(fused_cache_metrics(current, previous, stride).sum(0), has_motion=has_frames)
+        recorder = self.runtime.recorder
+        if recorder is not None and call.scheduled and probe is not None:
+            view, has_frames = _probe_view(probe, call.frames)
+            recorder.record((id(self), decision.branch), scheduler.step, view, self.runtime.config.moreg_stride,
+                            has_frames)
+        time = sampler_time(scheduler)
+        slopes, span = forecast_slopes(self.runtime.config, cache, deltas, time, decision.generation, scheduler)
+        self._branches[decision.branch] = BranchCache(
+            generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
+            stream_shapes=[], probe=probe.detach() if call.scheduled and probe is not None else None, time=time,
+            slopes=slopes, slope_span=span)
+
+    # ----- the interface of CachedGraph that the backend's report and reset read ---------
+    def reset(self) -> None:
+        self._branches.clear()
+
+    def cache_bytes(self, instance: Optional[int] = None) -> int:
+        return sum(c.nbytes() for c in self._branches.values()) if instance in (None, 0) else 0
+
+    def instance_of(self, weights) -> Optional[int]:
+        return 0 if any(id(w) in self._weights for w in weights) else None
+
+    def describe(self) -> str:
+        lines = [f"block guard (modules): {len(self.regions)} region(s)"]
+        for r, region in enumerate(self.regions):
+            probe = f", probe {region.paths[self.probe[1]]} (its output delta)" if self.probe[0] == r else ""
+            lines.append(f"region {r}: {len(region.paths)} blocks ({region.paths[0]} .. {region.paths[-1]}), "
+                         f"streams {[s for s in region.shapes if s is not None]}{probe}")
+        lines.extend(f"not a region: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _rebuild(structure: type, values: list):
+    """A block's output of type ``structure`` from its values (a tensor, a tuple, a named tuple, a list)."""
+    if issubclass(structure, torch.Tensor):
+        return values[0]
+    return structure(*values) if hasattr(structure, "_fields") else structure(values)
+
+
+def _argument(args: tuple, kwargs: dict, key):
+    if isinstance(key, int):
+        return args[key] if key < len(args) else None
+    return kwargs.get(key)
+
+
+def _block_delta(outputs: Optional[list], inputs: dict, streams: list) -> Optional[torch.Tensor]:
+    """A block's output minus the input it continues, on its first stream."""
+    for out, key in zip(outputs or [], streams):
+        if out is not None and key is not None and inputs.get(key) is not None:
+            return (out - inputs[key]).detach()
+    return None
+
+
+def _probe_view(probe: torch.Tensor, frames: Optional[int]) -> tuple:
+    """``(view, has_frames)``: ``(B, frames, -1)`` when ``frames`` splits dim 1 of the probe (video
+    tokens frame-major there: ``frames_arg``), else ``(B, 1, -1)``."""
+    if frames and probe.dim() >= 3 and probe.shape[1] % frames == 0:
+        return probe.reshape(probe.shape[0], frames, -1), True
+    return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1), False
