@@ -111,6 +111,9 @@ class AdaCacheBackend:
             parameter_index=parameters[0] if parameters else None,
             frame_axis=analysis.frame_layout.probe_axis if analysis.frame_layout else None,
             symbol_sources=_symbol_sources(pieces.fake_inputs), moreg_stride=self.config.moreg_stride)
+        axis = layout.frame_axis
+        if axis is not None and axis.gather is not None:
+            layout.gather_index = placeholders.index(axis.gather)
         info = [(region.block_paths, [_shape(s.shape) for s in region.streams],
                  analysis.probe.block if analysis.probe.region == r else None)
                 for r, region in enumerate(analysis.regions)]

@@ -241,6 +241,11 @@ MUTATIONS = [
              [(PS_SCHED, "host = all_reduce_sums(stacked, self.process_group).tolist()",
                "host = stacked.tolist()")],
              [T_PER_SAMPLE_DIST]),
+    Mutation("frames_gather_ignored", "scattered video tokens are measured at the positions their input gives",
+             [(GRAPH, "probe = probe.index_select(axis.dim, args[self.layout.gather_index])",
+               "probe = probe.narrow(axis.dim, probe.shape[axis.dim] - args[self.layout.gather_index].numel(), "
+               "args[self.layout.gather_index].numel())")],
+             [T_BREAKS]),
     # ----- the block-list guard (block_guard="modules") ------------------------------------------
     Mutation("module_guard_reuse_adds_no_delta", "a reused region's first block returns its inputs plus the deltas",
              [(MODULE_GUARD, "_argument(args, kwargs, key) + next(deltas)",

@@ -356,3 +356,43 @@ def test_when_capture_fails_the_model_is_traced_as_plain_compile_traces_it():
     assert backend.graphs and backend.report().computed_steps == list(range(1, 7))   # the blocks' graph caches
     e = explain(PrefixSegments(), x, torch.full((2,), 500.0), ids, prefix)
     assert e.capture_failed and "GuardOnDataDependentSymNode" in e.capture_failed and e.regions
+
+
+# ----- video tokens scattered into a packed sequence at positions an input gives ----------------
+def _scattered_motions(model, video_indices, text_indices, steps=12):
+    torch._dynamo.reset()
+    backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=steps, packed_frames=3,
+                                                  reuse="constant"), inner="eager")
+    with torch.no_grad():
+        for step, t in enumerate(timesteps(steps)):
+            g = torch.Generator().manual_seed(step)
+            model(torch.randn(2, 60, 3, generator=g), torch.full((2,), float(t)), video_indices, text_indices)
+    report = backend.report()
+    assert report.computed_steps == CONTRACT_12
+    return [m.motion for m in report.metrics]
+
+
+def test_scattered_video_tokens_get_moreg_from_their_positions_input():
+    """MiniMax-H3 packs text, video and audio rows into one sequence with ``index_copy`` at
+    positions given as inputs: the frame axis follows the video rows to their positions
+    (``FrameAxis.gather``), so the motion scores equal those of the same weights with the video
+    tokens joined by ``cat`` (a run after the text), wherever the positions put them."""
+    from toy_models import ToyScatteredVideo
+    torch.manual_seed(0)
+    joined = ToyScatteredVideo(use_cat=True).eval()
+    scattered = ToyScatteredVideo().eval()
+    scattered.load_state_dict(joined.state_dict())
+    e = explain(scattered, torch.randn(2, 60, 3), torch.full((2,), 500.0), torch.arange(5, 65), torch.arange(5),
+                config=AdaCacheConfig(packed_frames=3))
+    assert e.frame_layout is not None and e.frame_layout.probe_axis.gather is not None, str(e)
+    expected = _scattered_motions(joined, None, None)
+    assert len(expected) == 5 and all(m is not None for m in expected)
+    positions = torch.arange(65)
+    interleaved_text = torch.tensor([0, 7, 20, 41, 64])           # text rows among the video rows
+    video = positions[~torch.isin(positions, interleaved_text)]
+    for video_indices, text_indices in ((torch.arange(5, 65), torch.arange(5)), (video, interleaved_text)):
+        torch.manual_seed(0)
+        model = ToyScatteredVideo().eval()
+        model.load_state_dict(joined.state_dict())
+        motions = _scattered_motions(model, video_indices, text_indices)
+        assert motions == pytest.approx(expected, rel=1e-4)

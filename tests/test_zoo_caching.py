@@ -37,11 +37,6 @@ ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).
 XFAIL: dict[str, str] = {
-    "minimax_h3": "no MoReg frame layout: video, audio and text tokens come already packed into one sequence "
-                  "(B, L, C) with index tensors (video_indices, position_ids), so the video tokens are no "
-                  "frame-major run of the sequence that a frame count (frames_arg, packed_frames) could place; "
-                  "would take reading the frame layout from the index tensors (this tiny case also has a single "
-                  "latent frame)",
 }
 
 #: case -> why no graph holds a whole block, so the block lists are guarded at their calls
@@ -66,7 +61,7 @@ ONE_GRAPH = sorted(n for n, c in ZOO.items() if c.one_graph)
 #: double + single stream, Latte/STDiT interleaved lists, Wan / CogVideoX / LTX video, audio).
 SUBSET = ["ref_dit", "ref_stdit", "dit", "pixart", "latte", "sd3", "flux", "hunyuan_dit", "wan", "cogvideox",
           "ltx_video", "hunyuan_video", "stable_audio", "sana", "omnigen", "helios", "mochi", "nucleus_moe_image",
-          "kandinsky6_sr", "hunyuan_video15", "sana_wm_refiner", "dreamlite", "hidream_image"]
+          "kandinsky6_sr", "hunyuan_video15", "sana_wm_refiner", "dreamlite", "hidream_image", "minimax_h3"]
 
 _models: dict = {}
 

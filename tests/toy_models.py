@@ -308,3 +308,35 @@ class ToyFlowDiT(nn.Module):
         for block in self.blocks:
             x = block(x, temb)
         return x
+
+
+class ToyScatteredVideo(nn.Module):
+    """MiniMax-H3-style packed sequence: the video tokens ``(B, F*H*W, cin)`` (frame-major) and
+    learned text tokens are scattered into one sequence with ``index_copy`` at the positions
+    ``video_indices`` / ``text_indices`` (graph inputs), the blocks run over the sequence, and the
+    video rows are selected back. ``use_cat``: the text and video tokens are joined with ``cat``
+    instead (text first), the same model when the indices are contiguous. The blocks have no
+    position encoding, so the outputs do not depend on where the tokens sit."""
+
+    def __init__(self, cin=3, c=16, depth=2, text_len=5, use_cat=False):
+        super().__init__()
+        self.embed = nn.Linear(cin, c)
+        self.text = nn.Parameter(torch.randn(text_len, c))
+        self.t = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
+        self.out = nn.Linear(c, cin)
+        self.c, self.text_len, self.use_cat = c, text_len, use_cat
+
+    def forward(self, tokens, timestep, video_indices, text_indices):
+        b, n, _ = tokens.shape
+        vid, text = self.embed(tokens), self.text.expand(b, -1, -1)
+        if self.use_cat:
+            seq = torch.cat([text, vid], dim=1)
+        else:
+            seq = vid.new_zeros(b, n + self.text_len, self.c)
+            seq = seq.index_copy(1, text_indices, text).index_copy(1, video_indices, vid)
+        temb = self.t(sinusoid(timestep, self.c))
+        for blk in self.blocks:
+            seq = blk(seq, temb)
+        seq = seq[:, self.text_len:] if self.use_cat else seq.index_select(1, video_indices)
+        return self.out(seq)

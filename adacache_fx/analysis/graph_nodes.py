@@ -30,6 +30,7 @@ OP_KINDS = {
     "cast": ({"to", "float", "half", "bfloat16", "type", "type_as", "clone"},
              {torch.clone, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as}),
     "cat": (set(), {torch.cat, torch.concat, torch.concatenate}),
+    "index_copy": ({"index_copy"}, {torch.index_copy, torch.Tensor.index_copy}),
     "conv": (set(), {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}),
     "matmul": (set(), {torch.matmul, torch.bmm, operator.matmul}),
     # reductions over some dims (the rest survive, shifted left unless keepdim)

@@ -132,6 +132,7 @@ class GraphLayout:
     symbol_sources: dict             # sympy symbol -> (input index, dim) for dynamic shapes
     moreg_stride: int = 1
     batch_source: Optional[tuple] = None   # (input index, dim) whose size is the batch rows (per-sample schedules)
+    gather_index: Optional[int] = None     # graph input holding the video tokens' positions (FrameAxis.gather)
 
     def deltas_of_region(self, region: int) -> list:
         """The graph output index of each of ``region``'s deltas, in stream order."""
@@ -213,6 +214,8 @@ class CachedGraph(PerSampleCalls):
             start = self._eval(axis.offset, args)
             length = self._eval(axis.span, args) if axis.span is not None else probe.shape[axis.dim] - start
             probe = probe.narrow(axis.dim, start, length)
+            if axis.gather is not None:   # the video tokens sit at the positions an input holds
+                probe = probe.index_select(axis.dim, args[self.layout.gather_index])
         if axis.shard is None:
             frames = self._eval(axis.frames, args)
         else:   # from the split's unsplit sizes (the rules never change ``frames``): alike on every rank

@@ -898,15 +898,21 @@ _dcase(
 
 
 def _minimax_h3_inputs(g, b, t):
-    n_txt, n_vid, n_aud = 6, 16, 4
+    """Two latent frames of 4 x 4 patches (frame-major video rows), 6 text and 4 audio tokens; the
+    video rows sit between the text and the audio tokens, every other position, interleaved with
+    the audio rows as a packed sequence may hold them (their positions come from video_indices)."""
+    n_txt, n_vid, n_aud = 6, 32, 4
     L = n_txt + n_vid + n_aud
     text_idx = torch.arange(0, n_txt)
-    video_idx = torch.arange(n_txt, n_txt + n_vid)
-    audio_idx = torch.arange(n_txt + n_vid, L)
-    tags = torch.cat([torch.ones(n_txt), torch.zeros(n_vid), torch.full((n_aud,), 2)]).long()
+    rest = torch.arange(n_txt, L)
+    audio_idx = rest[1:2 * n_aud:2]                                  # 7, 9, 11, 13
+    video_idx = rest[~torch.isin(rest, audio_idx)]                  # the others, in order
+    tags = torch.ones(L).long()
+    tags[video_idx], tags[audio_idx] = 0, 2
     pos = torch.zeros(L, 3, dtype=torch.long)
     pos[:n_txt, 0] = torch.arange(n_txt)
-    hh, ww = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    ff, hh, ww = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(4), indexing="ij")
+    pos[video_idx, 0] = ff.reshape(-1)
     pos[video_idx, 1] = hh.reshape(-1)
     pos[video_idx, 2] = ww.reshape(-1)
     pos[audio_idx, 0] = torch.arange(n_aud)
@@ -920,7 +926,9 @@ _dcase(
          ffn_dim=64, in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=24, freq_dim=16,
          time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=4),
     _minimax_h3_inputs, is_video=True, is_audio=True, num_blocks=2, block_lists=("transformer_blocks",), t_max=1.0,
-    notes="joint audio+video+text packed sequence; `timestep` holds the DISTINCT timestep values (shared by the "
+    adacache=dict(packed_frames=2),
+    notes="joint audio+video+text packed sequence, the video rows scattered into it at video_indices (2 latent "
+          "frames; packed_frames gives the count); `timestep` holds the DISTINCT timestep values (shared by the "
           "batch; make_inputs uses t[:1]) and timestep_indices/token_tags select the adaLN row per token; "
           "output (video, audio) - get_output returns the video rows.",
 )

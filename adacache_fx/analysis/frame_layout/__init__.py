@@ -36,7 +36,9 @@ class FrameLayout:
 
     def describe(self) -> str:
         a = self.probe_axis
-        segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.segmented else ""
+        segment = f", video tokens [{a.offset}, {a.offset} + {a.span})" if a.offset != 0 or a.span is not None else ""
+        if a.gather is not None:
+            segment += f", video tokens at the positions input {user_placeholder_name(a.gather)!r} holds"
         source = (f"packed tokens of input {self.video_input!r} (frames from frames_arg or packed_frames)" if self.packed
                   else f"input {self.video_input!r} dim {self.video_frame_dim}")
         shard = ""

@@ -24,7 +24,10 @@ class FrameAxis:
     """Element ``i`` along ``dim`` belongs to frame ``((i - offset) // inner) % frames``, for
     ``offset <= i < offset + span`` (``span`` None: to the end of the dim). The offset and
     span come from a cat along ``dim`` (text tokens before or after the video tokens); a
-    slice or split back to the video tokens removes them."""
+    slice or split back to the video tokens removes them. ``gather``: the video tokens are not
+    a run of the segment but its elements at the positions a graph input of indices holds, in
+    frame-major order (tokens scattered into a packed sequence with ``index_copy``: MiniMax-H3);
+    the runtime selects them (``index_select``) before viewing the frames."""
 
     dim: int
     inner: sympy.Expr
@@ -33,10 +36,12 @@ class FrameAxis:
     span: Optional[sympy.Expr] = None
     shard: Optional[tuple] = None   # (index, count, total, inner): piece ``index`` of ``count`` equal
                                     # shards of the frames, of a dim of ``total`` elements, ``inner`` per frame
+    gather: Optional[object] = None  # the placeholder fx.Node of the positions, or None
 
     @property
     def segmented(self) -> bool:
-        return self.offset != 0 or self.span is not None
+        """The video tokens are part of the dim only (an offset, a span or gathered positions)."""
+        return self.offset != 0 or self.span is not None or self.gather is not None
 
     def extent(self, size: sympy.Expr) -> sympy.Expr:
         """Length of the video segment in a dim of ``size`` elements."""
@@ -135,4 +140,10 @@ def fits(value, axis: FrameAxis) -> bool:
     """Whether ``axis`` is consistent with the size of ``value``'s dim."""
     if not isinstance(value, torch.Tensor):
         return True
+    if axis.gather is not None:   # the gathered positions hold the video tokens
+        from ..graph_nodes import example_value
+        positions = example_value(axis.gather)
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+            return False
+        return same(size_expr(positions.shape[0]), axis.inner * axis.frames)
     return exact_quotient(axis.extent(size_expr(value.shape[axis.dim])), axis.inner * axis.frames) is not None

@@ -5,7 +5,8 @@ permutes move it; a cat along it puts the video tokens at an offset and a slice 
 back removes it; convolutions keep it on batch and spatial dims (a temporal patch shrinks
 ``frames``) and lose it on channels; linears and attention keep it off the last dim; A @ B
 keeps B's last dim; anything else keeps it when the dim survives (right-aligned
-broadcasting). ``propagate`` dispatches on ``graph_nodes.op_kind``; a rule returns
+broadcasting); an ``index_copy`` of the video tokens into a packed sequence at positions given by a
+graph input gathers it. ``propagate`` dispatches on ``graph_nodes.op_kind``; a rule returns
 ``NotImplemented`` to leave the node to the broadcasting rule.
 
 Example (Open-Sora-style, ``x: (B, C, T, H, W)``)::
@@ -107,6 +108,23 @@ def _cat(node, axis: FrameAxis, source, in_shape, out_shape):
             return None
         before = before + size_expr(value.shape[cat_dim])
     return replace(axis, offset=axis.offset + before, span=axis.extent(in_shape[axis.dim]))
+
+
+def _index_copy(node, axis: FrameAxis, source, in_shape, out_shape):
+    """``x.index_copy(dim, index, src)``: ``src``'s tokens land in ``x`` at the positions ``index``
+    (a graph input) along ``dim``: a gathered axis. Copies of other tokens into a tensor with the
+    axis keep it (the model's index sets are disjoint: text, video and audio rows of one sequence)."""
+    args = list(node.args) + [node.kwargs.get(k) for k in ("dim", "index", "source")[len(node.args) - 1:]]
+    if len(args) < 4 or not isinstance(args[1], int):
+        return None
+    x, dim, index, src = args[:4]
+    dim %= len(out_shape)
+    if source is x and src is not source:
+        return axis if len(out_shape) == len(in_shape) and all(same(a, b) for a, b in zip(out_shape, in_shape)) else None
+    if (source is not src or axis.dim != dim or axis.segmented or axis.shard is not None
+            or not isinstance(index, fx.Node) or index.op != "placeholder"):
+        return None
+    return replace(axis, gather=index)
 
 
 def _slice_bound(bound, size, default) -> Optional[sympy.Expr]:
@@ -221,7 +239,7 @@ def _reduce(node, axis: FrameAxis, source, in_shape, out_shape):
     return replace(axis, dim=dim) if dim < len(out_shape) and same(out_shape[dim], in_shape[axis.dim]) else None
 
 
-_RULES = {"reshape": _reshape, "permute": _permute, "cat": _cat, "conv": _conv,
+_RULES = {"reshape": _reshape, "permute": _permute, "cat": _cat, "conv": _conv, "index_copy": _index_copy,
           "matmul": _matmul, "last_dim": _last_dim, "reduce": _reduce}
 
 
