@@ -247,9 +247,10 @@ MUTATIONS = [
                "args[self.layout.gather_index].numel())")],
              [T_BREAKS]),
     # ----- the block-list guard (block_guard="modules") ------------------------------------------
-    Mutation("module_guard_reuse_adds_no_delta", "a reused region's first block returns its inputs plus the deltas",
-             [(MODULE_GUARD, "_argument(args, kwargs, key) + next(deltas)",
-               "_argument(args, kwargs, key) + 0 * next(deltas)")],
+    Mutation("module_guard_reuse_adds_no_delta", "a reused region's last block returns the region's inputs plus the "
+             "deltas",
+             [(MODULE_GUARD, "else value + next(deltas) for value in call.reuse_inputs.pop(r)]",
+               "else value + 0 * next(deltas) for value in call.reuse_inputs.pop(r)]")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_later_blocks_run", "on a reused step no block of the region runs",
              [(MODULE_GUARD, "if not call.active or call.computing[r]:",
@@ -262,6 +263,13 @@ MUTATIONS = [
     Mutation("module_guard_calls_not_chained", "a module list whose calls do not feed each other holds no blocks",
              [(MODULE_BLOCKS, "unchained = {name for name, own in per_container.items() if len(own) > 1",
                "unchained = {name for name, own in per_container.items() if len(own) > 1e9")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_streams_by_position", "a stream passed by keyword on one call and by position on another "
+             "is the same stream", [(MODULE_BLOCKS, "bound = signature.bind(*args, **kwargs).arguments if signature is "
+                                    "not None else None", "bound = None")],
+             [T_MODULE_GUARD]),
+    Mutation("module_guard_side_by_side_chained", "blocks that all take the same input are no chain",
+             [(MODULE_BLOCKS, " or value is before.get(was):", ":")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_probe_is_the_output", "the probe is the block's output delta, not its output",
              [(MODULE_GUARD, "return (out - inputs[key]).detach()", "return out.detach()")],

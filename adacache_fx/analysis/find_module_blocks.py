@@ -13,10 +13,11 @@ graph), no graph does, and the blocks are found on the module tree and at their 
     match        each tensor output of a call is matched to the input it continues, its stream:
                  an input of the same shape and dtype, the nearest one when several are
                  (a block changes its stream by a residual update, not into another stream)
-    chain        a call feeds the next when the next call's stream holds the previous call's
-                 output values (the same tensor, or at least a quarter of its elements exactly
-                 equal: HiDream-Image appends each block's own text states to the stream and
-                 slices them off after, so only part of the stream is passed on unchanged)
+    chain        a call feeds the next when each of the next call's streams holds the previous
+                 call's output at that position (the same tensor, or at least a quarter of its
+                 elements exactly equal: HiDream-Image appends each block's own text states to the
+                 stream and slices them off after, so only part of the stream is passed on
+                 unchanged) and is not the previous call's own input (blocks side by side)
     group        consecutive calls of one container's members in container order, each feeding
                  the next, whose every tensor output has a stream form a region; its streams are
                  the first call's inputs that the last call's outputs continue. A container
@@ -37,13 +38,15 @@ inputs the guard returns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockCall", "ModuleRegion", "block_containers", "group_calls", "tensor_inputs", "output_tensors"]
+__all__ = ["BlockCall", "ModuleRegion", "bind_arguments", "block_containers", "group_calls", "tensor_inputs",
+           "output_tensors"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -64,10 +67,31 @@ def block_containers(model: nn.Module) -> dict:
     return found
 
 
-def tensor_inputs(args: tuple, kwargs: dict) -> list:
-    """``[(key, tensor)]``: a call's top-level tensor arguments, keyed by position or name."""
-    items = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
-    return [(key, value) for key, value in items if isinstance(value, torch.Tensor)]
+def bind_arguments(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by parameter name (``**kwargs`` entries by their own names, ``*args``
+    entries as ``"*i"``), so that a stream passed by position on one call and by keyword on the
+    next is the same stream; by position / keyword as given when the call does not bind."""
+    try:
+        bound = signature.bind(*args, **kwargs).arguments if signature is not None else None
+    except TypeError:
+        bound = None
+    if bound is None:
+        return {**dict(enumerate(args)), **kwargs}
+    out: dict = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out.update({f"*{i}": v for i, v in enumerate(value)})
+        else:
+            out[name] = value
+    return out
+
+
+def tensor_inputs(arguments: dict) -> list:
+    """``[(key, tensor)]``: a call's top-level tensor arguments (``bind_arguments``)."""
+    return [(key, value) for key, value in arguments.items() if isinstance(value, torch.Tensor)]
 
 
 def output_tensors(output) -> Optional[list]:
@@ -138,15 +162,20 @@ def _relative_distance(out: torch.Tensor, inp: torch.Tensor) -> float:
 
 
 def _feeds(previous: BlockCall, call: BlockCall) -> bool:
-    """Whether ``call``'s streams hold ``previous``'s outputs (see the module docstring)."""
-    inputs = dict(call.inputs)
-    for out, key in zip(previous.outputs, call.streams):
-        value = inputs.get(key) if key is not None else None
-        if out is None or value is None or value.shape != out.shape:
+    """Whether each of ``call``'s streams holds ``previous``'s output at its position (see the
+    module docstring) and is not ``previous``'s own input (blocks applied side by side)."""
+    inputs, before = dict(call.inputs), dict(previous.inputs)
+    fed = False
+    for out, key, was in zip(previous.outputs, call.streams, previous.streams):
+        if out is None:
             continue
-        if value is out or _equal_fraction(out, value) >= 0.25:
-            return True
-    return False
+        value = inputs.get(key) if key is not None else None
+        if value is None or value.shape != out.shape or value is before.get(was):
+            return False
+        if not (value is out or _equal_fraction(out, value) >= 0.25):
+            return False
+        fed = True
+    return fed
 
 
 def _equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,8 +194,8 @@ def group_calls(calls: list) -> tuple:
     for call in calls:
         per_container.setdefault(call.container, []).append(call)
     unchained = {name for name, own in per_container.items() if len(own) > 1 and not any(id(c) in fed for c in own)}
-    notes = [f"{name}: its {len(per_container[name])} calls do not feed each other (no block list)"
-             for name in sorted(unchained)]
+    notes = [f"{name}: its {len(per_container[name])} calls do not feed each other (no call's streams hold the "
+             "previous call's outputs; no block list)" for name in sorted(unchained)]
     calls = [c for c in calls if c.container not in unchained]
     regions, run = [], []
 
@@ -200,3 +229,9 @@ def group_calls(calls: list) -> tuple:
             return [], notes
         seen |= set(region.paths)
     return regions, notes
+
+
+def without_tensors(region: ModuleRegion) -> ModuleRegion:
+    """``region`` keeping only what the guard reads (streams, structures, shapes): the observed
+    call's tensors are not held for the model's lifetime."""
+    return replace(region, calls=[replace(c, inputs=[], outputs=None) for c in region.calls])

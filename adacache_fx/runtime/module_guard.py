@@ -11,10 +11,14 @@ decision taken once per model call:
     computed step   block i runs its own compiled forward (``torch.compile`` with the inner
                     compiler; one compile serves every block of a class); the region's first
                     block's stream inputs and last block's outputs give one delta per stream
-    reused step     the region's first block returns ``in + delta`` (or its forecast) without
-                    running; every later block of the region returns the inputs it continues:
-                    no block's Python runs, only the model's own code between the calls
+    reused step     no block runs (nor its Python): each block but the last returns the streams
+                    it receives, and the last returns the region's input (kept at its first block)
+                    plus the delta (or its forecast). The model's own code between the calls runs
+                    as it does on a computed step; its effect is inside the delta, so it is not
+                    counted twice (the last block ignores what it receives)
 
+Streams are keyed by the block's parameter names (a stream passed by position on one call and
+by keyword on the next is the same), and the guard keeps no tensor of the observed call.
 The probe is a block's own output delta on its first stream (rule "block delta"): the middle
 block of the longest region, or ``probe_block``. MoReg needs the frame count: ``frames_arg``,
 with the video tokens frame-major in dim 1 of the probe. The schedule is the scheduler's, with
@@ -32,7 +36,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis.find_module_blocks import BlockCall, block_containers, group_calls, output_tensors, tensor_inputs
+from ..analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls, output_tensors,
+                                           tensor_inputs, without_tensors)
 from ..config import AdaCacheConfigError
 from ..ops import fused_cache_metrics
 from .cached_graph import BranchCache
@@ -65,6 +70,8 @@ class _Call:
     outputs: dict = field(default_factory=dict)    # region -> its last block's stream outputs
     probe: Optional[torch.Tensor] = None
     frames: Optional[int] = None
+    reuse_inputs: dict = field(default_factory=dict)   # region -> its first block's streams on a reused step
+    executions: list = field(default_factory=list)     # the runners' counts when the call began (a retry)
 
 
 class ModuleBlockGuard:
@@ -113,19 +120,25 @@ class ModuleBlockGuard:
         finally:
             for handle in handles:
                 handle.remove()
-        self.regions, self.notes = group_calls(calls)
-        self.total_flops = flops.get_total_flops()
-        self.region_flops = sum(c.flops for region in self.regions for c in region.calls)
-        self.observed = True
-        if not self.regions:
+        regions, notes = group_calls(calls)
+        self.notes = notes
+        if not regions:
+            self.observed = True
             self.why_uncached = ("block_guard='modules': no module list whose calls continue their inputs "
-                                 "(streams): " + "; ".join(self.notes or ["no candidate block was called"]))
+                                 "(streams): " + "; ".join(notes or ["no candidate block was called"]))
             return output
-        self.timestep_name = self._timestep_argument(args, kwargs)
-        self.probe = self._choose_probe()
+        # what can raise (the user's config against the model) before any state changes: a
+        # failed first call leaves the guard unobserved, and the next call observes again
+        timestep_name = self._timestep_argument(args, kwargs)
+        probe = self._choose_probe(regions)
+        self.timestep_name, self.probe = timestep_name, probe
+        self.total_flops = flops.get_total_flops()
+        self.region_flops = sum(c.flops for region in regions for c in region.calls)
+        self.regions = [without_tensors(region) for region in regions]   # the guard holds no tensor of this call
+        self.observed = True
         self._install()
         self.begin_call(args, kwargs, frames)
-        self._store_observed()
+        self._store_observed(regions)
         self.end_call()
         return output
 
@@ -139,7 +152,8 @@ class ModuleBlockGuard:
         def hook(module, args, kwargs, output):
             depth[0] -= 1
             if depth[0] == 0:   # a candidate called inside another one's call is part of that block
-                calls.append(BlockCall(container, index, path, tensor_inputs(args, kwargs), output_tensors(output),
+                arguments = bind_arguments(_signature(module.forward), args, kwargs)
+                calls.append(BlockCall(container, index, path, tensor_inputs(arguments), output_tensors(output),
                                        structure=type(output), flops=flops.get_total_flops() - starts[path]))
         return hook
 
@@ -166,23 +180,23 @@ class ModuleBlockGuard:
                                       "required (or name it with timestep_arg=...)")
         return found[0] if found else None
 
-    def _choose_probe(self) -> tuple:
+    def _choose_probe(self, regions: list) -> tuple:
         """``(region, position)``: the middle block of the longest region, or ``probe_block`` (an
         index over that region's blocks, negative from the end, or a module path)."""
         probe_block = self.runtime.config.probe_block
         if isinstance(probe_block, str):
-            for r, region in enumerate(self.regions):
+            for r, region in enumerate(regions):
                 for j, path in enumerate(region.paths):
                     if path == probe_block or path.endswith("." + probe_block):
                         return r, j
             raise AdaCacheConfigError(f"probe_block={probe_block!r} names no guarded block "
-                                      f"(blocks: {[p for region in self.regions for p in region.paths]})")
-        r = max(range(len(self.regions)), key=lambda i: (len(self.regions[i].paths), -i))
-        count = len(self.regions[r].paths)
+                                      f"(blocks: {[p for region in regions for p in region.paths]})")
+        r = max(range(len(regions)), key=lambda i: (len(regions[i].paths), -i))
+        count = len(regions[r].paths)
         j = count // 2 if probe_block is None else probe_block
         if not -count <= j < count:
             raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for the {count} blocks of "
-                                      f"{self.regions[r].container}")
+                                      f"{regions[r].container}")
         return r, j % count
 
     def _install(self) -> None:
@@ -192,20 +206,22 @@ class ModuleBlockGuard:
         for r, region in enumerate(self.regions):
             for j, path in enumerate(region.paths):
                 module = modules[path]
-                module.forward = self._guarded_forward(r, j, self.compile_block(module.forward))
+                signature = _signature(module.forward)
+                module.forward = self._guarded_forward(r, j, self.compile_block(module.forward), signature)
         self.region_info = [(region.paths, region.shapes,
                              region.paths[self.probe[1]] if self.probe[0] == r else None)
                             for r, region in enumerate(self.regions)]
 
-    def _store_observed(self) -> None:
-        """The observed call is the generation's first computed step: keep its deltas and probe."""
-        for r, region in enumerate(self.regions):
+    def _store_observed(self, regions: list) -> None:
+        """The observed call (``regions`` with its tensors) is the generation's first computed step:
+        keep its deltas and probe."""
+        for r, region in enumerate(regions):
             first, last = region.calls[0], region.calls[-1]
             inputs = dict(first.inputs)
             self.call.inputs[r] = [inputs[key] if key is not None else None for key in region.streams]
             self.call.outputs[r] = list(last.outputs)
             self.runners[r].executions += 1
-        call = self.regions[self.probe[0]].calls[self.probe[1]]
+        call = regions[self.probe[0]].calls[self.probe[1]]
         self.call.probe = _block_delta(call.outputs, dict(call.inputs), call.streams)
 
     # ----- per model call ----------------------------------------------------------
@@ -226,13 +242,17 @@ class ModuleBlockGuard:
                  and cache.step == scheduler.last_computed_step)
         compute = decision.compute or not valid or not self.regions
         self.call = _Call(active=True, compute=compute, scheduled=decision.compute, decision=decision, cache=cache,
-                          computing=[compute] * len(self.regions), frames=frames)
+                          computing=[compute] * len(self.regions), frames=frames,
+                          executions=[runner.executions for runner in self.runners])
         if not compute:
             self.call.deltas = forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
 
     def restart_call(self) -> None:
         """The call is run again (traced without data-dependent capture): forget what it recorded."""
-        self.call.inputs, self.call.outputs, self.call.probe = {}, {}, None
+        call = self.call
+        call.inputs, call.outputs, call.reuse_inputs, call.probe = {}, {}, {}, None
+        for runner, count in zip(self.runners, call.executions):
+            runner.executions = count
 
     def end_call(self) -> None:
         call, self.call = self.call, _Call()
@@ -243,54 +263,60 @@ class ModuleBlockGuard:
         self.call = _Call()
 
     # ----- the block forwards ----------------------------------------------------------
-    def _guarded_forward(self, r: int, j: int, compiled: Callable):
-        region = self.regions[r]
+    def _guarded_forward(self, r: int, j: int, compiled: Callable, signature: Optional[inspect.Signature]):
+        region = self.regions[r]   # without tensors
         last = len(region.paths) - 1
-        streams = region.calls[j].streams
+        region_streams, streams = list(region.streams), region.calls[j].streams
         structure = region.calls[j].structure
         is_probe = self.probe == (r, j)
+        path = region.paths[j]
 
         @torch._dynamo.disable   # the decision is host state: Dynamo breaks the graph at the call
         def forward(*args, **kwargs):
             call = self.call
-            if call.active and not call.computing[r] and j == 0 and not self._reusable(r, args, kwargs):
-                call.computing[r] = True   # the inputs changed shape: this region computes (when in doubt)
             if not call.active or call.computing[r]:
                 output = compiled(*args, **kwargs)
                 if call.active:
-                    self._record(r, j, last, is_probe, streams, args, kwargs, output)
+                    self._record(r, j, last, is_probe, streams, bind_arguments(signature, args, kwargs), output)
                 return output
-            if j == 0:   # the region's result: its inputs plus the deltas
+            arguments = bind_arguments(signature, args, kwargs)
+            if j == 0 and not self._reusable(r, arguments):
+                call.computing[r] = True   # the streams changed shape: this region computes (when in doubt)
+                output = compiled(*args, **kwargs)
+                self._record(r, j, last, is_probe, streams, arguments, output)
+                return output
+            if j == 0:   # the region's input, kept for its last block (a copy: glue may work in place)
+                call.reuse_inputs[r] = [None if key is None else (arguments[key] if last == 0 else arguments[key].clone())
+                                        for key in region_streams]
+            if j < last:   # pass the streams on: the region's result comes from its last block
+                values = [None if key is None else _stream(arguments, key, path) for key in streams]
+            else:          # the region's input plus the deltas, whatever glue ran between the blocks
                 deltas = iter(call.deltas[r])
-                values = [None if key is None else _argument(args, kwargs, key) + next(deltas)
-                          for key in region.streams]
-            else:        # already in the first block's result: pass the streams on
-                values = [None if key is None else _argument(args, kwargs, key) for key in streams]
+                values = [None if value is None else value + next(deltas) for value in call.reuse_inputs.pop(r)]
             return _rebuild(structure, values)
 
         return forward
 
-    def _reusable(self, r: int, args, kwargs) -> bool:
+    def _reusable(self, r: int, arguments: dict) -> bool:
         region = self.regions[r]
         deltas = iter(self.call.deltas[r])
         for key in region.streams:
             if key is None:
                 continue
-            value = _argument(args, kwargs, key)
-            if value is None or value.shape != next(deltas).shape:
+            value = arguments.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != next(deltas).shape:
                 return False
         return True
 
-    def _record(self, r, j, last, is_probe, streams, args, kwargs, output) -> None:
+    def _record(self, r, j, last, is_probe, streams, arguments: dict, output) -> None:
         call = self.call
         if j == 0:
             self.runners[r].executions += 1
-            call.inputs[r] = [None if key is None else _argument(args, kwargs, key) for key in self.regions[r].streams]
+            call.inputs[r] = [None if key is None else arguments.get(key) for key in self.regions[r].streams]
         if j == last:
             call.outputs[r] = output_tensors(output)
         if is_probe:
-            inputs = {key: _argument(args, kwargs, key) for key in streams if key is not None}
-            call.probe = _block_delta(output_tensors(output), inputs, streams)
+            call.probe = _block_delta(output_tensors(output), arguments, streams)
 
     # ----- after a computed call: deltas, probe, metric -------------------------------
     def _store(self, call: _Call) -> None:
@@ -350,10 +376,22 @@ def _rebuild(structure: type, values: list):
     return structure(*values) if hasattr(structure, "_fields") else structure(values)
 
 
-def _argument(args: tuple, kwargs: dict, key):
-    if isinstance(key, int):
-        return args[key] if key < len(args) else None
-    return kwargs.get(key)
+def _signature(forward: Callable) -> Optional[inspect.Signature]:
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _stream(arguments: dict, key, path: str) -> torch.Tensor:
+    """A reused step's stream argument ``key`` of block ``path``; the blocks after a region's first
+    one cannot compute instead (the ones before them did not run), so a missing one is an error."""
+    value = arguments.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(f"adacache: block {path} was called without its stream argument {key!r} on a reused "
+                           "step (the model calls its blocks differently from its first call); use "
+                           "block_guard='graph' or call the blocks the same way on every step")
+    return value
 
 
 def _block_delta(outputs: Optional[list], inputs: dict, streams: list) -> Optional[torch.Tensor]:
