@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from examples.models.stdit import STDiT3, STDiT3Block, t2i_modulate
 

@@ -310,7 +310,7 @@ class ToyFlowDiT(nn.Module):
         return x
 
 
-class ToyScatteredVideo(nn.Module):
+class ToyScatteredVideo(ToyJointVideo):
     """MiniMax-H3-style packed sequence: the video tokens ``(B, F*H*W, cin)`` (frame-major) and
     learned text tokens are scattered into one sequence with ``index_copy`` at the positions
     ``video_indices`` / ``text_indices`` (graph inputs), the blocks run over the sequence, and the
@@ -318,14 +318,9 @@ class ToyScatteredVideo(nn.Module):
     instead (text first), the same model when the indices are contiguous. The blocks have no
     position encoding, so the outputs do not depend on where the tokens sit."""
 
-    def __init__(self, cin=3, c=16, depth=2, text_len=5, use_cat=False):
-        super().__init__()
-        self.embed = nn.Linear(cin, c)
-        self.text = nn.Parameter(torch.randn(text_len, c))
-        self.t = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
-        self.blocks = nn.ModuleList([Block(c) for _ in range(depth)])
-        self.out = nn.Linear(c, cin)
-        self.c, self.text_len, self.use_cat = c, text_len, use_cat
+    def __init__(self, use_cat=False, **kwargs):
+        super().__init__(**kwargs)   # ToyJointVideo's embedding, text tokens, blocks and head
+        self.use_cat = use_cat
 
     def forward(self, tokens, timestep, video_indices, text_indices):
         b, n, _ = tokens.shape
