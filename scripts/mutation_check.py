@@ -120,8 +120,8 @@ MUTATIONS = [
              [T_GUIDANCE, T_BACKEND]),
     # ----- forecast reuse (config.reuse) ---------------------------------------------------------
     Mutation("forecast_in_step_index", "the forecast extrapolates in the timestep, not the step index",
-             [(GRAPH, "self.call.deltas = [] if compute else self._reused_deltas(cache, sampler_time(scheduler))",
-               "self.call.deltas = [] if compute else self._reused_deltas(cache, float(scheduler.step))"),
+             [(GRAPH, "forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))",
+               "forecast_deltas(self.runtime.config, cache, float(scheduler.step))"),
               (GRAPH, "        time = sampler_time(scheduler)\n        slopes, span",
                "        time = float(scheduler.step)\n        slopes, span")],
              [T_FORECAST]),

@@ -56,6 +56,27 @@ def count_ops(fn, name="aten::scaled_dot_product_attention"):
     return sum(e.count for e in prof.key_averages() if e.key == name)
 
 
+def dynamo_counts(make: Callable, generation: Callable) -> tuple:
+    """``(graphs, graph breaks, graphs compiled in a second generation)``: Dynamo's counts for
+    ``make(backend)`` (a model compiled with the counting ``backend``) over two runs of
+    ``generation(model)``, after ``torch._dynamo.reset()``. Graph breaks: Dynamo's ``graph_break``
+    counter, as benchmarks/graph_breaks.py counts them."""
+    from torch._dynamo.utils import counters
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make(count)
+    generation(model)
+    first = len(graphs)
+    generation(model)
+    return first, sum(counters["graph_break"].values()), len(graphs) - first
+
+
 @contextlib.contextmanager
 def no_recompiles():
     with torch._dynamo.config.patch(error_on_recompile=True):

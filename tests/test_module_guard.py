@@ -20,7 +20,7 @@ from adacache_fx import AdaCacheConfig, AdaCacheConfigError, AdaCacheWarning, co
 from adacache_fx.ops.cache_metrics import cache_metrics_reference
 from adacache_fx.runtime.scheduler import motion_score
 from examples.models.breaking_dit import BreakingDiT, _sinusoid, make_inputs
-from helpers import INF, count_ops, timesteps
+from helpers import INF, count_ops, dynamo_counts, timesteps
 
 CONTRACT_12 = [1, 2, 5, 8, 11, 12]
 
@@ -202,20 +202,7 @@ def _previous(step):
 
 
 def _graph_counts(make):
-    from torch._dynamo.utils import counters
-    graphs = []
-
-    def count(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = make(count)
-    _euler(model, timesteps(3))
-    first = len(graphs)
-    _euler(model, timesteps(3))
-    return first, sum(counters["graph_break"].values()), len(graphs) - first
+    return dynamo_counts(make, lambda model: _euler(model, timesteps(3)))
 
 
 def test_no_more_graph_breaks_than_plain_compile_and_nothing_compiled_twice():

@@ -31,6 +31,7 @@ import torch
 
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, compile_model, explain  # noqa: E402
 from helpers import INF, sample_loop, timesteps  # noqa: E402
+from helpers import dynamo_counts as counted  # noqa: E402
 from zoo import ZOO, get_case  # noqa: E402
 
 ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
@@ -170,34 +171,22 @@ def check_module_guard_caching_off(name):
 
 
 def dynamo_counts(name) -> dict:
-    """Dynamo's counters over two 3-step generations under plain ``torch.compile`` and under
-    ``compile_model`` with the case's options: ``{"plain" | "ours": (graphs, graph breaks, graphs
-    compiled in the second generation)}`` (graph breaks: Dynamo's ``graph_break`` counter, as
-    benchmarks/graph_breaks.py counts them)."""
-    from torch._dynamo.utils import counters
-
+    """``helpers.dynamo_counts`` over two 3-step generations, under plain ``torch.compile`` and
+    under ``compile_model`` with the case's options: ``{"plain" | "ours": (graphs, graph breaks,
+    graphs compiled in the second generation)}``."""
     case = get_case(name)
-    result = {}
-    for method in ("plain", "ours"):
-        graphs = []
+    config = AdaCacheConfig(codebook={INF: 1}, num_steps=3, **case.adacache)
 
-        def count(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
+    def ours(count):
         model = copy.deepcopy(_model(name))
-        torch._dynamo.reset()
-        counters.clear()
-        if method == "ours":
-            compile_model(model, AdaCacheConfig(codebook={INF: 1}, num_steps=3, **case.adacache), inner=count,
-                          **compile_options(name))
-        else:
-            model = torch.compile(model, backend=count)
+        compile_model(model, config, inner=count, **compile_options(name))
+        return model
+
+    def generation(model):
         sample_loop(model, case.make_inputs, timesteps(3, case.t_max), output=case.output)
-        first = len(graphs)
-        sample_loop(model, case.make_inputs, timesteps(3, case.t_max), output=case.output)
-        result[method] = (len(graphs), sum(counters["graph_break"].values()), len(graphs) - first)
-    return result
+
+    return {"plain": counted(lambda count: torch.compile(copy.deepcopy(_model(name)), backend=count), generation),
+            "ours": counted(ours, generation)}
 
 
 @pytest.mark.parametrize("name", _params(_selected(sorted(MODULE_GUARD))))

@@ -127,12 +127,7 @@ class ModuleRegion:
     paths: list                    # the blocks' module paths, in call order
     streams: list                  # per output position: the key of the first call's input it continues
     shapes: list                   # per output position: the stream's shape (None for a None output)
-    num_outputs: int
     calls: list = field(default_factory=list)   # [BlockCall] of the observed forward
-
-    @property
-    def first(self) -> str:
-        return self.paths[0]
 
 
 def match_streams(call: BlockCall) -> None:
@@ -204,8 +199,7 @@ def group_calls(calls: list) -> tuple:
             first, last = run[0], run[-1]
             shapes = [tuple(o.shape) if o is not None else None for o in last.outputs]
             regions.append(ModuleRegion(container=first.container, paths=[c.path for c in run],
-                                        streams=list(first.streams), shapes=shapes,
-                                        num_outputs=len(last.outputs), calls=list(run)))
+                                        streams=list(first.streams), shapes=shapes, calls=list(run)))
             run.clear()
 
     for call in calls:

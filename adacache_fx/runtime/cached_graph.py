@@ -249,7 +249,7 @@ class CachedGraph(PerSampleCalls):
         if not compute and cache.stream_shapes != self._current_shapes(args):
             compute = True
         self.call.compute = compute
-        self.call.deltas = [] if compute else self._reused_deltas(cache, sampler_time(scheduler))
+        self.call.deltas = [] if compute else forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
         result = self.top(*args)
         if compute:
             branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
@@ -289,17 +289,10 @@ class CachedGraph(PerSampleCalls):
             view, has_frames = self._probe_view(probe, args)
             recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
         time = sampler_time(scheduler)
-        slopes, span = self._slopes(cache, deltas, time, decision.generation, scheduler)
+        slopes, span = forecast_slopes(self.runtime.config, cache, deltas, time, decision.generation, scheduler)
         return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
                            stream_shapes=self._current_shapes(args),
                            probe=probe.detach() if scheduled else None, time=time, slopes=slopes, slope_span=span)
-
-    # ----- forecast reuse (config.reuse) ------------------------------------------
-    def _slopes(self, cache: Optional[BranchCache], deltas: list, time: float, generation: int, scheduler):
-        return forecast_slopes(self.runtime.config, cache, deltas, time, generation, scheduler)
-
-    def _reused_deltas(self, cache: BranchCache, time: float) -> list:
-        return forecast_deltas(self.runtime.config, cache, time)
 
     # ----- state ----------------------------------------------------------------
     def reset(self) -> None:

@@ -60,11 +60,10 @@ class _Call:
     """The model call in flight."""
 
     active: bool = False
-    compute: bool = True
-    scheduled: bool = False        # the schedule's own decision (not a fallback compute)
-    decision: object = None
+    compute: bool = True           # the blocks run (the schedule's decision, or no valid cache)
+    decision: object = None        # the scheduler's CallDecision
     cache: Optional[BranchCache] = None
-    deltas: list = field(default_factory=list)   # per region: what a reused first block adds
+    deltas: list = field(default_factory=list)   # per region: what a reused region's last block adds
     computing: list = field(default_factory=list)  # per region: its blocks run on this call
     inputs: dict = field(default_factory=dict)     # region -> its first block's stream inputs
     outputs: dict = field(default_factory=dict)    # region -> its last block's stream outputs
@@ -214,15 +213,11 @@ class ModuleBlockGuard:
 
     def _store_observed(self, regions: list) -> None:
         """The observed call (``regions`` with its tensors) is the generation's first computed step:
-        keep its deltas and probe."""
+        record its calls as a computed call's blocks record theirs."""
         for r, region in enumerate(regions):
-            first, last = region.calls[0], region.calls[-1]
-            inputs = dict(first.inputs)
-            self.call.inputs[r] = [inputs[key] if key is not None else None for key in region.streams]
-            self.call.outputs[r] = list(last.outputs)
-            self.runners[r].executions += 1
-        call = regions[self.probe[0]].calls[self.probe[1]]
-        self.call.probe = _block_delta(call.outputs, dict(call.inputs), call.streams)
+            last = len(region.calls) - 1
+            for j, call in enumerate(region.calls):
+                self._record(r, j, last, self.probe == (r, j), call.streams, dict(call.inputs), call.outputs)
 
     # ----- per model call ----------------------------------------------------------
     def begin_call(self, args: tuple, kwargs: dict, frames: Optional[int] = None) -> None:
@@ -240,8 +235,8 @@ class ModuleBlockGuard:
         cache = self._branches.get(decision.branch)
         valid = (cache is not None and cache.generation == decision.generation
                  and cache.step == scheduler.last_computed_step)
-        compute = decision.compute or not valid or not self.regions
-        self.call = _Call(active=True, compute=compute, scheduled=decision.compute, decision=decision, cache=cache,
+        compute = decision.compute or not valid
+        self.call = _Call(active=True, compute=compute, decision=decision, cache=cache,
                           computing=[compute] * len(self.regions), frames=frames,
                           executions=[runner.executions for runner in self.runners])
         if not compute:
@@ -276,8 +271,9 @@ class ModuleBlockGuard:
             call = self.call
             if not call.active or call.computing[r]:
                 output = compiled(*args, **kwargs)
-                if call.active:
-                    self._record(r, j, last, is_probe, streams, bind_arguments(signature, args, kwargs), output)
+                if call.active:   # the inputs matter to the first block and the probe only
+                    arguments = bind_arguments(signature, args, kwargs) if j == 0 or is_probe else {}
+                    self._record(r, j, last, is_probe, streams, arguments, output)
                 return output
             arguments = bind_arguments(signature, args, kwargs)
             if j == 0 and not self._reusable(r, arguments):
@@ -338,7 +334,7 @@ class ModuleBlockGuard:
                 has_frames = has_frames and current.shape[1] > stride
                 scheduler.add_metric_sums(fused_cache_metrics(current, previous, stride).sum(0), has_motion=has_frames)
         recorder = self.runtime.recorder
-        if recorder is not None and call.scheduled and probe is not None:
+        if recorder is not None and decision.compute and probe is not None:
             view, has_frames = _probe_view(probe, call.frames)
             recorder.record((id(self), decision.branch), scheduler.step, view, self.runtime.config.moreg_stride,
                             has_frames)
@@ -346,7 +342,7 @@ class ModuleBlockGuard:
         slopes, span = forecast_slopes(self.runtime.config, cache, deltas, time, decision.generation, scheduler)
         self._branches[decision.branch] = BranchCache(
             generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
-            stream_shapes=[], probe=probe.detach() if call.scheduled and probe is not None else None, time=time,
+            stream_shapes=[], probe=probe.detach() if decision.compute and probe is not None else None, time=time,
             slopes=slopes, slope_span=span)
 
     # ----- the interface of CachedGraph that the backend's report and reset read ---------
