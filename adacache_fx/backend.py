@@ -134,6 +134,8 @@ class AdaCacheBackend:
         cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
                              process_group=analysis.process_group, region_info=info,
                              probe_positions=probe_positions, sub_batch=sub_batch)
+        if pieces.reuse_step is not None:
+            cached.fuse_reused_steps(pieces.reuse_step, rw.fused.delta_inputs)
         cached.region_flops = sum(pieces.flops.get(name, 0) for name, _c, _r in pieces.regions.values())
         cached.total_flops = sum(pieces.flops.values())
         return cached

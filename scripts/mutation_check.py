@@ -72,6 +72,7 @@ T_STATE = "tests/test_runtime_state.py"
 T_DIFFUSERS = "tests/test_integrations_diffusers.py"
 T_KERNELS = "tests/test_kernels.py"
 T_FORECAST = "tests/test_forecast_reuse.py"
+T_FUSE = "tests/test_fuse_reuse.py"
 T_CALIBRATE = "tests/test_calibrate.py"
 T_CP = "tests/test_diffusers_context_parallel.py"
 T_GENERAL = "tests/test_general_blocks.py"
@@ -104,8 +105,15 @@ MUTATIONS = [
              [(GRAPH, "            outputs = self.compute_fn(*args)\n",
                "            outputs = self.compute_fn(*args)\n            self._mutation_last = outputs\n"),
               (GRAPH, "        outputs = self.reuse_fn(*args, *state.deltas[self.index])\n",
-               "        outputs = self._mutation_last\n")],
+               "        outputs = self._mutation_last\n"),
+              (GRAPH, "        result = self.top(*args)\n", "        result = self.top(*args)\n        self._mutation_last_call = result\n"),
+              (GRAPH, "                return self._user_outputs(fused)\n",
+               "                return self._user_outputs(self._mutation_last_call)\n")],
              [T_BACKEND, T_GUIDANCE]),
+    Mutation("fused_reuse_without_delta", "a reused step run as one fused graph adds the cached delta",
+             [(GRAPH, "*[deltas[r][s].contiguous() for r, s in self.reuse_step_inputs]",
+               "*[torch.zeros_like(deltas[r][s]) for r, s in self.reuse_step_inputs]")],
+             [T_FUSE, T_BACKEND]),
     Mutation("reuse_input_only", "a reused step adds the cached delta",
              [(REUSE, "new = graph.call_function(torch.add, (skeletons[j], cached[j]))",
                "new = graph.call_function(torch.add, (skeletons[j], cached[j]), {'alpha': 0})")],

@@ -9,8 +9,9 @@ data-dependent sizes (captured ``.item()`` / ``nonzero``) is counted without re-
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -24,6 +25,8 @@ from ..analysis.graph_nodes import example_value
 from ..rewrite import Rewrite
 from .inner import resolve_inner
 
+logger = logging.getLogger("adacache_fx")
+
 __all__ = ["CompiledPieces", "compile_pieces", "count_flops", "flops_by_node", "graph_inputs", "resolve_inner"]
 
 
@@ -34,6 +37,7 @@ class CompiledPieces:
     fake_inputs: list = field(default_factory=list)
     flops: dict = field(default_factory=dict)    # attribute name -> FLOPs of one call (0 where not counted)
     example_inputs: dict = field(default_factory=dict)   # attribute name -> the piece's example inputs (fake)
+    reuse_step: Optional[Callable] = None   # the fused reused step, compiled (None: piece by piece)
 
 
 class _Compiled(torch.nn.Module):
@@ -156,6 +160,19 @@ def flops_by_node(gm: fx.GraphModule, example_inputs) -> dict:
     return interpreter.flops
 
 
+def _dense_deltas(fused, fakes: list) -> list:
+    """The fused step's delta inputs as dense tensors (the runtime passes them contiguous): a
+    stream can be a strided view (Flux's image tokens sliced out of the joint sequence), and
+    inductor asserts its inputs' strides."""
+    mode = _fake_mode(fakes)
+    with mode if mode is not None else contextlib.nullcontext():
+        dense = [torch.empty_like(d, memory_format=torch.contiguous_format) for d in fused.example_deltas]
+    placeholders = [n for n in fused.gm.graph.nodes if n.op == "placeholder"][-len(dense):] if dense else []
+    for node, value in zip(placeholders, dense):
+        node.meta.update({k: value for k in ("val", "example_value") if k in node.meta})
+    return dense
+
+
 def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPieces:
     top = rw.split.top
     fakes = graph_inputs(rw.gm, example_inputs)
@@ -166,6 +183,11 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     per_node = {n.name: f for n, f in flops_by_node(rw.gm, example_inputs).items()}
     result.flops = {name: sum(per_node.get(n.name, 0) for n in getattr(top, name).graph.nodes
                               if n.op in ("call_function", "call_method", "call_module")) for name in inputs}
+    if rw.fused is not None:
+        try:
+            result.reuse_step = inner(rw.fused.gm, list(fakes) + _dense_deltas(rw.fused, fakes))
+        except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
+            logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for r, name in rw.split.region_submods.items():
         result.regions[r] = (name, inner(getattr(top, name), inputs[name]), rw.reuse[r])
     for name in rw.split.other_submods:

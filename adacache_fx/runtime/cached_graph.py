@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -163,6 +164,15 @@ class CachedGraph(PerSampleCalls):
         self.total_flops = 0           # FLOPs of one call of the whole graph
         self._instances: dict = {}     # id(weight) -> (weakref to it, instance index)
         self._branches: list = []      # per instance: {branch: BranchCache}
+        self.reuse_step = None         # the fused reused step (rewrite.fuse_reuse), compiled; None: piece by piece
+        self.reuse_step_inputs: list = []   # [(region, stream)]: the cached deltas it takes, in order
+        self.fused_reuses = 0          # reused calls that ran the fused step (tests count this)
+
+    def fuse_reused_steps(self, reuse_step, delta_inputs: list) -> None:
+        """Run reused calls (every row reusing) as ``reuse_step(*graph inputs, *deltas)``: one
+        compiled graph instead of the split top level piece by piece."""
+        self.reuse_step = reuse_step
+        self.reuse_step_inputs = list(delta_inputs)
 
     @property
     def frame_axis(self):
@@ -250,10 +260,29 @@ class CachedGraph(PerSampleCalls):
             compute = True
         self.call.compute = compute
         self.call.deltas = [] if compute else forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
+        if not compute and self.reuse_step is not None:
+            fused = self._fused_reuse(args)
+            if fused is not None:
+                return self._user_outputs(fused)
         result = self.top(*args)
         if compute:
             branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
         return self._user_outputs(result)
+
+    def _fused_reuse(self, args):
+        """The reused call as one compiled graph; None if it fails (then this graph reuses piece
+        by piece from now on, with a warning: the split top level is the tested path)."""
+        deltas = self.call.deltas
+        try:
+            result = self.reuse_step(*args, *[deltas[r][s].contiguous() for r, s in self.reuse_step_inputs])
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"adacache: the fused reused step failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); this graph reuses piece by piece "
+                          "from now on", UserWarning, stacklevel=3)
+            self.reuse_step = None
+            return None
+        self.fused_reuses += 1
+        return result
 
     def _user_outputs(self, result):
         user = result[:self.layout.num_user_outputs]
