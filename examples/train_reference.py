@@ -72,6 +72,9 @@ def parse():
     ap.add_argument("--high-sigma-min", type=float, default=0.85)
     ap.add_argument("--start-spread", type=float, default=1.0,
                     help="linear motion starts within this fraction of the allowed range (data.trajectory)")
+    ap.add_argument("--motion-weights", type=str, default=None,
+                    help="how often each motion is drawn, e.g. 'static=0.1,moving=0.54,bouncing=0.2,growing=0.08,"
+                         "shrinking=0.08' (default: data.MOTION_WEIGHTS)")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (a stage-2 run)")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="stop (and save) after this many steps of the --steps schedule")
@@ -90,6 +93,16 @@ def sample_sigmas(n, g, shift: float = 1.0, high: float = 0.0, high_min: float =
         h = high_min + (1 - high_min) * torch.rand(n, generator=g)
         s = torch.where(torch.rand(n, generator=g) < high, h, s)
     return s.clamp(1e-3, 1.0)
+
+
+def motion_weights(text: str | None) -> dict[str, float] | None:
+    """``'static=0.1,moving=0.5,...'`` -> ``{"static": 0.1, "moving": 0.5, ...}`` (motions left out: 0)."""
+    if not text:
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--motion-weights: expected 'motion=weight,...', got {text!r}") from None
 
 
 def lr_at(step, a):
@@ -142,7 +155,7 @@ def main():
     ema_k = copy.deepcopy(tokenizer).eval().requires_grad_(False)
     ema_params = list(ema_t.parameters()) + list(ema_k.parameters())
 
-    data = MovingShapes(seed=a.seed, start_spread=a.start_spread)
+    data = MovingShapes(seed=a.seed, start_spread=a.start_spread, motion_weights=motion_weights(a.motion_weights))
     g = torch.Generator().manual_seed(a.seed + 1)
     print(f"params {n_params} config {cfg}", flush=True)
     meta = {

@@ -92,9 +92,10 @@ def _u(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * torch.rand((), generator=g).item()
 
 
-def random_spec(g: torch.Generator) -> ShapeSpec:
+def random_spec(g: torch.Generator, motion_weights: dict[str, float] | None = None) -> ShapeSpec:
+    weights = MOTION_WEIGHTS if motion_weights is None else motion_weights
     names = list(MOTION_WEIGHTS)
-    w = torch.tensor([MOTION_WEIGHTS[n] for n in names])
+    w = torch.tensor([float(weights.get(n, 0.0)) for n in names])
     motion = names[torch.multinomial(w, 1, generator=g).item()]
     colour = list(COLOURS)[torch.randint(len(COLOURS), (), generator=g).item()]
     shape = SHAPES[torch.randint(len(SHAPES), (), generator=g).item()]
@@ -187,15 +188,22 @@ def render(spec: ShapeSpec, g: torch.Generator, frames: int = FRAMES, size: int 
 class MovingShapes:
     """Seeded stream of (video, prompt, spec) batches; same seed -> same batches."""
 
-    def __init__(self, seed: int = 0, frames: int = FRAMES, size: int = SIZE, start_spread: float = 1.0):
+    def __init__(self, seed: int = 0, frames: int = FRAMES, size: int = SIZE, start_spread: float = 1.0,
+                 motion_weights: dict[str, float] | None = None):
+        if motion_weights is not None:
+            unknown = set(motion_weights) - set(MOTIONS)
+            if unknown or not any(v > 0 for v in motion_weights.values()) or min(motion_weights.values()) < 0:
+                raise ValueError(f"motion_weights: non-negative weights of {MOTIONS} with one > 0, "
+                                 f"got {motion_weights}")
         self.g = torch.Generator().manual_seed(seed)
         self.frames, self.size = frames, size
         self.start_spread = start_spread
+        self.motion_weights = motion_weights
 
     def batch(self, batch_size: int):
         vids, specs = [], []
         for _ in range(batch_size):
-            spec = random_spec(self.g)
+            spec = random_spec(self.g, self.motion_weights)
             v, _ = render(spec, self.g, self.frames, self.size, self.start_spread)
             vids.append(v)
             specs.append(spec)
