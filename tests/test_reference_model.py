@@ -178,3 +178,11 @@ def test_one_sampling_step_runs(model):
 
     meta = json.loads((WEIGHTS.parent / "config.json").read_text())
     assert make_scheduler().config.shift == meta["sampling"]["shift"]
+
+
+def test_motion_weights_choose_what_the_data_draws():
+    _, prompts, specs = MovingShapes(seed=5, motion_weights={"bouncing": 1.0}).batch(6)
+    assert {s.motion for s in specs} == {"bouncing"} and all("bouncing" in p for p in prompts)
+    for bad in ({"jumping": 1.0}, {"static": 0.0}, {"static": -1.0, "moving": 2.0}):
+        with pytest.raises(ValueError, match="motion_weights"):
+            MovingShapes(motion_weights=bad)
