@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import machine, machine_markdown, write_results
 from benchmarks.e2e.analysis import spearman
+from benchmarks.e2e.methods import fixed_schedule
 from examples.reference import load_reference_model, sample
 from examples.reference.data import all_specs
 from examples.reference.model import make_scheduler
@@ -89,12 +90,9 @@ def _forecast(e: _Emulation):
 
 
 def fixed(rate: int, n: int = STEPS) -> list:
-    """The backend's ``{inf: rate}`` schedule: 1, 2, then every ``rate``, and the last two."""
-    steps, s = [1, 2], 2
-    while s + rate <= n - 2:
-        s += rate
-        steps.append(s)
-    return sorted(set(steps + [n - 1, n]))
+    """The backend's ``{inf: rate}`` schedule (its own scheduler decides it): 1, 2, then every
+    ``rate``, and the last two."""
+    return fixed_schedule(rate, n)
 
 
 def evened(rate: int, n: int = STEPS) -> list:

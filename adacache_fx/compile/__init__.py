@@ -163,11 +163,11 @@ def flops_by_node(gm: fx.GraphModule, example_inputs) -> dict:
 def _dense_deltas(fused, fakes: list) -> list:
     """The fused step's delta inputs as dense tensors (the runtime passes them contiguous): a
     stream can be a strided view (Flux's image tokens sliced out of the joint sequence), and
-    inductor asserts its inputs' strides."""
+    inductor asserts its inputs' strides. The placeholders' metadata follows."""
     mode = _fake_mode(fakes)
+    placeholders = fused.delta_placeholders()
     with mode if mode is not None else contextlib.nullcontext():
-        dense = [torch.empty_like(d, memory_format=torch.contiguous_format) for d in fused.example_deltas]
-    placeholders = [n for n in fused.gm.graph.nodes if n.op == "placeholder"][-len(dense):] if dense else []
+        dense = [torch.empty_like(example_value(n), memory_format=torch.contiguous_format) for n in placeholders]
     for node, value in zip(placeholders, dense):
         node.meta.update({k: value for k in ("val", "example_value") if k in node.meta})
     return dense

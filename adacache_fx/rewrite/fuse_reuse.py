@@ -34,8 +34,6 @@ from typing import Optional
 
 import torch.fx as fx
 
-from ..analysis.graph_nodes import example_value
-
 
 @dataclass
 class FusedReuse:
@@ -43,7 +41,11 @@ class FusedReuse:
 
     gm: fx.GraphModule
     delta_inputs: list       # [(region, stream)] in the order of the extra inputs (after the graph's own)
-    example_deltas: list     # example value of each extra input (the delta's recorded value)
+
+    def delta_placeholders(self) -> list:
+        """The extra inputs' placeholders (their metadata: the deltas' recorded values)."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        return placeholders[len(placeholders) - len(self.delta_inputs):]
 
 
 def fuse_reuse(top: fx.GraphModule, region_submods: dict, reuse: dict, compute_deltas: dict,
@@ -60,14 +62,13 @@ def fuse_reuse(top: fx.GraphModule, region_submods: dict, reuse: dict, compute_d
         env[p] = graph.placeholder(p.target, type_expr=p.type)
         env[p].meta = dict(p.meta)
     deltas: dict = {}
-    delta_inputs, example_deltas = [], []
+    delta_inputs = []
     for r in sorted(region_submods):
         for s, node in enumerate(compute_deltas[r]):
             ph = graph.placeholder(f"cached_delta_{r}_{s}")
             ph.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val")}
             deltas[(r, s)] = ph
             delta_inputs.append((r, s))
-            example_deltas.append(example_value(node))
     by_name = {name: r for r, name in region_submods.items()}
     for node in top.graph.nodes:
         if node.op == "placeholder":
@@ -96,7 +97,7 @@ def fuse_reuse(top: fx.GraphModule, region_submods: dict, reuse: dict, compute_d
     graph.eliminate_dead_code()
     graph.lint()
     gm = fx.GraphModule(root, graph)
-    return FusedReuse(gm=gm, delta_inputs=delta_inputs, example_deltas=example_deltas)
+    return FusedReuse(gm=gm, delta_inputs=delta_inputs)
 
 
 def _inline(graph: fx.Graph, root: fx.GraphModule, piece: fx.GraphModule, args: list, prefix: str):

@@ -23,7 +23,7 @@ import torch
 from ..ops import fused_cache_metrics
 from .distributed import shard_boundary_sums
 from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
-from .per_sample_calls import PerSampleCalls, cache_bytes
+from .per_sample_calls import PerSampleCalls, cache_bytes, exception_summary
 from .per_sample_scheduler import PerSampleScheduler
 from .scheduler import sampler_time
 from .state import RuntimeState
@@ -276,9 +276,8 @@ class CachedGraph(PerSampleCalls):
         try:
             result = self.reuse_step(*args, *[deltas[r][s].contiguous() for r, s in self.reuse_step_inputs])
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"adacache: the fused reused step failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); this graph reuses piece by piece "
-                          "from now on", UserWarning, stacklevel=3)
+            warnings.warn(f"adacache: the fused reused step failed ({exception_summary(exc)}); this graph "
+                          "reuses piece by piece from now on", UserWarning, stacklevel=3)
             self.reuse_step = None
             return None
         self.fused_reuses += 1

@@ -43,6 +43,12 @@ class SampleCache:
         return cache_bytes(self.deltas, self.slopes, self.probe)
 
 
+def exception_summary(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a warning about a path given up."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def cache_bytes(deltas: list, slopes: Optional[list], probe: Optional[torch.Tensor]) -> int:
     """Bytes a branch's cache holds: its deltas, forecast slopes and probe."""
     tensors = [d for region in deltas for d in region]
@@ -115,8 +121,8 @@ class PerSampleCalls:
         except Exception as exc:  # noqa: BLE001 - a sub-batch the compiled pieces refuse: compute every row
             if state.rows is None:
                 raise
-            warnings.warn(f"adacache: per_sample: a region failed on a sub-batch ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); this graph computes every row when any "
+            warnings.warn(f"adacache: per_sample: a region failed on a sub-batch ({exception_summary(exc)}); "
+                          "this graph computes every row when any "
                           "sample computes from now on", UserWarning, stacklevel=3)
             self.sub_batch = None
             state.rows = state.padded = state.plan = None
