@@ -12,13 +12,14 @@ from ._compat import check_torch
 
 check_torch()
 
-from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend, default_backend  # noqa: E402
+from .backend import AdaCacheBackend, adacache_backend, default_backend  # noqa: E402
 from .calibration import CalibrationResult, calibrate  # noqa: E402
 from .compile_model import compile_model, data_dependent_capture  # noqa: E402
-from .config import AdaCacheConfig, AdaCacheConfigError  # noqa: E402
+from .config import AdaCacheConfig  # noqa: E402
+from .errors import AdaCacheConfigError, AdaCacheSyncWarning, AdaCacheWarning  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
 from .report import Report  # noqa: E402
-from .runtime import AdaCacheScheduler, AdaCacheSyncWarning, StepMetric, codebook_rate  # noqa: E402
+from .runtime import AdaCacheScheduler, StepMetric, codebook_rate  # noqa: E402
 
 __all__ = [
     "AdaCacheBackend", "AdaCacheConfig", "CalibrationResult", "calibrate", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",

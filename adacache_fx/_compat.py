@@ -7,6 +7,7 @@ torch 2.13 is tested here; older releases are refused at import with this messag
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 
@@ -28,8 +29,10 @@ def check_torch() -> None:
         raise ImportError(f"adacache-fx needs torch>={TORCH_MIN[0]}.{TORCH_MIN[1]}, found {torch.__version__}")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
-    """Whether a triton package is installed. Whether it imports is another matter: a
-    broken install raises its import error where the Triton kernel is first needed."""
+    """Whether a triton package is installed (looked up once: the metric op asks on every CUDA
+    call). Whether it imports is another matter: a broken install raises its import error where
+    the Triton kernel is first needed."""
     return importlib.util.find_spec("triton") is not None
 

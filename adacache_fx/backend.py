@@ -16,12 +16,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .analysis import GraphAnalysis, analyze
-from .analysis.graph_nodes import is_parameter_placeholder
+from .passes.analysis import GraphAnalysis, analyze
+from .passes.analysis.graph_nodes import is_parameter_placeholder
 from .compile import CompiledPieces, compile_pieces, count_flops, resolve_inner
-from .config import AdaCacheConfig, AdaCacheConfigError
+from .config import AdaCacheConfig
+from .errors import AdaCacheConfigError, AdaCacheWarning
 from .report import RegionInfo, Report
-from .rewrite import Rewrite, copy_graph_module, output_position, rewrite
+from .passes.rewrite import Rewrite, copy_graph_module, output_position, rewrite
 from .runtime import CachedGraph, GraphLayout, RuntimeState
 from .compile.sub_batch_plan import plan_per_sample
 
@@ -31,10 +32,6 @@ logger = logging.getLogger("adacache_fx")
 # Config fields read while the graphs are analysed and rewritten (set_config cannot change them).
 COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg", "packed_frames",
                        "moreg_stride", "process_group", "per_sample", "guidance_in_batch")
-
-
-class AdaCacheWarning(UserWarning):
-    """A graph runs uncached (and why)."""
 
 
 class AdaCacheBackend:

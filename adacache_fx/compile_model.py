@@ -11,15 +11,9 @@ backend sees one Dynamo graph at a time, and a model that calls ``.item()`` / ``
 (token counts, grid sizes for a rotary embedding) or an op whose output shape depends on the
 data (``nonzero``, ``masked_select``, mixture-of-experts routing) breaks Dynamo's graph there
 under the default config, often inside every block: no graph then holds a block, and there is
-nothing to cache. Dynamo can capture those ops into the graph instead (as data-dependent,
-"unbacked" sizes) when ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops``
-are on. Dynamo reads its config while it traces, that is on the compiled model's calls, so
-``compile_model`` turns both on around each call of this model only (``torch._dynamo.config``
-is patched for the call and restored after it): the user's global config and their other
-compiled models are never changed. The same per-call patch adds the logger methods libraries
-install on ``logging.Logger`` (``warning_once``) to Dynamo's ``ignore_logging_functions``, and
-before the first call the hooks diffusers installs (context parallelism) resolve what they would
-otherwise look up with ``inspect`` inside the traced forward: both would break the graph there.
+nothing to cache. ``compile_model`` traces each call of this model only under
+:func:`adacache_fx.tracing.trace_config`, which captures those ops into the graph (the user's
+global Dynamo config and their other compiled models are never changed).
 
 What it cannot capture still breaks the graph: a Python ``if`` or ``for`` on a tensor's value
 (``for n in tokens_per_expert:``). Such a model runs as plain ``torch.compile`` would run it,
@@ -30,119 +24,19 @@ plain ``torch.compile`` traces it, with an ``AdaCacheWarning``, and so are the m
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
-import logging
 import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
-from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
+from .backend import AdaCacheBackend, adacache_backend
+from .config import AdaCacheConfig
+from .errors import AdaCacheConfigError, AdaCacheWarning
+from .tracing import (capture_failed, data_dependent_capture, frames_parameter, frames_value, mark_batch_dynamic,
+                      prepare_hooks_for_tracing, trace_config)
 
-from .backend import AdaCacheBackend, AdaCacheWarning, adacache_backend
-from .config import AdaCacheConfig, AdaCacheConfigError
-
-__all__ = ["DATA_DEPENDENT_CAPTURE", "capture_failed", "compile_model", "data_dependent_capture", "frames_argument",
-           "mark_batch_dynamic"]
-
-# Dynamo settings under which data-dependent ops are traced into the graph instead of breaking it.
-DATA_DEPENDENT_CAPTURE = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
-
-
-def data_dependent_capture():
-    """A context (also a decorator) in which Dynamo captures ``.item()``, ``.tolist()`` and ops
-    with data-dependent output shapes into the graph. Restores the previous config on exit."""
-    return torch._dynamo.config.patch(**DATA_DEPENDENT_CAPTURE)
-
-
-# Logger methods that libraries add to logging.Logger (transformers' ``warning_once``, which
-# diffusers' context-parallel hooks call inside a traced forward). Dynamo breaks the graph at an
-# unknown logger method unless it is in ``ignore_logging_functions``; looked up at each call,
-# since the method appears only once the library that adds it is imported.
-_ADDED_LOGGER_METHODS = ("warning_once", "info_once")
-
-
-def _ignored_logging_functions() -> dict:
-    """The ``ignore_logging_functions`` patch that adds the added logger methods present now
-    (empty when none is present or all are already ignored)."""
-    current = torch._dynamo.config.ignore_logging_functions
-    added = {getattr(logging.Logger, name) for name in _ADDED_LOGGER_METHODS if hasattr(logging.Logger, name)}
-    return {"ignore_logging_functions": current | added} if added - current else {}
-
-
-def _trace_config(capture: bool):
-    """The Dynamo config for one call of a model compiled by ``compile_model``: the added logger
-    methods ignored, and data-dependent ops captured when ``capture``."""
-    patch = dict(_ignored_logging_functions())
-    if capture:
-        patch.update(DATA_DEPENDENT_CAPTURE)
-    return torch._dynamo.config.patch(**patch) if patch else contextlib.nullcontext()
-
-
-def _prepare_module_hooks(model: torch.nn.Module) -> None:
-    """Resolve what diffusers' hooks would compute on their first call inside the traced
-    forward (a graph break there fragments the forward); nothing for other models."""
-    from .integrations.diffusers import prepare_hooks_for_tracing   # imports no diffusers code
-    prepare_hooks_for_tracing(model)
-
-
-def capture_failed(exc: BaseException) -> bool:
-    """Whether ``exc`` is Dynamo failing to trace (under the capture config), not the model's own
-    error or the backend's (a config that does not fit the model is the user's to fix)."""
-    if isinstance(exc, BackendCompilerFailed):
-        return False
-    return isinstance(exc, (TorchDynamoException, GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound))
-
-
-def _frames_parameter(model: torch.nn.Module, config: AdaCacheConfig) -> Optional[inspect.Signature]:
-    """The forward's signature when ``config.frames_arg`` names one of its parameters."""
-    if config is None or config.frames_arg is None:
-        return None
-    signature = inspect.signature(model.forward)
-    if config.frames_arg not in signature.parameters:
-        raise AdaCacheConfigError(f"adacache: frames_arg={config.frames_arg!r} names no argument of "
-                                  f"{type(model).__name__}.forward{signature}")
-    return signature
-
-
-def _frames_value(signature: Optional[inspect.Signature], name: str, args, kwargs,
-                  frame_dim: Optional[int] = None) -> Optional[int]:
-    """The frame count that argument ``name`` gives in this call: an int as it is, a 5-D video
-    tensor by its frame dim (``frame_dim``, default 2)."""
-    if signature is None:
-        return None
-    value = signature.bind_partial(*args, **kwargs).arguments.get(name, signature.parameters[name].default)
-    if value is None or value is inspect.Parameter.empty:
-        return None
-    if isinstance(value, torch.Tensor) and value.dim() == 5:
-        return int(value.shape[frame_dim if frame_dim is not None else 2])
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AdaCacheConfigError(f"adacache: frames_arg={name!r} must be a Python int frame count or a 5-D video "
-                                  f"tensor, got {type(value).__name__}"
-                                  + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
-    return value
-
-
-def frames_argument(model: torch.nn.Module, config: Optional[AdaCacheConfig], args, kwargs) -> Optional[int]:
-    """The frame count ``config.frames_arg`` names in a call of ``model`` (None when not set)."""
-    signature = _frames_parameter(model, config)
-    return _frames_value(signature, config.frames_arg, args, kwargs, config.video_frame_dim) if signature else None
-
-
-def mark_batch_dynamic(args, kwargs) -> None:
-    """Mark dim 0 of the call's tensors of the first tensor's batch size dynamic (where Dynamo can
-    keep it so: ``maybe_mark_dynamic``), so that the regions compile once for every sub-batch of a
-    schedule per sample. A batch of one row stays specialised, as Dynamo does for sizes 0 and 1."""
-    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()]
-    if not tensors:
-        return
-    batch = tensors[0].shape[0]
-    for tensor in tensors:
-        if tensor.shape[0] == batch:
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+__all__ = ["compile_model", "data_dependent_capture"]
 
 
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
@@ -169,8 +63,8 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     if block_guard not in ("graph", "modules"):
         raise AdaCacheConfigError(f"compile_model: block_guard must be 'graph' or 'modules', got {block_guard!r}")
     backend = adacache_backend(config, inner=inner, mode=mode, options=options)
-    signature = _frames_parameter(model, backend.config)
-    _prepare_module_hooks(model)
+    signature = frames_parameter(model, backend.config)
+    prepare_hooks_for_tracing(model)
     guard = _module_guard(model, backend, compile_kwargs) if block_guard == "modules" else None
     model.compile(backend=backend if guard is None else backend.inner, **compile_kwargs)
     compiled = model._compiled_call_impl
@@ -179,10 +73,10 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
 
     def run(args, kwargs):
         if not capturing[0]:
-            with _trace_config(False):
+            with trace_config(False):
                 return compiled(*args, **kwargs)
         try:
-            with _trace_config(True):
+            with trace_config(True):
                 return compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only Dynamo's own tracing failures are retried
             if not capture_failed(exc):
@@ -194,19 +88,19 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
                           "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=3)
             if guard is not None:
                 guard.restart_call()
-            with _trace_config(False):
+            with trace_config(False):
                 return compiled(*args, **kwargs)
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
         # analysis of a graph traced by this call reads it here
-        backend.frames_from_call = _frames_value(signature, backend.config.frames_arg, args, kwargs,
+        backend.frames_from_call = frames_value(signature, backend.config.frames_arg, args, kwargs,
                                                  backend.config.video_frame_dim)
         if backend.config.per_sample:
             mark_batch_dynamic(args, kwargs)
         if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
-            _prepare_module_hooks(model)
+            prepare_hooks_for_tracing(model)
             hooks_prepared[0] = True
         if guard is None:
             return run(args, kwargs)

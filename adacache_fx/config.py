@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+from .errors import AdaCacheConfigError  # noqa: F401 - raised by the config's users; importable here
+
 # Official codebooks ({distance threshold: cache rate}), from the public AdaCache code.
 CODEBOOK_30_FAST = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}
 CODEBOOK_30_SLOW = {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1}
@@ -58,11 +60,6 @@ def default_moreg_window(num_steps: int) -> tuple[int, int]:
     if num_steps in MOREG_WINDOWS:
         return MOREG_WINDOWS[num_steps]
     return (max(1, round(0.1 * num_steps)), max(1, round(0.9 * num_steps)))
-
-
-class AdaCacheConfigError(ValueError):
-    """The config does not fit the model (a probe or timestep input that does not exist,
-    no timestep and no ``num_steps``). Raised to the user, not turned into a fallback."""
 
 
 @dataclass

@@ -9,9 +9,9 @@ import torch
 import torch.fx as fx
 
 from .config import AdaCacheConfig
-from .analysis import analyze
+from .passes.analysis import analyze
 from .compile import flops_by_node
-from .compile_model import _prepare_module_hooks, _trace_config, capture_failed, frames_argument
+from .tracing import capture_failed, frames_argument, prepare_hooks_for_tracing, trace_config
 
 
 @dataclass
@@ -71,7 +71,7 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
     result = Explanation()
 
     frames = frames_argument(model, config, args, kwargs)
-    _prepare_module_hooks(model)   # as compile_model: hooks that would break the graph on a first call
+    prepare_hooks_for_tracing(model)   # as compile_model: hooks that would break the graph on a first call
 
     def capture(gm: fx.GraphModule, example_inputs):
         analysis = analyze(gm.graph, config, frames)
@@ -105,5 +105,5 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
 
 
 def _trace(compiled, args, kwargs, capture_data_dependent: bool) -> None:
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), _trace_config(capture_data_dependent):
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False), trace_config(capture_data_dependent):
         compiled(*args, **kwargs)

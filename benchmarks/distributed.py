@@ -112,7 +112,7 @@ def _measure(rank, world, args, threads):
 
     from adacache_fx import AdaCacheConfig, adacache_backend
     from adacache_fx.config import CODEBOOK_30_FAST
-    from adacache_fx.runtime.distributed import all_reduce_sums
+    from adacache_fx.runtime.collectives import all_reduce_sums
     from examples.models.sp_dit import SPVideoDiT, make_inputs
 
     cfg = model_config(args.quick)

@@ -132,7 +132,7 @@ def main():
           f"{a.steps} steps, guidance {a.guidance}, seed {a.seed}, inner={a.inner}")
 
     from adacache_fx import AdaCacheConfig, adacache_backend
-    from adacache_fx.compile_model import mark_batch_dynamic
+    from adacache_fx.tracing import mark_batch_dynamic
 
     # per-sample: a schedule per prompt; the batch is [uncond, cond] (classifier-free guidance in one call)
     schedule = dict(per_sample=True, guidance_in_batch=2 if a.guidance > 1 else 1) if a.schedule == "per-sample" else {}

@@ -270,7 +270,7 @@ def _scenario_boundary_sums():
     import torch.distributed as dist
 
     from adacache_fx.ops.cache_metrics import cache_metrics_reference, fused_cache_metrics
-    from adacache_fx.runtime.distributed import all_reduce_sums, shard_boundary_sums
+    from adacache_fx.runtime.collectives import all_reduce_sums, shard_boundary_sums
     rank, group = dist.get_rank(), dist.group.WORLD
     out = []
     for (shape, dtype, strides) in BOUNDARY_CASES:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-import adacache_fx.rewrite as rewrite_module
+import adacache_fx.passes.rewrite as rewrite_module
 from adacache_fx import AdaCacheConfig, adacache_backend
 from helpers import INF, euler_loop, label_branch, timesteps
 from toy_models import ToyDiT, ToyFlowDiT, seeded

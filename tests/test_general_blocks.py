@@ -385,8 +385,8 @@ def test_without_module_metadata_the_residual_chain_finds_the_stack(name):
     """A graph with no ``nn_module_stack`` (as ``symbolic_trace`` output may be): the structural
     fallback follows the trunk through post-norms and masked selects, finds the 4 blocks' 8
     residual adds as one region, and the backend caches that graph with the contract."""
-    from adacache_fx.analysis import analyze
-    from adacache_fx.analysis.graph_nodes import user_placeholder_name
+    from adacache_fx.passes.analysis import analyze
+    from adacache_fx.passes.analysis.graph_nodes import user_placeholder_name
     build, extra = CASES[name]
     model = build()
     captured = []

@@ -27,8 +27,8 @@ from adacache_fx.ops import cache_metrics_reference, cache_metrics_torch, fused_
 
 HAS_TRITON = triton_installed()
 if HAS_TRITON:
-    from adacache_fx.ops import cache_metrics_triton as cm  # noqa: E402
-    from adacache_fx.ops.cache_metrics_triton import cache_metrics_triton  # noqa: E402
+    from adacache_fx.triton_kernels import cache_metrics as cm  # noqa: E402
+    from adacache_fx.triton_kernels.cache_metrics import cache_metrics_triton  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
@@ -354,7 +354,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 if "nvidia" not in backends:
     print("SKIP no nvidia backend"); sys.exit(0)
-from adacache_fx.ops import cache_metrics_triton as cm
+from adacache_fx.triton_kernels import cache_metrics as cm
 ints = ["F", "N", "N2", "sr_b", "sr_f", "sr_1", "sr_2", "sp_b", "sp_f", "sp_1", "sp_2", "n_blocks", "FRAME_STRIDE"]
 for dtype, inner_2d in (("bf16", False), ("bf16", True), ("fp32", False)):
     sig = {"r_ptr": "*" + dtype, "p_ptr": "*" + dtype, "part_ptr": "*fp32", **{n: "i32" for n in ints}}

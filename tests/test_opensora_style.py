@@ -37,7 +37,7 @@ def _euler(model, steps, record=None):
 
 
 def _graphs(model, capture):
-    from adacache_fx.compile_model import _trace_config
+    from adacache_fx.tracing import trace_config
     graphs = []
 
     def count(gm, example_inputs):
@@ -45,7 +45,7 @@ def _graphs(model, capture):
         return gm.forward
 
     torch._dynamo.reset()
-    with _trace_config(capture):
+    with trace_config(capture):
         _euler(torch.compile(model, backend=count), timesteps(1))
     return len(graphs)
 

@@ -7,11 +7,11 @@ import torch.nn as nn
 
 
 from adacache_fx import AdaCacheConfig, AdaCacheWarning  # noqa: E402
-from adacache_fx.analysis import analyze  # noqa: E402
-from adacache_fx.rewrite.add_cache_outputs import add_cache_outputs  # noqa: E402
-from adacache_fx.analysis.find_blocks import find_blocks  # noqa: E402
-from adacache_fx.analysis.graph_nodes import module_path  # noqa: E402
-from adacache_fx.analysis.frame_layout import infer_frame_layout  # noqa: E402
+from adacache_fx.passes.analysis import analyze  # noqa: E402
+from adacache_fx.passes.rewrite.add_cache_outputs import add_cache_outputs  # noqa: E402
+from adacache_fx.passes.analysis.find_blocks import find_blocks  # noqa: E402
+from adacache_fx.passes.analysis.graph_nodes import module_path  # noqa: E402
+from adacache_fx.passes.analysis.frame_layout import infer_frame_layout  # noqa: E402
 from helpers import (INF, BlockStackReference, assert_matches_reference, cached, euler_loop,  # noqa: E402
                      relative_l1, sample_loop, timesteps)
 from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToyShardedTokens, ToySkipDiT, seeded,  # noqa: E402

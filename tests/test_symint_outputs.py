@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from adacache_fx import AdaCacheConfig, compile_model
-from adacache_fx.analysis import analyze
+from adacache_fx.passes.analysis import analyze
 
 INF = float("inf")
 

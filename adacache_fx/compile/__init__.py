@@ -21,8 +21,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis.graph_nodes import example_value
-from ..rewrite import Rewrite
+from ..passes.analysis.graph_nodes import example_value
+from ..passes.rewrite import Rewrite
 from .inner import resolve_inner
 
 logger = logging.getLogger("adacache_fx")

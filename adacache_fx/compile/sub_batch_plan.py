@@ -19,6 +19,7 @@ schedule per sample but computing every row whenever any sample computes (said i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import sympy
@@ -26,8 +27,21 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..analysis.graph_nodes import example_value
-from ..runtime.sub_batch import SCALED, SubBatchPlan
+from ..passes.analysis.graph_nodes import example_value
+
+
+SCALED = "scaled"   # spec of a size proportional to the batch
+
+
+@dataclass
+class SubBatchPlan:
+    """How each region piece of one graph runs on a subset of the batch rows."""
+
+    symbol: sympy.Symbol
+    inputs: dict = field(default_factory=dict)    # runner index -> [spec per input]
+    outputs: dict = field(default_factory=dict)   # runner index -> [spec per output]
+    graph_outputs: dict = field(default_factory=dict)   # graph output index -> spec (deltas, probe)
+    min_rows: int = 1                              # sub-batches are padded to this many rows
 
 
 def _expr(size):

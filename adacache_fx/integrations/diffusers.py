@@ -50,38 +50,11 @@ import torch
 
 from ..backend import AdaCacheBackend
 from ..compile_model import compile_model
+from ..tracing import prepare_hooks_for_tracing  # noqa: F401 - documented here, for diffusers users
 from ..config import AdaCacheConfig
 
 _DENOISER_ATTRS = ("transformer", "unet", "prior")
 _ATTR = "_adacache"
-
-
-def prepare_hooks_for_tracing(model: torch.nn.Module) -> int:
-    """Resolve, before Dynamo traces ``model``, what diffusers' hooks compute on their first
-    call; returns how many hooks were resolved (0 for a model without diffusers hooks).
-
-    A context-parallel split hook (``enable_parallelism``) finds the argument it shards by
-    ``inspect.signature`` of the wrapped module's forward on its first call and caches the
-    parameter indices. Traced inside the compiled forward, that ``inspect`` call is a graph
-    break in the loop over the blocks: Dynamo then skips the whole forward frame, the blocks
-    reach the backend one per graph (nothing to cache), and the next call recompiles with
-    dynamic shapes. Resolved here with the hook's own lookup, the traced forward is one graph.
-    Imports no diffusers code: the hooks are found as the attributes diffusers sets."""
-    resolved = 0
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        for hook in list(getattr(registry, "hooks", {}).values()):
-            metadata = getattr(hook, "module_forward_metadata", None)
-            lookup = getattr(metadata, "_get_parameter_from_args_kwargs", None)
-            if lookup is None or getattr(metadata, "cached_parameter_indices", None) is not None:
-                continue
-            names = list(getattr(hook, "metadata", None) or {})
-            try:   # fills cached_parameter_indices, then finds no argument in () and raises
-                lookup(names[0] if names else "", (), {})
-            except (ValueError, IndexError):
-                pass
-            resolved += getattr(metadata, "cached_parameter_indices", None) is not None
-    return resolved
 
 
 def _denoiser(pipe, component: Optional[str]):

@@ -15,7 +15,7 @@ exactly 0. Accumulation is in float32 for every input dtype; NaN and Inf propaga
 
 One op, three pieces: ``_validate`` (once, in :func:`fused_cache_metrics`), the torch
 composite :func:`cache_metrics_torch` (CPU and every other device; also the fake), and on
-CUDA the single-pass Triton kernel of ``cache_metrics_triton.py``, imported only there.
+CUDA the single-pass Triton kernel of ``triton_kernels/cache_metrics.py``, imported only there.
 CUDA without triton installed runs the composite. The backends agree to float32
 rounding, not bitwise: every rank of one job runs the same one (same device type).
 """
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._compat import triton_installed
 
-NUM_METRICS = 5
+from .metric_layout import NUM_METRICS
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -111,7 +111,7 @@ def _cache_metrics_cuda(r: Tensor, p: Tensor, frame_stride: int) -> Tensor:
     if not triton_installed():
         return cache_metrics_torch(r, p, frame_stride)
     try:
-        from .cache_metrics_triton import cache_metrics_triton
+        from ..triton_kernels.cache_metrics import cache_metrics_triton
     except ImportError as exc:
         raise ImportError(f"adacache_fx: triton is installed but does not import ({exc}); fix the install, "
                           "or uninstall triton to run the torch composite on CUDA") from exc

@@ -1,6 +1,7 @@
 """Guard: the runtime of rewritten graphs (cached graph, scheduler, step clock, distributed)."""
 from .cached_graph import CachedGraph, GraphLayout
-from .clock import AdaCacheSyncWarning, StepClock
+from ..errors import AdaCacheSyncWarning
+from .clock import StepClock
 from .scheduler import AdaCacheScheduler, StepMetric, codebook_rate
 from .state import RuntimeState
 

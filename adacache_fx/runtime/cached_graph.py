@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from ..ops import fused_cache_metrics
-from .distributed import shard_boundary_sums
+from .collectives import shard_boundary_sums
 from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
 from .per_sample_calls import PerSampleCalls, cache_bytes, exception_summary
 from .per_sample_scheduler import PerSampleScheduler

@@ -16,9 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-
-class AdaCacheSyncWarning(UserWarning):
-    """The timestep is read from a device tensor on every call (a host sync per call)."""
+from ..errors import AdaCacheSyncWarning
 
 
 class StepClock:

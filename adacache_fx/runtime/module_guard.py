@@ -36,12 +36,12 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls, output_tensors,
+from ..passes.analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls, output_tensors,
                                            tensor_inputs, without_tensors)
-from ..config import AdaCacheConfigError
+from ..errors import AdaCacheConfigError
 from ..ops import fused_cache_metrics
 from .cached_graph import BranchCache
-from .distributed import resolve_process_group
+from ..passes.analysis.process_group import resolve_process_group
 from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
 from .scheduler import sampler_time
 

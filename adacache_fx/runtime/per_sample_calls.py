@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..ops import fused_cache_metrics
-from .distributed import shard_boundary_sums
+from .collectives import shard_boundary_sums
 from .scheduler import sampler_time
 from .sub_batch import gather, replace_rows, scatter
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ..config import AdaCacheConfig
-from .distributed import all_reduce_sums
+from .collectives import all_reduce_sums
 from .scheduler import AdaCacheScheduler, CallDecision
 
 

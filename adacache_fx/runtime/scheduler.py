@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..config import AdaCacheConfig
-from .distributed import all_reduce_sums
+from .collectives import all_reduce_sums
 
 
 @dataclass

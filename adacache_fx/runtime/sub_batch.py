@@ -10,26 +10,12 @@ every diffusion transformer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import sympy
 import torch
 
-SCALED = "scaled"   # spec of a size proportional to the batch
+from ..compile.sub_batch_plan import SCALED
 
 
-@dataclass
-class SubBatchPlan:
-    """How each region piece of one graph runs on a subset of the batch rows."""
 
-    symbol: sympy.Symbol
-    inputs: dict = field(default_factory=dict)    # runner index -> [spec per input]
-    outputs: dict = field(default_factory=dict)   # runner index -> [spec per output]
-    graph_outputs: dict = field(default_factory=dict)   # graph output index -> spec (deltas, probe)
-    min_rows: int = 1                              # sub-batches are padded to this many rows
-
-
-# ----- run time ----------------------------------------------------------------------------
 def gather(value, spec, rows: torch.Tensor, batch: int):
     """``value`` restricted to batch rows ``rows`` (a 1-D index tensor)."""
     if spec is None or value is None:

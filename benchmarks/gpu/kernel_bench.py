@@ -106,7 +106,7 @@ def _run(rep: PartReport, args, device):
         if cuda:
             torch.cuda.empty_cache()
     if cuda:
-        from adacache_fx.ops.cache_metrics_triton import triton_launch_config
+        from adacache_fx.triton_kernels.cache_metrics import triton_launch_config
 
         cfgs = []
         for sname, (B, F, T, C, _desc) in sizes.items():

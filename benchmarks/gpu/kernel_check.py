@@ -100,8 +100,8 @@ def _run(rep: PartReport, args, device):
         raise RuntimeError("triton is not installed: the CUDA op runs the torch composite, there is no kernel to check")
     import triton
 
-    from adacache_fx.ops import cache_metrics_triton as cm
-    from adacache_fx.ops.cache_metrics_triton import cache_metrics_triton, triton_launch_config
+    from adacache_fx.triton_kernels import cache_metrics as cm
+    from adacache_fx.triton_kernels.cache_metrics import cache_metrics_triton, triton_launch_config
 
     interpret = device.type == "cpu"
     if not interpret and os.environ.get("TRITON_INTERPRET", "0") == "1":

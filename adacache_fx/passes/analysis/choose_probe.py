@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from ..config import AdaCacheConfigError
+from ...errors import AdaCacheConfigError
 from .find_regions import Region, ResidualAdd
 from .graph_nodes import example_value, is_parameter_placeholder, sizes_equal
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..config import AdaCacheConfigError
+from ...errors import AdaCacheConfigError
 from .graph_nodes import example_value, is_parameter_placeholder, op_kind, user_placeholder_name
 
 _SINUSOID_TARGETS = {torch.sin, torch.cos, "sin", "cos"}

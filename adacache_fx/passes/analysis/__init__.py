@@ -16,7 +16,8 @@ from typing import Optional
 import torch.distributed as dist
 import torch.fx as fx
 
-from ..config import AdaCacheConfig, AdaCacheConfigError
+from ...config import AdaCacheConfig
+from ...errors import AdaCacheConfigError, AdaCacheWarning
 from .choose_probe import Probe, choose_probe, probe_fallbacks
 from .find_blocks import find_blocks
 from .find_regions import find_regions
@@ -25,7 +26,7 @@ from .find_timestep import find_timestep
 from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
 from .frame_layout.stops import shard_message
 from .graph_nodes import describe_node, module_stack, user_placeholder_name
-from ..runtime.distributed import resolve_process_group, shard_problem
+from .process_group import resolve_process_group, shard_problem
 
 logger = logging.getLogger("adacache_fx")
 _LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
@@ -200,7 +201,6 @@ def _say_why_moreg_is_off(a: GraphAnalysis) -> None:
         return
     a.note(f"MoReg off: {message}")
     if a.config.moreg:   # the user asked for MoReg and does not get it
-        from ..backend import AdaCacheWarning   # imported here: the backend module imports this one
         warnings.warn(f"adacache: {message}", AdaCacheWarning, stacklevel=2)
 
 
@@ -217,7 +217,6 @@ def _pass_resolve_process_group(a: GraphAnalysis) -> None:
     a.frame_layout = None
     a.note(f"MoReg off: {problem}")
     if a.config.moreg:
-        from ..backend import AdaCacheWarning   # imported here: the backend module imports this one
         warnings.warn(f"adacache: MoReg off: {problem}", AdaCacheWarning, stacklevel=2)
 
 

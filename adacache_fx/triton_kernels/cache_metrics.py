@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cache_metrics import NUM_METRICS
+from ..ops.metric_layout import NUM_METRICS
 
 __all__ = ["cache_metrics_triton", "triton_launch_config"]
 

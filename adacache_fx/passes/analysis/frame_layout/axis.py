@@ -8,7 +8,7 @@ rules make.
 A *shard* is one of ``count`` equal pieces of a frame dim, each holding whole frames (a
 sequence- or context-parallel split: ``x.chunk(P, dim)[rank]``): the piece's axis counts its
 own ``frames`` and says which piece it is (``shard=(index, count, total, inner)``), so that the runtime can
-add the frame pairs that cross a shard boundary (``runtime.distributed.shard_boundary_sums``).
+add the frame pairs that cross a shard boundary (``runtime.collectives.shard_boundary_sums``).
 """
 from __future__ import annotations
 
