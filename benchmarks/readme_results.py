@@ -1,13 +1,16 @@
-"""Regenerate the README's results section from the committed benchmark output.
+"""Regenerate the results page of the docs (docs/results.md) from the committed benchmark output.
 
-    python -m benchmarks.readme_results          # rewrites README.md between the markers
-    python -m benchmarks.readme_results --readme /tmp/README.md   # another copy
-    python -m benchmarks.readme_results --print  # only print the section
+    python -m benchmarks.readme_results                      # rewrites docs/results.md between the markers
+    python -m benchmarks.readme_results --out /tmp/results.md   # another copy
+    python -m benchmarks.readme_results --print              # only print the section
 
-(from the repository root).
+(from the repository root). The section sits between ``<!-- results:begin -->`` and
+``<!-- results:end -->``; the rest of the page (its title, the findings) is kept as written.
 
 Every number in the section is read from a file under benchmarks/results/ (or the
-reference model's card); nothing is typed by hand.
+reference model's card); nothing is typed by hand. The page is built by MkDocs from docs/,
+which cannot link to files outside it: a link to a file under benchmarks/results/ becomes its
+path in code font, and the plots the section shows are copied to docs/img/.
 """
 from __future__ import annotations
 
@@ -15,10 +18,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+#: the page the section is written to, and where the plots it shows are copied (relative to it: img/)
+PAGE = os.path.join(ROOT, "docs", "results.md")
+IMAGES = os.path.join(ROOT, "docs", "img")
 
 
 def _load(name):
@@ -207,7 +214,7 @@ def e2e_section() -> list:
     return lines
 
 
-#: the columns of benchmarks/results/coverage.md shown in the README (the graph-break reasons and
+#: the columns of benchmarks/results/coverage.md shown on the results page (the graph-break reasons and
 #: the case notes stay in coverage.md)
 COVERAGE_COLUMNS = ("class", "case", "kind", "one graph", "caching", "regions / reason")
 
@@ -237,7 +244,7 @@ def coverage_section() -> list:
         keep = [header.index(c) for c in COVERAGE_COLUMNS if c in header]
         body = [_cells(r) for r in table[1:] if not r.startswith("|---")]
         pick = lambda cells: "| " + " | ".join(cells[i] for i in keep) + " |"  # noqa: E731
-        lines += ["", "<details><summary>Every case: one-graph capture, caching status and, for failures, the "
+        lines += ["", "<details markdown=\"1\"><summary>Every case: one-graph capture, caching status and, for failures, the "
                   "reason and what a fix would take</summary>", "", pick(header), "|" + "---|" * len(keep)]
         lines += [pick(cells) for cells in body if len(cells) == len(header)]
         # the other tables (classes without a zoo case, non-DiT classes) under their headings
@@ -258,27 +265,54 @@ def block() -> str:
                     coverage_section()):
         if section:
             parts.append("\n".join(section))
-    return f"{BEGIN}\n" + "\n\n".join(parts) + f"\n{END}"
+    return f"{BEGIN}\n" + for_docs("\n\n".join(parts)) + f"\n{END}"
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(benchmarks/results/([^)/]+)\)")
+_LINK = re.compile(r"\[([^\]]+)\]\((benchmarks/results/[^)]+)\)")
+
+
+def for_docs(text: str) -> str:
+    """The section as a page under docs/ needs it: an image of benchmarks/results/ points to its
+    copy in docs/img/ (``copy_images`` makes it), a link to a file there becomes its path in code
+    font (MkDocs cannot link outside docs/)."""
+    text = _IMAGE.sub(lambda m: f"![{m.group(1)}](img/{m.group(2)})", text)
+    return _LINK.sub(lambda m: f"`{m.group(2)}`" if m.group(1) == m.group(2) else f"{m.group(1)} (`{m.group(2)}`)",
+                     text)
+
+
+def copy_images(text: str, images: str = IMAGES) -> None:
+    """Copy the plots ``text`` shows (``img/NAME``) from benchmarks/results/ to ``images``."""
+    names = re.findall(r"!\[[^\]]*\]\(img/([^)]+)\)", text)
+    if names:
+        os.makedirs(images, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(RESULTS, name), os.path.join(images, name))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.readme_results", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="the file to rewrite")
+    ap.add_argument("--out", "--readme", dest="out", default=PAGE,
+                    help="the page to rewrite between the markers (default: docs/results.md); the plots are "
+                         "copied to img/ next to it")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the section, write nothing")
     a = ap.parse_args(argv)
     text = block()
     if a.print_only:
         print(text)
         return text
-    with open(a.readme) as f:
-        readme = f.read()
-    if BEGIN in readme:
-        readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, readme, flags=re.S)
+    with open(a.out) as f:
+        page = f.read()
+    if BEGIN in page:
+        page = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, page, flags=re.S)
+    elif "RESULTS_PLACEHOLDER" in page:
+        page = page.replace("RESULTS_PLACEHOLDER", text)
     else:
-        readme = readme.replace("RESULTS_PLACEHOLDER", text)
-    with open(a.readme, "w") as f:
-        f.write(readme)
+        raise SystemExit(f"{a.out}: no {BEGIN} ... {END} markers and no RESULTS_PLACEHOLDER to write the section at")
+    with open(a.out, "w") as f:
+        f.write(page)
+    copy_images(text, os.path.join(os.path.dirname(os.path.abspath(a.out)), "img"))
     print(text)
     return text
 
