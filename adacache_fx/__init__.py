@@ -18,12 +18,13 @@ from .compile_model import compile_model, data_dependent_capture  # noqa: E402
 from .config import AdaCacheConfig  # noqa: E402
 from .errors import AdaCacheConfigError, AdaCacheSyncWarning, AdaCacheWarning  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
+from .lifecycle import disable  # noqa: E402
 from .report import Report  # noqa: E402
 from .runtime import AdaCacheScheduler, StepMetric, codebook_rate  # noqa: E402
 
 __all__ = [
     "AdaCacheBackend", "AdaCacheConfig", "CalibrationResult", "calibrate", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
     "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate", "compile_model",
-    "data_dependent_capture", "default_backend", "explain",
+    "data_dependent_capture", "default_backend", "disable", "explain",
 ]
 __version__ = "0.1.0"

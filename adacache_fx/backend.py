@@ -7,31 +7,35 @@ A graph it cannot rewrite is compiled as it is, with a warning: it runs uncached
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-import sympy
 import torch
 import torch.fx as fx
 
-from .passes.analysis import GraphAnalysis, analyze
-from .passes.analysis.graph_nodes import is_parameter_placeholder
-from .compile import CompiledPieces, compile_pieces, count_flops, resolve_inner
+from .compile import compile_pieces, count_flops, graph_inputs, resolve_inner
 from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
+from .passes.analysis import analyze
+from .passes.rewrite import copy_graph_module, rewrite
 from .report import RegionInfo, Report
-from .passes.rewrite import Rewrite, copy_graph_module, output_position, rewrite
-from .runtime import CachedGraph, GraphLayout, RuntimeState
-from .compile.sub_batch_plan import plan_per_sample
+from .runtime import CachedGraph, RuntimeState
+from .runtime.forecasters import forecaster_class
+from .runtime.guard_graph import guard_graph
 
 logger = logging.getLogger("adacache_fx")
 
 
-# Config fields read while the graphs are analysed and rewritten (set_config cannot change them).
-COMPILE_TIME_FIELDS = ("probe_block", "probe_branch", "timestep_arg", "video_frame_dim", "frames_arg", "packed_frames",
-                       "moreg_stride", "process_group", "per_sample", "guidance_in_batch")
+@dataclass(frozen=True)
+class TracedCall:
+    """Per-call data of the model call Dynamo traces now, which the graph alone does not show:
+    the frame count ``config.frames_arg`` names (Dynamo bakes a Python int into the graph)."""
+
+    frames: Optional[int] = None
 
 
 class AdaCacheBackend:
@@ -50,8 +54,18 @@ class AdaCacheBackend:
         self.graphs: list = []            # [CachedGraph]
         self.uncached_graphs: list = []   # [str]: why a graph runs uncached
         self.compile_seconds = 0.0
-        self.uncached_flops = 0           # FLOPs of one call of every graph that runs uncached
-        self.frames_from_call = None      # config.frames_arg of the call being traced (set by compile_model)
+        self._uncached_flops: list = []   # per uncached graph: its FLOPs, or (graph, fake inputs) to count them
+        self.call = TracedCall()          # what compile_model read from the model call being traced
+
+    @contextlib.contextmanager
+    def traced_call(self, frames: Optional[int] = None):
+        """Within: the model call being run (and traced, on a first call) is ``TracedCall(frames)``
+        (``compile_model`` and ``explain`` enter it around each call)."""
+        previous, self.call = self.call, TracedCall(frames=frames)
+        try:
+            yield self.call
+        finally:
+            self.call = previous
 
     @property
     def inner(self) -> Callable:
@@ -69,19 +83,19 @@ class AdaCacheBackend:
             logger.debug("adacache: rewrite failed", exc_info=True)
             fn = self._uncached(gm, f"rewrite failed ({type(exc).__name__}: {exc})")
         if fn is None:
-            self.uncached_flops += count_flops(gm, example_inputs)
+            self._uncached_flops.append((gm, graph_inputs(gm, example_inputs)))   # counted when a report asks
             fn = self._inner(gm, example_inputs)
         self.compile_seconds += time.perf_counter() - start
         return fn
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
         work = copy_graph_module(gm)
-        analysis = analyze(work.graph, self.config, self.frames_from_call)
+        analysis = analyze(work.graph, self.config, self.call.frames)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())
-        rewritten = rewrite(work, analysis)
+        rewritten = rewrite(work, analysis, forecast_terms=forecaster_class(self.config.reuse).terms)
         pieces = compile_pieces(rewritten, example_inputs, self._inner)
-        cached = self._guard(rewritten, pieces)
+        cached = guard_graph(rewritten, pieces, self.runtime)
         self.graphs.append(cached)
         logger.debug("adacache: rewrote graph\n%s", analysis.describe())
         return cached
@@ -92,54 +106,11 @@ class AdaCacheBackend:
                       AdaCacheWarning, stacklevel=3)
         return None
 
-    def _guard(self, rw: Rewrite, pieces: CompiledPieces) -> CachedGraph:
-        analysis: GraphAnalysis = rw.analysis
-        if analysis.timestep is None and self.config.num_steps is None:
-            raise AdaCacheConfigError(
-                "adacache: no timestep input found in the graph, so every call is a step and "
-                "AdaCacheConfig(num_steps=...) is required (or name the input with timestep_arg=...)")
-        placeholders = [n for n in rw.gm.graph.nodes if n.op == "placeholder"]
-        parameters = [i for i, n in enumerate(placeholders) if is_parameter_placeholder(n)]
-        layout = GraphLayout(
-            num_user_outputs=rw.outputs.num_user_outputs, user_output_is_tuple=rw.outputs.user_output_is_tuple,
-            deltas=rw.outputs.deltas, probe_index=rw.outputs.probe_index,
-            timestep_index=placeholders.index(analysis.timestep) if analysis.timestep is not None else None,
-            activation_indices=[i for i in range(len(placeholders)) if i not in parameters],
-            parameter_index=parameters[0] if parameters else None,
-            frame_axis=analysis.frame_layout.probe_axis if analysis.frame_layout else None,
-            symbol_sources=_symbol_sources(pieces.fake_inputs), moreg_stride=self.config.moreg_stride)
-        axis = layout.frame_axis
-        if axis is not None and axis.gather is not None:
-            layout.gather_index = placeholders.index(axis.gather)
-        info = [(region.block_paths, [_shape(s.shape) for s in region.streams],
-                 analysis.probe.block if analysis.probe.region == r else None)
-                for r, region in enumerate(analysis.regions)]
-        probe_positions = {analysis.probe.region: output_position(pieces.top, rw.outputs.probe_index,
-                                                                  pieces.regions[analysis.probe.region][0])}
-        sub_batch = None
-        if self.config.per_sample:
-            try:
-                layout.batch_source, sub_batch, why = plan_per_sample(rw, pieces, placeholders, layout,
-                                                                      self.config.guidance_in_batch)
-            except Exception as exc:  # noqa: BLE001 - the graph still caches, with one schedule for the batch
-                logger.debug("adacache: per-sample plan failed", exc_info=True)
-                why = f"the sub-batch plan failed ({type(exc).__name__}: {exc}): one schedule for the batch"
-            if why is not None:
-                self._warn_per_sample(why)
-        # Only graphs that cache take part in the decision, so only they choose the group (with
-        # graph breaks, a fragment without the model's collectives must not choose it).
-        cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=self.runtime,
-                             process_group=analysis.process_group, region_info=info,
-                             probe_positions=probe_positions, sub_batch=sub_batch)
-        if pieces.reuse_step is not None:
-            cached.fuse_reused_steps(pieces.reuse_step, rw.fused.delta_inputs)
-        cached.region_flops = sum(pieces.flops.get(name, 0) for name, _c, _r in pieces.regions.values())
-        cached.total_flops = sum(pieces.flops.values())
-        return cached
-
-    @staticmethod
-    def _warn_per_sample(why: str) -> None:
-        warnings.warn(f"adacache: per_sample: {why}", AdaCacheWarning, stacklevel=4)
+    @property
+    def uncached_flops(self) -> int:
+        """FLOPs of one call of every graph that runs uncached (counted on the first ask)."""
+        self._uncached_flops = [f if isinstance(f, int) else count_flops(*f) for f in self._uncached_flops]
+        return sum(self._uncached_flops)
 
     # ----- user API ---------------------------------------------------------------
     def reset(self) -> None:
@@ -154,7 +125,7 @@ class AdaCacheBackend:
         Fields that shaped the compiled graphs must stay as they were."""
         if not isinstance(config, AdaCacheConfig):
             raise ValueError(f"config must be an AdaCacheConfig, got {type(config).__name__}")
-        for name in COMPILE_TIME_FIELDS:
+        for name in AdaCacheConfig.graph_fields():
             if getattr(config, name) != getattr(self.config, name):
                 raise ValueError(f"set_config: {name} shapes the compiled graphs ({getattr(self.config, name)!r}); "
                                  f"compile with a new backend to change it to {getattr(config, name)!r}")
@@ -170,7 +141,7 @@ class AdaCacheBackend:
         """Announce the timestep of the coming model calls (a Python number or a CPU tensor), so
         that a sampling loop with device timesteps costs no host read of them. Calls with the
         same announced value are branches of one step; ``None`` goes back to reading the input."""
-        self.runtime.clock.announce(timestep)
+        self.runtime.timesteps.announce(timestep)
 
     @property
     def scheduler(self):
@@ -186,7 +157,7 @@ class AdaCacheBackend:
                    for g_index, g in enumerate(self.graphs) for r_index, (blocks, streams, probe) in enumerate(g.region_info)]
         return Report(
             computed_steps=list(scheduler.computed_steps),
-            num_steps=scheduler.step,
+            num_steps=scheduler.clock.step,
             metrics=list(scheduler.metrics),
             cache_bytes=sum(g.cache_bytes(instance) for g in self.graphs),
             regions=regions,
@@ -195,8 +166,8 @@ class AdaCacheBackend:
             compile_seconds=self.compile_seconds,
             cached_flops=sum(g.region_flops for g in self.graphs),
             total_flops=sum(g.total_flops for g in self.graphs) + self.uncached_flops,
-            sample_computed_steps=getattr(scheduler, "sample_computed_steps", None),
-            sample_metrics=getattr(scheduler, "sample_metrics", None),
+            sample_computed_steps=scheduler.sample_computed_steps,
+            sample_metrics=scheduler.sample_metrics,
         )
 
     def _instance_of(self, model: torch.nn.Module) -> int:
@@ -206,22 +177,6 @@ class AdaCacheBackend:
             if found is not None:
                 return found
         raise ValueError(f"report(model): this backend has not run {type(model).__name__} (or not with its weights)")
-
-
-def _shape(shape) -> tuple:
-    return tuple(int(x) if str(x).isdigit() else str(x) for x in shape)
-
-
-def _symbol_sources(fakes: list) -> dict:
-    sources = {}
-    for i, value in enumerate(fakes):
-        if isinstance(value, torch.Tensor):
-            for d, size in enumerate(value.shape):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                    sources.setdefault(size.node.expr, (i, d))
-        elif isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
-            sources.setdefault(value.node.expr, (i, None))
-    return sources
 
 
 def adacache_backend(config: Optional[AdaCacheConfig] = None, inner: Union[str, Callable] = "inductor",

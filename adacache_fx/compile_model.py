@@ -33,10 +33,40 @@ import torch
 from .backend import AdaCacheBackend, adacache_backend
 from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
+from .runtime.module_guard import ModuleBlockGuard
 from .tracing import (capture_failed, data_dependent_capture, frames_parameter, frames_value, mark_batch_dynamic,
                       prepare_hooks_for_tracing, trace_config)
 
-__all__ = ["compile_model", "data_dependent_capture"]
+__all__ = ["CompiledModel", "compile_model", "data_dependent_capture", "uncompile_model"]
+
+# The attribute of a model compiled by compile_model that holds its undo record.
+INSTALLED = "_adacache_compiled"
+
+
+class CompiledModel:
+    """The undo record of one ``compile_model``: what it changed on the model, and the backend."""
+
+    def __init__(self, model: torch.nn.Module, backend: AdaCacheBackend, guard: Optional[ModuleBlockGuard]):
+        self.backend = backend
+        self.guard = guard
+        self._model = model
+
+    def undo(self) -> None:
+        """The model as before ``compile_model``: its own call (``module.compile`` undone) and,
+        under the block-list guard, every block's own forward."""
+        if self.guard is not None:
+            self.guard.uninstall()
+        self._model._compiled_call_impl = None
+        self._model.__dict__.pop(INSTALLED, None)
+
+
+def uncompile_model(model: torch.nn.Module) -> None:
+    """Undo :func:`compile_model` on ``model``: it runs its own forward again, every patched
+    thing restored (the blocks' forwards under ``block_guard="modules"``)."""
+    record = model.__dict__.get(INSTALLED)
+    if record is None:
+        raise ValueError(f"uncompile_model: this {type(model).__name__} was not compiled by compile_model")
+    record.undo()
 
 
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
@@ -95,33 +125,33 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     def call(*args, **kwargs):
         # packed video: the frame count is a Python int that Dynamo bakes into the graph, so the
         # analysis of a graph traced by this call reads it here
-        backend.frames_from_call = frames_value(signature, backend.config.frames_arg, args, kwargs,
-                                                 backend.config.video_frame_dim)
+        frames = frames_value(signature, backend.config.frames_arg, args, kwargs, backend.config.video_frame_dim)
         if backend.config.per_sample:
             mark_batch_dynamic(args, kwargs)
         if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
             prepare_hooks_for_tracing(model)
             hooks_prepared[0] = True
-        if guard is None:
-            return run(args, kwargs)
-        if not guard.observed:
-            return _observe(model, backend, guard, args, kwargs, backend.frames_from_call)
-        guard.begin_call(args, kwargs, backend.frames_from_call)
-        try:
-            output = run(args, kwargs)
-        except BaseException:
-            guard.abort_call()
-            raise
-        guard.end_call()
-        return output
+        with backend.traced_call(frames=frames):
+            if guard is None:
+                return run(args, kwargs)
+            if not guard.observed:
+                return _observe(model, backend, guard, args, kwargs, frames)
+            guard.begin_call(args, kwargs, frames)
+            try:
+                output = run(args, kwargs)
+            except BaseException:
+                guard.abort_call()
+                raise
+            guard.end_call()
+            return output
 
     model._compiled_call_impl = call
+    model.__dict__[INSTALLED] = CompiledModel(model, backend, guard)
     return backend
 
 
 def _module_guard(model: torch.nn.Module, backend: AdaCacheBackend, compile_kwargs: dict):
     """The block-list guard of ``block_guard="modules"``, its blocks compiled by the inner compiler."""
-    from .runtime.module_guard import ModuleBlockGuard
     if backend.config.per_sample:
         raise AdaCacheConfigError("compile_model: per_sample=True needs block_guard='graph' (the module-level "
                                   "guard takes one decision per call)")

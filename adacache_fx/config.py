@@ -17,8 +17,9 @@ CODEBOOK_30_SLOW = {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1}
 CODEBOOK_100 = {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3}
 # Official MoReg windows (1-indexed steps, inclusive).
 MOREG_WINDOWS = {30: (4, 26), 100: (10, 90)}
-# What a reused step adds to a stream: the last delta, or a forecast of it (see ``reuse``).
-REUSE_MODES = ("constant", "linear", "damped")
+# Metadata of the fields read while the graphs are analysed and rewritten: ``set_config`` cannot
+# change them (``AdaCacheBackend.set_config`` derives its check from it).
+SHAPES_GRAPHS = {"shapes_graphs": True}
 
 
 def scale_codebook(codebook: dict, from_steps: int, to_steps: int) -> dict:
@@ -115,6 +116,8 @@ class AdaCacheConfig:
             reuse). Forecasting keeps one more tensor per stream and guidance branch.
         reuse_damping: the share of the linear extrapolation that ``"damped"`` adds (0: constant,
             1: linear).
+        policy: the decision rule, by its registered name (``runtime/policies/``): ``"adacache"``
+            (default: the codebook on the probe's distance, raised by MoReg).
         per_sample: a schedule per sample of the batch (each sample its own distance, motion
             score, rate and next computed step), and on a step where only some samples compute,
             the blocks run on those samples' rows alone. Needs a graph traced with a dynamic
@@ -133,22 +136,23 @@ class AdaCacheConfig:
     num_steps: Optional[int] = None
     moreg: bool = True
     moreg_window: Optional[tuple] = None
-    moreg_stride: int = 1
+    moreg_stride: int = field(default=1, metadata=SHAPES_GRAPHS)
     moreg_normalizer: float = 0.385
     moreg_power: float = 8.0
     moreg_divisor: float = 1.0
     moreg_gradient_scale: float = 10.0
-    probe_block: Optional[Union[int, str]] = None
-    probe_branch: int = 0
-    timestep_arg: Optional[str] = None
-    video_frame_dim: Optional[int] = None
-    frames_arg: Optional[str] = None
-    packed_frames: Optional[int] = None
-    process_group: object = "auto"
+    probe_block: Optional[Union[int, str]] = field(default=None, metadata=SHAPES_GRAPHS)
+    probe_branch: int = field(default=0, metadata=SHAPES_GRAPHS)
+    timestep_arg: Optional[str] = field(default=None, metadata=SHAPES_GRAPHS)
+    video_frame_dim: Optional[int] = field(default=None, metadata=SHAPES_GRAPHS)
+    frames_arg: Optional[str] = field(default=None, metadata=SHAPES_GRAPHS)
+    packed_frames: Optional[int] = field(default=None, metadata=SHAPES_GRAPHS)
+    process_group: object = field(default="auto", metadata=SHAPES_GRAPHS)
     reuse: str = "linear"
     reuse_damping: float = 0.5
-    per_sample: bool = False
-    guidance_in_batch: int = 1
+    policy: str = "adacache"
+    per_sample: bool = field(default=False, metadata=SHAPES_GRAPHS)
+    guidance_in_batch: int = field(default=1, metadata=SHAPES_GRAPHS)
     first_computed_steps: int = 1
     last_computed_steps: int = 2
 
@@ -200,8 +204,12 @@ class AdaCacheConfig:
                              f"{self.packed_frames!r}")
         if self.packed_frames is not None and self.frames_arg is not None:
             raise ValueError("packed_frames and frames_arg both give the frame count of packed video tokens: set one")
-        if self.reuse not in REUSE_MODES:
-            raise ValueError(f"reuse must be one of {REUSE_MODES}, got {self.reuse!r}")
+        from .runtime.forecasters import registered_forecasters   # the registries: built-ins and the user's
+        from .runtime.policies import registered_policies
+        if self.reuse not in registered_forecasters():
+            raise ValueError(f"reuse must be one of {registered_forecasters()} (registered forecasters), got {self.reuse!r}")
+        if self.policy not in registered_policies():
+            raise ValueError(f"policy must be one of {registered_policies()} (registered policies), got {self.policy!r}")
         if not isinstance(self.reuse_damping, (int, float)) or isinstance(self.reuse_damping, bool) \
                 or not 0.0 <= self.reuse_damping <= 1.0:
             raise ValueError(f"reuse_damping must be a number in [0, 1], got {self.reuse_damping!r}")
@@ -257,6 +265,11 @@ class AdaCacheConfig:
     def no_cache(cls, num_steps: Optional[int] = None, **overrides) -> "AdaCacheConfig":
         """Every step computed: the output equals the uncached model."""
         return cls(codebook={math.inf: 1}, num_steps=num_steps, **overrides)
+
+    @classmethod
+    def graph_fields(cls) -> tuple:
+        """The fields read while the graphs are analysed and rewritten (``set_config`` keeps them)."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("shapes_graphs"))
 
     def window_for(self, num_steps: Optional[int]) -> Optional[tuple]:
         """The MoReg window in force for a generation of ``num_steps`` (None: every step)."""

@@ -53,12 +53,15 @@ class Mutation:
     tests: list            # test files to run, most likely catcher first
 
 
-SCHED = "adacache_fx/runtime/scheduler.py"
+POLICY = "adacache_fx/runtime/policies/adacache.py"
+CONTRACT = "adacache_fx/runtime/policies/base.py"
+STEP_CLOCK = "adacache_fx/runtime/step_clock.py"
 GRAPH = "adacache_fx/runtime/cached_graph.py"
-REUSE = "adacache_fx/rewrite/build_reuse.py"
+STORE = "adacache_fx/runtime/branch_store.py"
+REUSE = "adacache_fx/passes/rewrite/build_reuse.py"
 OPS = "adacache_fx/ops/cache_metrics.py"
-DIST = "adacache_fx/runtime/distributed.py"
-CLOCK = "adacache_fx/runtime/clock.py"
+DIST = "adacache_fx/runtime/collectives.py"
+TIMESTEPS = "adacache_fx/runtime/timestep_source.py"
 STATE = "adacache_fx/runtime/state.py"
 RECORD = "adacache_fx/calibration/record.py"
 CALIB = "adacache_fx/calibration/calibrate.py"
@@ -83,22 +86,26 @@ PS_CALLS = "adacache_fx/runtime/per_sample_calls.py"
 PS_SCHED = "adacache_fx/runtime/per_sample_scheduler.py"
 SUB_BATCH = "adacache_fx/runtime/sub_batch.py"
 MODULE_GUARD = "adacache_fx/runtime/module_guard.py"
-FORECAST = "adacache_fx/runtime/forecast.py"
-MODULE_BLOCKS = "adacache_fx/analysis/find_module_blocks.py"
+FORECAST = "adacache_fx/runtime/forecasters/linear.py"
+FORECASTERS = "adacache_fx/runtime/forecasters/registry.py"
+POLICIES = "adacache_fx/runtime/policies/registry.py"
+PROBE = "adacache_fx/passes/analysis/resolve_probe.py"
+MODULE_BLOCKS = "adacache_fx/passes/analysis/find_module_blocks.py"
 T_MODULE_GUARD = "tests/test_module_guard.py"
-REGIONS = "adacache_fx/analysis/find_regions.py"
-ANALYSIS = "adacache_fx/analysis/__init__.py"
+REGIONS = "adacache_fx/passes/analysis/find_regions.py"
+ANALYSIS = "adacache_fx/passes/analysis/__init__.py"
+T_EXTENSION = "tests/test_extension_points.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
     Mutation("contract_next_step_off_by_one", "next computed step is s + tau",
-             [(SCHED, "reg, rate, s + rate)", "reg, rate, s + rate + 1)")],
+             [(POLICY, "reg, rate, s + rate)", "reg, rate, s + rate + 1)")],
              [T_SCHED, T_BACKEND]),
     Mutation("contract_last_two_not_forced", "steps N-1 and N are computed",
-             [(SCHED, "s > n - cfg.last_computed_steps)", "s > n - cfg.last_computed_steps + 1)")],
+             [(CONTRACT, "step > num_steps - cfg.last_computed_steps)", "step > num_steps - cfg.last_computed_steps + 1)")],
              [T_SCHED, T_BACKEND]),
     Mutation("contract_rate_not_starting_at_1", "the rate starts at 1: step 2 is computed",
-             [(SCHED, "self.next_compute_step = pending.step + 1", "self.next_compute_step = pending.step + 2")],
+             [(CONTRACT, "self.next_compute_step = pending.step + 1", "self.next_compute_step = pending.step + 2")],
              [T_SCHED, T_BACKEND]),
     # ----- the reuse arithmetic ------------------------------------------------------------------
     Mutation("reuse_last_computed_output", "a reused step is skeleton(input) + cached delta, not the last output",
@@ -111,8 +118,7 @@ MUTATIONS = [
                "                return self._user_outputs(self._mutation_last_call)\n")],
              [T_BACKEND, T_GUIDANCE]),
     Mutation("fused_reuse_without_delta", "a reused step run as one fused graph adds the cached delta",
-             [(GRAPH, "*[deltas[r][s].contiguous() for r, s in self.reuse_step_inputs]",
-               "*[torch.zeros_like(deltas[r][s]) for r, s in self.reuse_step_inputs]")],
+             [(GRAPH, "inputs.append(delta.contiguous())", "inputs.append(torch.zeros_like(delta))")],
              [T_FUSE, T_BACKEND]),
     Mutation("reuse_input_only", "a reused step adds the cached delta",
              [(REUSE, "new = graph.call_function(torch.add, (skeletons[j], cached[j]))",
@@ -128,13 +134,11 @@ MUTATIONS = [
              [T_GUIDANCE, T_BACKEND]),
     # ----- forecast reuse (config.reuse) ---------------------------------------------------------
     Mutation("forecast_in_step_index", "the forecast extrapolates in the timestep, not the step index",
-             [(GRAPH, "forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))",
-               "forecast_deltas(self.runtime.config, cache, float(scheduler.step))"),
-              (GRAPH, "        time = sampler_time(scheduler)\n        slopes, span",
-               "        time = float(scheduler.step)\n        slopes, span")],
+             [(STEP_CLOCK, "return float(self.timestep) if self.timestep is not None else float(self.step)",
+               "return float(self.step)")],
              [T_FORECAST]),
     Mutation("forecast_damping_ignored", "damped reuse scales the extrapolation by reuse_damping",
-             [(FORECAST, "scale *= config.reuse_damping", "scale *= 1.0")],
+             [(FORECAST, "return (scale * self.config.reuse_damping,)", "return (scale * 1.0,)")],
              [T_FORECAST, T_MODULE_GUARD]),
     # ----- calibration -----------------------------------------------------------------------------
     Mutation("calibration_gap_off_by_one", "the recorded trajectory pairs each step with the probe k steps before",
@@ -148,10 +152,10 @@ MUTATIONS = [
              [T_CALIBRATE]),
     # ----- one decision per step from the pooled sums of all branches ---------------------------
     Mutation("pooling_sums_replaced", "branch sums are summed (last branch's replaced the others)",
-             [(SCHED, "pending.sums = sums if pending.sums is None else pending.sums + sums", "pending.sums = sums")],
+             [(CONTRACT, "pending.sums = sums if pending.sums is None else pending.sums + sums", "pending.sums = sums")],
              [T_GUIDANCE, T_SCHED]),
     Mutation("pooling_first_branch_only", "branch sums are summed (first branch's kept alone)",
-             [(SCHED, "pending.sums = sums if pending.sums is None else pending.sums + sums",
+             [(CONTRACT, "pending.sums = sums if pending.sums is None else pending.sums + sums",
                "pending.sums = sums if pending.sums is None else pending.sums")],
              [T_GUIDANCE, T_SCHED]),
     Mutation("pooling_separate_decisions", "all branches of a step follow one decision",
@@ -159,9 +163,9 @@ MUTATIONS = [
                       "        if scheduler.process_group is None:\n"
                       "            scheduler.process_group = self.process_group\n"
                       "        ts = self.layout.timestep_index\n"
-                      "        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n",
+                      "        timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)\n",
                "        ts = self.layout.timestep_index\n"
-               "        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)\n"
+               "        timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)\n"
                "        _branch = self.runtime.scheduler(instance).begin_call(timestep, key=self).branch\n"
                "        scheduler = self.runtime.scheduler(64 * (1 + _branch) + instance)\n"
                "        if scheduler.process_group is None:\n"
@@ -176,29 +180,29 @@ MUTATIONS = [
              [T_BACKEND, T_SHAPES]),
     # ----- the metric ----------------------------------------------------------------------------
     Mutation("metric_ratio_inverted", "c = sum|r - p| / sum|p| (numerator and denominator swapped)",
-             [(SCHED, "distance = _safe_div(diff, base) / k", "distance = _safe_div(base, diff) / k")],
+             [(POLICY, "distance = _safe_div(diff, base) / k", "distance = _safe_div(base, diff) / k")],
              [T_SCHED, T_BACKEND]),
     Mutation("metric_not_divided_by_k", "c is divided by the steps since the previous probe",
-             [(SCHED, "distance = _safe_div(diff, base) / k", "distance = _safe_div(diff, base)")],
+             [(POLICY, "distance = _safe_div(diff, base) / k", "distance = _safe_div(diff, base)")],
              [T_SCHED, T_BACKEND]),
     Mutation("metric_probes_swapped", "the distance is relative to the previous probe (r and p swapped)",
-             [(GRAPH, "fused_cache_metrics(current, previous, stride)",
-               "fused_cache_metrics(previous, current, stride)")],
+             [(STORE, "fused_cache_metrics(current, previous, self.runtime.config.moreg_stride)",
+               "fused_cache_metrics(previous, current, self.runtime.config.moreg_stride)")],
              [T_BACKEND]),
     Mutation("metric_motion_sums_dropped", "the MoReg motion numerator is measured",
              [(OPS, "out[:, 2] += (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))",
                "out[:, 2] += 0.0 * (rf[:, s:] - rf[:, :-s]).abs_().sum(dim=(1, 2))")],
              [T_BACKEND, T_KERNELS]),
     Mutation("metric_nan_takes_last_rate", "a NaN or Inf metric means compute (rate 1)",
-             [(SCHED, "if not math.isfinite(distance):\n        return 1", "if False:\n        return 1")],
+             [(POLICY, "if not math.isfinite(distance):\n        return 1", "if False:\n        return 1")],
              [T_SCHED, T_BACKEND]),
     # ----- ranks -----------------------------------------------------------------------------------
     Mutation("rank_reduction_skipped", "every rank decides from the sums of all ranks",
              [(DIST, "if group is None:\n        return sums", "if True:\n        return sums")],
              [T_DIST]),
     Mutation("sharded_motion_boundary_dropped", "under a shard of the frames the pairs across the boundary count",
-             [(GRAPH, "sums = sums + shard_boundary_sums(current, stride, shard[:2], self.process_group)",
-               "sums = sums + 0.0 * shard_boundary_sums(current, stride, shard[:2], self.process_group)")],
+             [(GRAPH, "return sums + shard_boundary_sums(current, stride, shard[:2], self.process_group), has_frames",
+               "return sums + 0.0 * shard_boundary_sums(current, stride, shard[:2], self.process_group), has_frames")],
              [T_CP]),
     Mutation("shard_boundary_wrong_frames", "a boundary pair is (this shard's last frames, the next shard's first)",
              [(DIST, "out[2] = (following.to(torch.float32) - tail.to(torch.float32)).abs().sum()",
@@ -213,11 +217,11 @@ MUTATIONS = [
              [T_BREAKS]),
     # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
     Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",
-             [(SCHED, "self.requested_num_steps if self.requested_num_steps is not None",
-               "self.config.num_steps if True")],
+             [(STEP_CLOCK, "self.requested_num_steps if self.requested_num_steps is not None",
+               "self.default_num_steps if True")],
              [T_STATE, T_DIFFUSERS]),
     Mutation("timestep_read_on_host", "with backend.step(t) no call reads the timestep input on the host",
-             [(CLOCK, "if self.announced is not None:\n            return self.announced",
+             [(TIMESTEPS, "if self.announced is not None:\n            return self.announced",
                "if self.announced is not None and not isinstance(value, torch.Tensor):\n"
                "            return self.announced")],
              [T_STATE]),
@@ -242,8 +246,8 @@ MUTATIONS = [
              [T_PER_SAMPLE]),
     Mutation("per_sample_shard_boundary_skipped", "under a shard of the frames each sample's motion score adds its "
              "boundary frame pairs",
-             [(PS_CALLS, "sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.process_group)",
-               "sums[i] += 0 * shard_boundary_sums(mine, stride, shard[:2], self.process_group)")],
+             [(PS_CALLS, "sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.graph.process_group)",
+               "sums[i] += 0 * shard_boundary_sums(mine, stride, shard[:2], self.graph.process_group)")],
              [T_CP]),
     Mutation("per_sample_sums_not_reduced", "under sequence parallelism the per-sample sums are reduced over the ranks",
              [(PS_SCHED, "host = all_reduce_sums(stacked, self.process_group).tolist()",
@@ -265,8 +269,9 @@ MUTATIONS = [
                "if not call.active or call.computing[r] or j > 0:")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_branches_share_one_cache", "each guidance branch keeps its own deltas (block guard)",
-             [(MODULE_GUARD, "cache = self._branches.get(decision.branch)", "cache = self._branches.get(0)"),
-              (MODULE_GUARD, "self._branches[decision.branch] = BranchCache(", "self._branches[0] = BranchCache(")],
+             [(MODULE_GUARD, "cache = self.store.branches(0).get(decision.branch)", "cache = self.store.branches(0).get(0)"),
+              (MODULE_GUARD, "self.store.branches(0)[call.decision.branch] = self.store.store(",
+               "self.store.branches(0)[0] = self.store.store(")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_calls_not_chained", "a module list whose calls do not feed each other holds no blocks",
              [(MODULE_BLOCKS, "unchained = {name for name, own in per_container.items() if len(own) > 1",
@@ -283,9 +288,24 @@ MUTATIONS = [
              [(MODULE_GUARD, "return (out - inputs[key]).detach()", "return out.detach()")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_forecast_ignored", "a reused step under linear reuse adds the forecast (block guard)",
-             [(MODULE_GUARD, "self.call.deltas = forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))",
+             [(MODULE_GUARD, "self.call.deltas = self.store.reused_deltas(cache, scheduler.clock.time)",
                "self.call.deltas = cache.deltas")],
              [T_MODULE_GUARD]),
+    # ----- the seams (tests/test_extension_points.py) ---------------------------------------------
+    Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
+             [(POLICIES, "cls = _POLICIES.get(config.policy)", "cls = _POLICIES.get(\"adacache\")")],
+             [T_EXTENSION]),
+    Mutation("config_forecaster_ignored", "AdaCacheConfig(reuse=...) chooses the registered forecaster",
+             [(FORECASTERS, "return forecaster_class(config.reuse)(config)",
+               "return forecaster_class(\"linear\" if config.reuse not in (\"constant\", \"damped\") else config.reuse)(config)")],
+             [T_EXTENSION]),
+    Mutation("probe_path_suffix_match", "a probe path names a block at a dot, not the end of another list's name",
+             [(PROBE, "return path == name or path.endswith(\".\" + name)", "return path.endswith(name)")],
+             [T_EXTENSION]),
+    Mutation("disable_leaves_block_forwards", "disable gives every guarded block its own forward back",
+             [(MODULE_GUARD, "        for module, forward in reversed(self.originals):\n",
+               "        for module, forward in reversed(self.originals[:0]):\n")],
+             [T_EXTENSION]),
 ]
 
 

@@ -258,7 +258,7 @@ def test_batch_size_change_inside_a_generation_recomputes():
 
 
 def test_nan_metric_means_compute(monkeypatch):
-    import adacache_fx.runtime.cached_graph as runtime
+    import adacache_fx.runtime.branch_store as runtime
     monkeypatch.setattr(runtime, "fused_cache_metrics",
                         lambda r, p, s=1: torch.full((r.shape[0], 5), float("nan")))
     case = get_case("ref_dit")

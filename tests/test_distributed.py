@@ -157,14 +157,14 @@ def _nan_generation(backend, poisoned: bool, step: int, num_steps: int, run) -> 
 def _nan_sums_at(backend, step):
     """Make the metric op return NaN sums at ``step`` on this process only (the model's outputs
     are untouched: nothing but the metric's own reduction can carry the NaN to other ranks)."""
-    import adacache_fx.runtime.cached_graph as cached_graph
-    original = cached_graph.fused_cache_metrics
+    import adacache_fx.runtime.branch_store as branch_store
+    original = branch_store.fused_cache_metrics
 
     def poisoned(r, p, stride=1):
         out = original(r, p, stride)
-        return torch.full_like(out, float("nan")) if backend.scheduler.step == step else out
-    cached_graph.fused_cache_metrics = poisoned
-    return lambda: setattr(cached_graph, "fused_cache_metrics", original)
+        return torch.full_like(out, float("nan")) if backend.scheduler.clock.step == step else out
+    branch_store.fused_cache_metrics = poisoned
+    return lambda: setattr(branch_store, "fused_cache_metrics", original)
 
 
 def _disagreement(value, what):

@@ -84,7 +84,7 @@ def test_fused_reused_steps_equal_the_piecewise_path(case, reuse):
 def test_fused_graph_keeps_only_what_the_outputs_need():
     """ToyFlowDiT's time and label embeddings feed the blocks only, and its skeleton is the
     identity: a reused step is ``x + delta`` and nothing else (no attention, no linear layer)."""
-    _, backend, seen = _generation(ToyFlowDiT, _flow_inputs, fused=True)
+    _, backend, seen = _generation(ToyFlowDiT, _flow_inputs, fused=True, reuse="constant")
     gm = _fused_graph(seen)
     ops = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     assert [n.target for n in ops] == [torch.add], gm.graph
@@ -92,6 +92,21 @@ def test_fused_graph_keeps_only_what_the_outputs_need():
     assert len(deltas) == 1 and ops[0].args[1] is deltas[0]
     # the piecewise top level still holds the embeddings (they feed the blocks on computed steps)
     assert any("linear" in str(n.target) for piece in seen if piece is not gm for n in piece.graph.nodes)
+
+
+def test_fused_graph_forecasts_the_delta_inside_it():
+    """Under linear reuse the forecast ``delta + slope * r`` is in the fused graph (its slope and
+    coefficient are inputs), so the inner compiler fuses it with the rest: ``x + (delta + slope * r)``."""
+    _, backend, seen = _generation(ToyFlowDiT, _flow_inputs, fused=True, reuse="linear")
+    gm = _fused_graph(seen)
+    ops = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    assert [n.target for n in ops] == [torch.select, torch.mul, torch.add, torch.add], gm.graph
+    inputs = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    select, mul, forecast, out = ops
+    assert select.args == (inputs["forecast_coefficients"], 0, 0)
+    assert mul.args == (inputs["forecast_term_0_0_0"], select)
+    assert forecast.args == (inputs["cached_delta_0_0"], mul)
+    assert out.args[1] is forecast
 
 
 def test_fused_graph_keeps_the_head_and_the_time_embedding_it_reads():

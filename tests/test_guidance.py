@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-import adacache_fx.runtime.cached_graph as cached_graph
+import adacache_fx.runtime.branch_store as branch_store
 from adacache_fx import codebook_rate
 from helpers import (INF, BlockStackReference, Call, SamplerRun, assert_matches_reference, cached,  # noqa: E402
                      euler_loop, no_recompiles, relative_l1, replay, timesteps, zoo_block_paths)
@@ -107,13 +107,13 @@ def test_guidance_batched_in_one_call():
 def _recording_metrics(monkeypatch):
     """Record every branch's (5,) partial sums as the runtime hands them to the scheduler."""
     seen = []
-    original = cached_graph.fused_cache_metrics
+    original = branch_store.fused_cache_metrics
 
     def recording(r, p, stride=1):
         out = original(r, p, stride)
         seen.append(out.sum(0).double())
         return out
-    monkeypatch.setattr(cached_graph, "fused_cache_metrics", recording)
+    monkeypatch.setattr(branch_store, "fused_cache_metrics", recording)
     return seen
 
 

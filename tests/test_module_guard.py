@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from adacache_fx import AdaCacheConfig, AdaCacheConfigError, AdaCacheWarning, compile_model, explain
 from adacache_fx.ops.cache_metrics import cache_metrics_reference
-from adacache_fx.runtime.scheduler import motion_score
+from adacache_fx.runtime.policies import motion_score
 from examples.models.breaking_dit import BreakingDiT, _sinusoid, make_inputs
 from helpers import INF, count_ops, dynamo_counts, timesteps
 
@@ -285,7 +285,7 @@ def test_an_ambiguous_timestep_asks_for_timestep_arg():
         for step in (900.0, 600.0, 300.0):
             named(x, torch.full((2,), step), grid, context, mask, guidance=torch.ones(2))
     assert backend.report().computed_steps == [1, 2, 3]
-    assert backend.scheduler.timestep == 300.0
+    assert backend.scheduler.clock.timestep == 300.0
 
 
 # ----- how the blocks are called ----------------------------------------------------------------

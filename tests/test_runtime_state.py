@@ -122,7 +122,7 @@ def test_announced_steps_read_no_timestep_on_the_host():
     with poisoned_host_reads(list(ts.values())):
         x, outs = _euler(model, steps, _x(), announce=backend.step, make_t=lambda t: ts[float(t)])
     assert backend.report().computed_steps == CONTRACT_12
-    assert backend.runtime.clock.host_reads == 0
+    assert backend.runtime.timesteps.host_reads == 0
     _assert_same_generation((x, outs), (ref_x, ref_outs))
 
 
@@ -139,9 +139,9 @@ def test_poison_catches_the_fallback_read():
 def test_step_rejects_device_tensors_and_resets_with_the_generation():
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     backend.step(torch.tensor([500.0]))
-    assert backend.runtime.clock.announced == 500.0
+    assert backend.runtime.timesteps.announced == 500.0
     backend.reset()
-    assert backend.runtime.clock.announced is None
+    assert backend.runtime.timesteps.announced is None
     with pytest.raises(ValueError, match="CPU tensor"):
         backend.step(torch.empty(1, device="meta"))
 
@@ -223,12 +223,12 @@ def test_pipeline_clock_reads_no_timestep_and_matches_reading_it(scheduler_name)
 
     clocked = generate()
     computed = backend.report().computed_steps
-    assert backend.runtime.clock.host_reads == 0
-    source, backend.runtime.clock.source = backend.runtime.clock.source, None   # read the input instead
+    assert backend.runtime.timesteps.host_reads == 0
+    source, backend.runtime.timesteps.source = backend.runtime.timesteps.source, None   # read the input instead
     read = generate()
-    assert backend.runtime.clock.host_reads > 0
+    assert backend.runtime.timesteps.host_reads > 0
     assert backend.report().computed_steps == computed == [1, 2, 5, 7, 8]
     assert torch.equal(clocked, read)
-    backend.runtime.clock.source = source
+    backend.runtime.timesteps.source = source
     assert torch.equal(generate(), clocked)             # a second generation through the clock
     assert backend.report().computed_steps == computed

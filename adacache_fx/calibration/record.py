@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import fused_cache_metrics
-from ..runtime.scheduler import motion_score
+from ..runtime.policies import motion_score
 
 
 @dataclass

@@ -4,7 +4,9 @@ A piece's example inputs are the values Dynamo recorded for the nodes that feed 
 (``split_module`` copies that metadata onto the piece's placeholders); only where a value is
 missing is the split top level run on the graph's fake inputs (``FakeTensorProp``). FLOPs are
 counted per node with ``torch.utils.flop_counter`` on those recorded values, so a graph with
-data-dependent sizes (captured ``.item()`` / ``nonzero``) is counted without re-deriving them.
+data-dependent sizes (captured ``.item()`` / ``nonzero``) is counted without re-deriving them;
+they are a report's figure, so they are counted when a report or ``explain`` asks, not at
+compile time (``CompiledPieces.count_flops``).
 """
 from __future__ import annotations
 
@@ -35,9 +37,16 @@ class CompiledPieces:
     top: fx.GraphModule                          # prologue/epilogue pieces replaced by compiled callables
     regions: dict = field(default_factory=dict)  # region index -> (attribute name, compute fn, reuse fn)
     fake_inputs: list = field(default_factory=list)
-    flops: dict = field(default_factory=dict)    # attribute name -> FLOPs of one call (0 where not counted)
     example_inputs: dict = field(default_factory=dict)   # attribute name -> the piece's example inputs (fake)
     reuse_step: Optional[Callable] = None   # the fused reused step, compiled (None: piece by piece)
+    graph: Optional[fx.GraphModule] = None       # the rewritten graph the pieces were cut from
+    piece_nodes: dict = field(default_factory=dict)   # attribute name -> names of the piece's op nodes
+
+    def count_flops(self) -> tuple:
+        """``(FLOPs inside the regions, FLOPs of the graph)`` of one call (0 where not counted)."""
+        per_node = {n.name: f for n, f in flops_by_node(self.graph, self.fake_inputs).items()}
+        per_piece = {name: sum(per_node.get(n, 0) for n in nodes) for name, nodes in self.piece_nodes.items()}
+        return sum(per_piece.get(name, 0) for name, _c, _r in self.regions.values()), sum(per_piece.values())
 
 
 class _Compiled(torch.nn.Module):
@@ -160,14 +169,17 @@ def flops_by_node(gm: fx.GraphModule, example_inputs) -> dict:
     return interpreter.flops
 
 
-def _dense_deltas(fused, fakes: list) -> list:
-    """The fused step's delta inputs as dense tensors (the runtime passes them contiguous): a
-    stream can be a strided view (Flux's image tokens sliced out of the joint sequence), and
-    inductor asserts its inputs' strides. The placeholders' metadata follows."""
+def _fused_inputs(fused, fakes: list) -> list:
+    """The fused step's extra inputs: the deltas and their forecast terms as dense tensors (the
+    runtime passes them contiguous: a stream can be a strided view, Flux's image tokens sliced
+    out of the joint sequence, and inductor asserts its inputs' strides; the placeholders'
+    metadata follows), then the forecast coefficients, ``(terms,)`` float32 beside the deltas."""
     mode = _fake_mode(fakes)
     placeholders = fused.delta_placeholders()
     with mode if mode is not None else contextlib.nullcontext():
         dense = [torch.empty_like(example_value(n), memory_format=torch.contiguous_format) for n in placeholders]
+        if fused.terms:
+            dense.append(torch.empty(fused.terms, dtype=torch.float32, device=dense[0].device))
     for node, value in zip(placeholders, dense):
         node.meta.update({k: value for k in ("val", "example_value") if k in node.meta})
     return dense
@@ -177,15 +189,14 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     top = rw.split.top
     fakes = graph_inputs(rw.gm, example_inputs)
     inputs = _piece_inputs(top, fakes)
-    result = CompiledPieces(top=top, fake_inputs=fakes, example_inputs=inputs)
     # a piece's op nodes keep their names from the graph (its placeholders are named after the
-    # producers of its inputs, so only op nodes are looked up)
-    per_node = {n.name: f for n, f in flops_by_node(rw.gm, example_inputs).items()}
-    result.flops = {name: sum(per_node.get(n.name, 0) for n in getattr(top, name).graph.nodes
-                              if n.op in ("call_function", "call_method", "call_module")) for name in inputs}
+    # producers of its inputs, so only op nodes are looked up when FLOPs are counted)
+    nodes = {name: [n.name for n in getattr(top, name).graph.nodes if n.op in ("call_function", "call_method",
+                                                                                 "call_module")] for name in inputs}
+    result = CompiledPieces(top=top, fake_inputs=fakes, example_inputs=inputs, graph=rw.gm, piece_nodes=nodes)
     if rw.fused is not None:
         try:
-            result.reuse_step = inner(rw.fused.gm, list(fakes) + _dense_deltas(rw.fused, fakes))
+            result.reuse_step = inner(rw.fused.gm, list(fakes) + _fused_inputs(rw.fused, fakes))
         except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
             logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for r, name in rw.split.region_submods.items():

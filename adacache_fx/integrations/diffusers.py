@@ -49,7 +49,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..backend import AdaCacheBackend
-from ..compile_model import compile_model
+from ..compile_model import compile_model, uncompile_model
 from ..tracing import prepare_hooks_for_tracing  # noqa: F401 - documented here, for diffusers users
 from ..config import AdaCacheConfig
 
@@ -150,7 +150,7 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
     name, module = _denoiser(pipe, component)
     backend = compile_model(module, config, inner=inner, mode=mode, options=options, **compile_kwargs)
     clock = _SchedulerClock(pipe)
-    backend.runtime.clock.source = clock
+    backend.runtime.timesteps.source = clock
 
     original = type(pipe)
     call = original.__call__
@@ -177,17 +177,17 @@ def enable(pipe, config: Optional[AdaCacheConfig] = None, *, inner: Union[str, C
 
 
 def disable(pipe) -> None:
-    """Undo ``enable``: the denoiser runs uncompiled and the pipeline's ``__call__`` is restored."""
+    """Undo ``enable``: everything it patched is restored (the denoiser's compiled call and, under
+    the block-list guard, its blocks' forwards; the scheduler's ``step``; the pipeline's class)."""
     state = getattr(pipe, _ATTR, None)
     if state is None:
         return
-    if hasattr(state.module, "_compiled_call_impl"):
-        state.module._compiled_call_impl = None
+    uncompile_model(state.module)
     scheduler = getattr(pipe, "scheduler", None)
     if getattr(getattr(scheduler, "step", None), "_adacache_counted", False):
         del scheduler.step   # the instance attribute: the class's step is seen again
     pipe.__class__ = state.original_class
-    object.__setattr__(pipe, _ATTR, None)
+    pipe.__dict__.pop(_ATTR, None)
 
 
 def backend_of(pipe) -> Optional[AdaCacheBackend]:

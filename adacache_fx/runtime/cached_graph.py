@@ -5,7 +5,9 @@ instance the call belongs to (by the weights it received), asks that instance's 
 for the step's decision (host-side state: no graph break, no recompile), runs the split top
 level whose region pieces are ``RegionRunner``s, then keeps the deltas and feeds the probe to
 the metric op (under a shard of the frames, with the frame pairs across the shard boundary:
-``distributed.shard_boundary_sums``). On a reused step it reads no device value on the host.
+``collectives.shard_boundary_sums``). Its caches and how a computed step is stored are the
+``BranchStore``'s (``branch_store.py``), shared with the block-list guard; a schedule per sample
+runs through ``PerSampleCalls``. On a reused step it reads no device value on the host.
 """
 from __future__ import annotations
 
@@ -20,33 +22,13 @@ from typing import Optional
 import sympy
 import torch
 
-from ..ops import fused_cache_metrics
+from .branch_store import BranchCache, BranchStore
 from .collectives import shard_boundary_sums
-from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
-from .per_sample_calls import PerSampleCalls, cache_bytes, exception_summary
-from .per_sample_scheduler import PerSampleScheduler
-from .scheduler import sampler_time
+from .per_sample_calls import PerSampleCalls, exception_summary
 from .state import RuntimeState
 from .sub_batch import gather, narrow_rows, scatter
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BranchCache:
-    """What one guidance branch keeps between steps."""
-
-    generation: int
-    step: int                       # the computed step the deltas belong to
-    deltas: list                    # per region: [delta per stream]
-    stream_shapes: list             # shapes of the graph's activation inputs when cached
-    probe: Optional[torch.Tensor]   # probe residual at ``step`` (None: no metric next time)
-    time: float = 0.0               # the sampler's variable at ``step`` (timestep, else step index)
-    slopes: Optional[list] = None   # forecast reuse: per region, [delta - previous delta] per stream
-    slope_span: float = 0.0         # the variable's change between the two computed steps
-
-    def nbytes(self) -> int:
-        return cache_bytes(self.deltas, self.slopes, self.probe)
 
 
 @dataclass
@@ -140,12 +122,12 @@ class GraphLayout:
         return [index for (r, _s, index) in self.deltas if r == region]
 
 
-class CachedGraph(PerSampleCalls):
+class CachedGraph:
     """Callable returned to Dynamo for a graph with cacheable regions."""
 
     def __init__(self, *, top, regions: dict, layout: GraphLayout, runtime: RuntimeState,
                  process_group=None, region_info: Optional[list] = None, probe_positions: Optional[dict] = None,
-                 sub_batch=None):
+                 sub_batch=None, flops=None):
         self.top = top
         self.layout = layout
         self.runtime = runtime
@@ -153,30 +135,49 @@ class CachedGraph(PerSampleCalls):
         self.region_info = region_info or []   # [(blocks, streams, probe block or None)]
         self.call = CallState()
         self.runners = []
-        self.sub_batch = sub_batch     # sub_batch.SubBatchPlan: regions run on some samples' rows
+        self.sub_batch = sub_batch     # SubBatchPlan: regions run on some samples' rows
         for r in sorted(regions):
             name, compute, reuse = regions[r]
             runner = RegionRunner(r, compute, reuse, self.call, (probe_positions or {}).get(r))
             setattr(top, name, runner)
             self.runners.append(runner)
         top.recompile()
-        self.region_flops = 0          # FLOPs of one call inside the cached regions (torch.utils.flop_counter)
-        self.total_flops = 0           # FLOPs of one call of the whole graph
+        self.store = BranchStore(runtime, self)
+        # a schedule per sample: the calls that run some rows (a graph whose batch is known)
+        self.per_sample = PerSampleCalls(self) if runtime.config.per_sample and layout.batch_source is not None else None
+        self._flops = flops            # () -> (FLOPs inside the regions, FLOPs of the graph), counted when asked
         self._instances: dict = {}     # id(weight) -> (weakref to it, instance index)
-        self._branches: list = []      # per instance: {branch: BranchCache}
+        self._values: dict = {}        # (sympy expression, the sizes it reads) -> its value
         self.reuse_step = None         # the fused reused step (rewrite.fuse_reuse), compiled; None: piece by piece
         self.reuse_step_inputs: list = []   # [(region, stream)]: the cached deltas it takes, in order
+        self.reuse_step_terms = 0      # forecast terms it takes per delta (then one coefficient tensor)
         self.fused_reuses = 0          # reused calls that ran the fused step (tests count this)
 
-    def fuse_reused_steps(self, reuse_step, delta_inputs: list) -> None:
-        """Run reused calls (every row reusing) as ``reuse_step(*graph inputs, *deltas)``: one
-        compiled graph instead of the split top level piece by piece."""
+    def fuse_reused_steps(self, reuse_step, delta_inputs: list, terms: int) -> None:
+        """Run reused calls (every row reusing) as ``reuse_step(*graph inputs, *deltas and their
+        forecast terms, coefficients)``: one compiled graph instead of the split top level piece by piece."""
         self.reuse_step = reuse_step
         self.reuse_step_inputs = list(delta_inputs)
+        self.reuse_step_terms = terms
 
     @property
     def frame_axis(self):
         return self.layout.frame_axis
+
+    @property
+    def region_flops(self) -> int:
+        """FLOPs of one call inside the cached regions (counted on the first ask)."""
+        return self._counted_flops()[0]
+
+    @property
+    def total_flops(self) -> int:
+        """FLOPs of one call of the whole graph (counted on the first ask)."""
+        return self._counted_flops()[1]
+
+    def _counted_flops(self) -> tuple:
+        if callable(self._flops):
+            self._flops = self._flops()
+        return self._flops or (0, 0)
 
     # ----- which model, which step ----------------------------------------------
     def _instance(self, args) -> int:
@@ -191,17 +192,22 @@ class CachedGraph(PerSampleCalls):
         return entry[1]
 
     def _eval(self, expr, args) -> int:
+        """A symbolic size of the graph at this call, from the inputs' sizes; evaluated once per
+        set of sizes (the sizes rarely change, and sympy's substitution is slow on a hot path)."""
         if isinstance(expr, (int, sympy.Integer)):
             return int(expr)
-        subs = {}
-        for sym in expr.free_symbols:
+        values = []
+        for sym in sorted(expr.free_symbols, key=str):
             src = self.layout.symbol_sources.get(sym)
             if src is None:
                 raise ValueError(f"cannot bind symbol {sym}")
             idx, dim = src
             a = args[idx]
-            subs[sym] = a.shape[dim] if dim is not None else int(a)
-        value = expr.subs(subs)
+            values.append((sym, a.shape[dim] if dim is not None else int(a)))
+        key = (expr, tuple(v for _s, v in values))
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = expr.subs(dict(values))
         if not value.is_integer:
             raise ValueError(f"{expr} = {value} at this call: not a whole number")
         return int(value)
@@ -240,16 +246,14 @@ class CachedGraph(PerSampleCalls):
     # ----- the guarded call -----------------------------------------------------
     def __call__(self, *args):
         instance = self._instance(args)
-        while len(self._branches) <= instance:
-            self._branches.append({})
-        branches = self._branches[instance]
+        branches = self.store.branches(instance)
         scheduler = self.runtime.scheduler(instance)
         if scheduler.process_group is None:
             scheduler.process_group = self.process_group
         ts = self.layout.timestep_index
-        timestep = self.runtime.clock.timestep(args[ts] if ts is not None else None)
-        if isinstance(scheduler, PerSampleScheduler) and self.layout.batch_source is not None:
-            return self._user_outputs(self._call_per_sample(args, scheduler, branches, timestep))
+        timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)
+        if self.per_sample is not None:
+            return self._user_outputs(self.per_sample(args, scheduler, branches, timestep))
         decision = scheduler.begin_call(timestep, key=self)
         cache = branches.get(decision.branch)
         compute = decision.compute or not (cache is not None and cache.generation == decision.generation
@@ -259,22 +263,34 @@ class CachedGraph(PerSampleCalls):
         if not compute and cache.stream_shapes != self._current_shapes(args):
             compute = True
         self.call.compute = compute
-        self.call.deltas = [] if compute else forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
         if not compute and self.reuse_step is not None:
-            fused = self._fused_reuse(args)
+            fused = self._fused_reuse(args, cache, scheduler.clock.time)
             if fused is not None:
                 return self._user_outputs(fused)
+        self.call.deltas = [] if compute else self.store.reused_deltas(cache, scheduler.clock.time)
         result = self.top(*args)
         if compute:
             branches[decision.branch] = self._store(scheduler, decision, cache, result, args)
         return self._user_outputs(result)
 
-    def _fused_reuse(self, args):
-        """The reused call as one compiled graph; None if it fails (then this graph reuses piece
-        by piece from now on, with a warning: the split top level is the tested path)."""
-        deltas = self.call.deltas
+    def _fused_reuse(self, args, cache: BranchCache, time: float):
+        """The reused call as one compiled graph, the forecast inside it; None if the forecaster's
+        terms are not the graph's (``set_config`` changed ``reuse``) or it fails (then this graph
+        reuses piece by piece from now on, with a warning: the split top level is the tested path)."""
+        terms = self.reuse_step_terms
+        if self.store.forecaster.terms != terms:
+            return None
+        inputs = []
+        for r, s in self.reuse_step_inputs:
+            delta = cache.deltas[r][s]
+            inputs.append(delta.contiguous())
+            # no terms yet (the first computed step of a generation): the delta, with coefficient 0
+            inputs.extend(t.contiguous() for t in (cache.terms[r][s] if cache.terms is not None else [delta] * terms))
+        if terms:
+            coefficients = self.store.coefficients(cache, time) or (0.0,) * terms
+            inputs.append(torch.tensor(coefficients, dtype=torch.float32).to(inputs[0].device, non_blocking=True))
         try:
-            result = self.reuse_step(*args, *[deltas[r][s].contiguous() for r, s in self.reuse_step_inputs])
+            result = self.reuse_step(*args, *inputs)
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"adacache: the fused reused step failed ({exception_summary(exc)}); this graph "
                           "reuses piece by piece from now on", UserWarning, stacklevel=3)
@@ -297,39 +313,26 @@ class CachedGraph(PerSampleCalls):
         deltas: list = [[] for _ in self.runners]
         for (r, _s, index) in self.layout.deltas:
             deltas[r].append(result[index])
-        probe = result[self.layout.probe_index]
-        scheduled = decision.compute
-        if previous_probe_due(cache, decision, scheduler):
-            current, has_frames = self._probe_view(probe, args)
-            previous, _ = self._probe_view(cache.probe, args)
-            if current.shape == previous.shape:
-                stride = self.layout.moreg_stride
-                sums = fused_cache_metrics(current, previous, stride).sum(0)
-                shard = self.layout.frame_axis.shard if has_frames else None
-                if shard is not None:   # this rank's frames of a sharded video: add the boundary pairs
-                    if current.shape[1] >= stride:
-                        sums = sums + shard_boundary_sums(current, stride, shard[:2], self.process_group)
-                    else:   # fewer frames per shard than the stride (alike on every rank)
-                        has_frames = False
-                scheduler.add_metric_sums(sums, has_motion=has_frames)
-        recorder = self.runtime.recorder
-        if recorder is not None and scheduled:   # adacache_fx.calibrate, on uncached generations
-            view, has_frames = self._probe_view(probe, args)
-            recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
-        time = sampler_time(scheduler)
-        slopes, span = forecast_slopes(self.runtime.config, cache, deltas, time, decision.generation, scheduler)
-        return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
-                           stream_shapes=self._current_shapes(args),
-                           probe=probe.detach() if scheduled else None, time=time, slopes=slopes, slope_span=span)
+        return self.store.store(scheduler, decision, cache, deltas, result[self.layout.probe_index],
+                                lambda probe: self._probe_view(probe, args), self._current_shapes(args),
+                                boundary=self._shard_boundary)
+
+    def _shard_boundary(self, sums: torch.Tensor, current: torch.Tensor, has_frames: bool) -> tuple:
+        """This rank's frames of a sharded video: add the frame pairs across its shard's boundary."""
+        shard = self.layout.frame_axis.shard if self.layout.frame_axis is not None else None
+        if shard is None:
+            return sums, has_frames
+        stride = self.layout.moreg_stride
+        if current.shape[1] < stride:   # fewer frames per shard than the stride (alike on every rank)
+            return sums, False
+        return sums + shard_boundary_sums(current, stride, shard[:2], self.process_group), has_frames
 
     # ----- state ----------------------------------------------------------------
     def reset(self) -> None:
-        for branches in self._branches:
-            branches.clear()
+        self.store.reset()
 
     def cache_bytes(self, instance: Optional[int] = None) -> int:
-        groups = self._branches if instance is None else self._branches[instance:instance + 1]
-        return sum(c.nbytes() for branches in groups for c in branches.values())
+        return self.store.nbytes(instance)
 
     def instance_of(self, weights) -> Optional[int]:
         """The instance index of a model whose parameters include one of ``weights``."""

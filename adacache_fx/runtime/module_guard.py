@@ -39,11 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..passes.analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls, output_tensors,
                                            tensor_inputs, without_tensors)
 from ..errors import AdaCacheConfigError
-from ..ops import fused_cache_metrics
-from .cached_graph import BranchCache
 from ..passes.analysis.process_group import resolve_process_group
-from .forecast import forecast_deltas, forecast_slopes, previous_probe_due
-from .scheduler import sampler_time
+from ..passes.analysis.resolve_probe import resolve_probe_block
+from .branch_store import BranchCache, BranchStore
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +92,8 @@ class ModuleBlockGuard:
         self.probe: Optional[tuple] = None   # (region, position in it)
         self.timestep_name: Optional[str] = None
         self.call = _Call()
-        self._branches: dict = {}      # branch -> BranchCache
+        self.store = BranchStore(runtime, self)   # one model instance: its branches are instance 0's
+        self.originals: list = []      # (block, its forward attribute before install or None): the undo record
         if not self.containers:
             raise AdaCacheConfigError(
                 f"block_guard='modules': {type(model).__name__} has no module list of blocks (a ModuleList, "
@@ -182,21 +181,8 @@ class ModuleBlockGuard:
     def _choose_probe(self, regions: list) -> tuple:
         """``(region, position)``: the middle block of the longest region, or ``probe_block`` (an
         index over that region's blocks, negative from the end, or a module path)."""
-        probe_block = self.runtime.config.probe_block
-        if isinstance(probe_block, str):
-            for r, region in enumerate(regions):
-                for j, path in enumerate(region.paths):
-                    if path == probe_block or path.endswith("." + probe_block):
-                        return r, j
-            raise AdaCacheConfigError(f"probe_block={probe_block!r} names no guarded block "
-                                      f"(blocks: {[p for region in regions for p in region.paths]})")
-        r = max(range(len(regions)), key=lambda i: (len(regions[i].paths), -i))
-        count = len(regions[r].paths)
-        j = count // 2 if probe_block is None else probe_block
-        if not -count <= j < count:
-            raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for the {count} blocks of "
-                                      f"{regions[r].container}")
-        return r, j % count
+        longest = max(range(len(regions)), key=lambda i: (len(regions[i].paths), -i))
+        return resolve_probe_block(self.runtime.config.probe_block, [region.paths for region in regions], longest)
 
     def _install(self) -> None:
         model = self._model()
@@ -206,6 +192,7 @@ class ModuleBlockGuard:
             for j, path in enumerate(region.paths):
                 module = modules[path]
                 signature = _signature(module.forward)
+                self.originals.append((module, module.__dict__.get("forward")))
                 module.forward = self._guarded_forward(r, j, self.compile_block(module.forward), signature)
         self.region_info = [(region.paths, region.shapes,
                              region.paths[self.probe[1]] if self.probe[0] == r else None)
@@ -230,9 +217,9 @@ class ModuleBlockGuard:
         value = None
         if self.timestep_name is not None:
             value = self.signature.bind_partial(*args, **kwargs).arguments.get(self.timestep_name)
-        timestep = self.runtime.clock.timestep(value)
+        timestep = self.runtime.timesteps.timestep(value)
         decision = scheduler.begin_call(timestep, key=self)
-        cache = self._branches.get(decision.branch)
+        cache = self.store.branches(0).get(decision.branch)
         valid = (cache is not None and cache.generation == decision.generation
                  and cache.step == scheduler.last_computed_step)
         compute = decision.compute or not valid
@@ -240,7 +227,7 @@ class ModuleBlockGuard:
                           computing=[compute] * len(self.regions), frames=frames,
                           executions=[runner.executions for runner in self.runners])
         if not compute:
-            self.call.deltas = forecast_deltas(self.runtime.config, cache, sampler_time(scheduler))
+            self.call.deltas = self.store.reused_deltas(cache, scheduler.clock.time)
 
     def restart_call(self) -> None:
         """The call is run again (traced without data-dependent capture): forget what it recorded."""
@@ -325,32 +312,25 @@ class ModuleBlockGuard:
                 logger.debug("adacache: region %d's streams changed shape inside the call: nothing cached", r)
                 return
             deltas.append([(o - i).detach() for i, o in zip(ins, outs) if i is not None])
-        decision, cache, probe = call.decision, call.cache, call.probe
-        if previous_probe_due(cache, decision, scheduler) and probe is not None:
-            current, has_frames = _probe_view(probe, call.frames)
-            previous, _ = _probe_view(cache.probe, call.frames)
-            if current.shape == previous.shape:
-                stride = self.runtime.config.moreg_stride
-                has_frames = has_frames and current.shape[1] > stride
-                scheduler.add_metric_sums(fused_cache_metrics(current, previous, stride).sum(0), has_motion=has_frames)
-        recorder = self.runtime.recorder
-        if recorder is not None and decision.compute and probe is not None:
-            view, has_frames = _probe_view(probe, call.frames)
-            recorder.record((id(self), decision.branch), scheduler.step, view, self.runtime.config.moreg_stride,
-                            has_frames)
-        time = sampler_time(scheduler)
-        slopes, span = forecast_slopes(self.runtime.config, cache, deltas, time, decision.generation, scheduler)
-        self._branches[decision.branch] = BranchCache(
-            generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
-            stream_shapes=[], probe=probe.detach() if decision.compute and probe is not None else None, time=time,
-            slopes=slopes, slope_span=span)
+        frames, stride = call.frames, self.runtime.config.moreg_stride
+        self.store.branches(0)[call.decision.branch] = self.store.store(
+            scheduler, call.decision, call.cache, deltas, call.probe, lambda probe: _probe_view(probe, frames, stride), [])
 
     # ----- the interface of CachedGraph that the backend's report and reset read ---------
     def reset(self) -> None:
-        self._branches.clear()
+        self.store.reset()
 
     def cache_bytes(self, instance: Optional[int] = None) -> int:
-        return sum(c.nbytes() for c in self._branches.values()) if instance in (None, 0) else 0
+        return self.store.nbytes() if instance in (None, 0) else 0
+
+    def uninstall(self) -> None:
+        """Give every guarded block its own forward back (the undo record of ``_install``)."""
+        for module, forward in reversed(self.originals):
+            if forward is None:
+                module.__dict__.pop("forward", None)   # the class's forward is seen again
+            else:
+                module.forward = forward
+        self.originals = []
 
     def instance_of(self, weights) -> Optional[int]:
         return 0 if any(id(w) in self._weights for w in weights) else None
@@ -398,9 +378,10 @@ def _block_delta(outputs: Optional[list], inputs: dict, streams: list) -> Option
     return None
 
 
-def _probe_view(probe: torch.Tensor, frames: Optional[int]) -> tuple:
+def _probe_view(probe: torch.Tensor, frames: Optional[int], stride: int) -> tuple:
     """``(view, has_frames)``: ``(B, frames, -1)`` when ``frames`` splits dim 1 of the probe (video
-    tokens frame-major there: ``frames_arg``), else ``(B, 1, -1)``."""
+    tokens frame-major there: ``frames_arg``), else ``(B, 1, -1)``; a motion score needs more
+    frames than the frame stride."""
     if frames and probe.dim() >= 3 and probe.shape[1] % frames == 0:
-        return probe.reshape(probe.shape[0], frames, -1), True
+        return probe.reshape(probe.shape[0], frames, -1), frames > stride
     return probe.reshape(probe.shape[0] if probe.dim() > 1 else 1, 1, -1), False

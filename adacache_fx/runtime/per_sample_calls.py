@@ -1,8 +1,9 @@
 """The guarded call under a schedule per sample (``AdaCacheConfig(per_sample=True)``).
 
-``CachedGraph`` runs this path when the instance's scheduler is a ``PerSampleScheduler``. A
-branch's cache holds full-batch deltas and probe, and per sample the computed step, the
-sampler's variable and the forecast span they belong to. On a step:
+``CachedGraph`` calls a ``PerSampleCalls`` of its own when the config asks for per-sample
+schedules and the graph knows its batch. A branch's cache (``branch_store.SampleCache``, kept in
+the graph's ``BranchStore``) holds full-batch deltas and probe, and per sample the computed
+step, the sampler's variable and the forecast span they belong to. On a step:
 
 * every sample computes: the blocks run on the whole batch (as without per-sample schedules);
 * none computes: every row reuses its own sample's delta (or its forecast);
@@ -15,32 +16,15 @@ returns per-row sums, added per sample on the device (one host read per step, in
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..ops import fused_cache_metrics
+from .branch_store import SampleCache, same_shapes
 from .collectives import shard_boundary_sums
-from .scheduler import sampler_time
+from .forecasters import apply_forecast
 from .sub_batch import gather, replace_rows, scatter
-
-
-@dataclass
-class SampleCache:
-    """What one guidance branch keeps between steps, for a batch of samples."""
-
-    generation: int
-    deltas: list                    # per region: [delta per stream], every row
-    stream_shapes: list
-    probe: Optional[torch.Tensor]   # every row: each sample's at its own last computed step
-    steps: list                     # per sample: the computed step its rows' deltas belong to
-    times: list                     # per sample: the sampler's variable at that step
-    slopes: Optional[list] = None   # forecast reuse: per region, [delta - previous delta] per stream
-    spans: Optional[list] = None    # per sample: the variable's change behind its slope rows (0: none)
-
-    def nbytes(self) -> int:
-        return cache_bytes(self.deltas, self.slopes, self.probe)
 
 
 def exception_summary(exc: BaseException) -> str:
@@ -49,17 +33,20 @@ def exception_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def cache_bytes(deltas: list, slopes: Optional[list], probe: Optional[torch.Tensor]) -> int:
-    """Bytes a branch's cache holds: its deltas, forecast slopes and probe."""
-    tensors = [d for region in deltas for d in region]
-    tensors += [d for region in (slopes or []) for d in region]
-    if probe is not None:
-        tensors.append(probe)
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class PerSampleCalls:
-    """The per-sample methods of ``CachedGraph`` (kept apart to keep each file readable)."""
+    """The calls of one ``CachedGraph`` under a schedule per sample."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.layout = graph.layout
+        self.runtime = graph.runtime
+        self.store = graph.store
+        self.call = graph.call
+        self.row_indices: dict = {}     # (samples, sample count, copies, device) -> their batch rows
+        self.warned_copies = False      # the guidance copies did not divide a batch (warned once)
+
+    def __call__(self, args, scheduler, branches: dict, timestep: Optional[float]):
+        return self._call_per_sample(args, scheduler, branches, timestep)
 
     def _grouping(self, args) -> tuple:
         """``(batch rows, samples, guidance copies)`` of this call: ``guidance_in_batch`` copies of
@@ -68,8 +55,8 @@ class PerSampleCalls:
         batch = int(args[index].shape[dim]) if dim is not None else int(args[index])
         copies = self.runtime.config.guidance_in_batch
         if batch % copies:
-            if not getattr(self, "_warned_copies", False):
-                self._warned_copies = True
+            if not self.warned_copies:
+                self.warned_copies = True
                 warnings.warn(f"adacache: per_sample: guidance_in_batch={copies} does not divide the batch of {batch} "
                               "rows; each row is a sample of its own", UserWarning, stacklevel=4)
             copies = 1
@@ -79,11 +66,10 @@ class PerSampleCalls:
         """The batch rows of ``samples`` (``h * S + i`` per guidance copy ``h``), as a cached device
         tensor: a host-to-device copy waits for the device, so each subset is copied once."""
         key = (tuple(samples), num_samples, copies, device)
-        cache = self.__dict__.setdefault("_row_indices", {})
-        if key not in cache:
-            cache[key] = torch.tensor([h * num_samples + i for h in range(copies) for i in samples],
-                                      dtype=torch.long).to(device)
-        return cache[key]
+        if key not in self.row_indices:
+            self.row_indices[key] = torch.tensor([h * num_samples + i for h in range(copies) for i in samples],
+                                                 dtype=torch.long).to(device)
+        return self.row_indices[key]
 
     def _device(self, args) -> torch.device:
         """Where the activations are (the first tensor on an accelerator, else the CPU)."""
@@ -92,21 +78,22 @@ class PerSampleCalls:
 
     def _call_per_sample(self, args, scheduler, branches: dict, timestep: Optional[float]):
         grouping = batch, num_samples, copies = self._grouping(args)
-        decision = scheduler.begin_call(timestep, key=self, num_samples=num_samples)
-        time = sampler_time(scheduler)
+        decision = scheduler.begin_call(timestep, key=self.graph, num_samples=num_samples)
+        time = scheduler.clock.time
         if len(decision.samples) != num_samples:   # another graph of this step sees another batch: compute
             self.call.compute, self.call.deltas = True, []
             branches.pop(decision.branch, None)
-            return self.top(*args)
+            return self.graph.top(*args)
         cache: Optional[SampleCache] = branches.get(decision.branch)
         usable = (cache is not None and cache.generation == decision.generation
-                  and cache.stream_shapes == self._current_shapes(args) and len(cache.steps) == num_samples)
+                  and cache.stream_shapes == self.graph._current_shapes(args) and len(cache.steps) == num_samples)
         computing = [i for i, (scheduled, sample) in enumerate(zip(decision.samples, scheduler.samples))
                      if scheduled or not (usable and cache.steps[i] == sample.last_computed_step)]
         device = self._device(args)
         state = self.call
-        state.batch, state.plan = batch, self.sub_batch
-        if len(computing) == num_samples or (computing and self.sub_batch is None):
+        plan = self.graph.sub_batch
+        state.batch, state.plan = batch, plan
+        if len(computing) == num_samples or (computing and plan is None):
             computing = list(range(num_samples))
             state.compute, state.deltas = True, []
         else:
@@ -114,21 +101,21 @@ class PerSampleCalls:
             state.deltas = self._reused_per_sample(cache, time, batch, copies)
             if computing:
                 state.rows = self._sample_rows(computing, num_samples, copies, device)
-                need = max(self.sub_batch.min_rows - state.rows.numel(), 0)
+                need = max(plan.min_rows - state.rows.numel(), 0)
                 state.padded = torch.cat([state.rows, state.rows[:1].expand(need)]) if need else state.rows
         try:
-            result = self.top(*args)
+            result = self.graph.top(*args)
         except Exception as exc:  # noqa: BLE001 - a sub-batch the compiled pieces refuse: compute every row
             if state.rows is None:
                 raise
             warnings.warn(f"adacache: per_sample: a region failed on a sub-batch ({exception_summary(exc)}); "
                           "this graph computes every row when any "
                           "sample computes from now on", UserWarning, stacklevel=3)
-            self.sub_batch = None
+            self.graph.sub_batch = None
             state.rows = state.padded = state.plan = None
             state.compute, state.deltas = True, []
             computing = list(range(num_samples))
-            result = self.top(*args)
+            result = self.graph.top(*args)
         finally:
             state.rows = state.padded = state.plan = None
         if computing:
@@ -142,8 +129,8 @@ class PerSampleCalls:
         batch, num_samples, copies = grouping
         every = len(computing) == num_samples
         rows = None if every else self._sample_rows(computing, num_samples, copies, device)
-        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
-        deltas: list = [[] for _ in self.runners]
+        spec = self._output_specs()
+        deltas: list = [[] for _ in self.graph.runners]
         for (r, _s, index) in self.layout.deltas:
             new = result[index]
             if not every:   # the reused rows keep their own delta, not its forecast
@@ -169,20 +156,19 @@ class PerSampleCalls:
                     and cache.steps[i] == scheduler.samples[i].computed_steps[-2]]
         if measured:
             self._sample_metric(scheduler, probe, cache.probe, measured, args, grouping, device)
-        recorder = self.runtime.recorder
-        if recorder is not None and every:   # adacache_fx.calibrate records the batch, on uncached generations
-            view, has_frames = self._probe_view(probe, args)
-            recorder.record((id(self), decision.branch), scheduler.step, view, self.layout.moreg_stride, has_frames)
-        slopes, spans = self._sample_slopes(cache, deltas, computing, time, grouping, device)
-        return SampleCache(generation=decision.generation, deltas=deltas, stream_shapes=self._current_shapes(args),
-                           probe=probe, steps=steps, times=times, slopes=slopes, spans=spans)
+        if every and self.runtime.recorder is not None:   # adacache_fx.calibrate records the batch, on uncached generations
+            view, has_frames = self.graph._probe_view(probe, args)
+            self.store.record(decision.branch, scheduler.clock.step, view, has_frames)
+        terms, spans = self._sample_terms(cache, deltas, computing, time, grouping, device)
+        return SampleCache(generation=decision.generation, deltas=deltas, stream_shapes=self.graph._current_shapes(args),
+                           probe=probe, steps=steps, times=times, terms=terms, spans=spans)
 
     def _sample_metric(self, scheduler, probe, previous, measured: list, args, grouping: tuple, device) -> None:
         batch, num_samples, copies = grouping
-        spec = self.sub_batch.graph_outputs.get(self.layout.probe_index) if self.sub_batch is not None else 0
+        spec = self._output_specs().get(self.layout.probe_index, 0)
         rows = self._sample_rows(measured, num_samples, copies, device)
-        current, has_frames = self._probe_view(gather(probe, spec, rows, batch), args)
-        before, _ = self._probe_view(gather(previous, spec, rows, batch), args)
+        current, has_frames = self.graph._probe_view(gather(probe, spec, rows, batch), args)
+        before, _ = self.graph._probe_view(gather(previous, spec, rows, batch), args)
         if current.shape != before.shape:
             return
         stride = self.layout.moreg_stride
@@ -200,59 +186,67 @@ class PerSampleCalls:
                 grouped = current.reshape(rows.numel(), -1, *current.shape[1:])
                 for i in measured:
                     mine = torch.cat([grouped[p] for p in range(rows.numel()) if measured[p % len(measured)] == i])
-                    sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.process_group)
+                    sums[i] += shard_boundary_sums(mine, stride, shard[:2], self.graph.process_group)
         scheduler.add_metric_sums(sums, has_motion=has_frames, samples=measured)
 
     # ----- forecast reuse, per sample ---------------------------------------------------------
-    def _sample_slopes(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float,
-                       grouping: tuple, device):
-        """Each computing sample's rows of ``delta - previous delta`` (when its previous computed
-        step's deltas are in ``cache``); the other samples keep theirs: two tensors per stream."""
-        if self.runtime.config.reuse == "constant" or cache is None:
+    def _output_specs(self) -> dict:
+        """Where each graph output (deltas, probe) holds the batch rows (the sub-batch plan's)."""
+        plan = self.graph.sub_batch
+        return plan.graph_outputs if plan is not None else {}
+
+    def _sample_terms(self, cache: Optional[SampleCache], deltas: list, computing: list, time: float,
+                      grouping: tuple, device):
+        """Each computing sample's rows of the forecast terms (when its previous computed step's
+        deltas are in ``cache``); the other samples keep theirs."""
+        forecaster = self.store.forecaster
+        if not forecaster.terms or cache is None:
             return None, None
         batch, num_samples, copies = grouping
-        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
+        spec = self._output_specs()
         spans = list(cache.spans) if cache.spans is not None else [0.0] * num_samples
         fresh = [i for i in computing if time != cache.times[i]]
         for i in computing:
             spans[i] = time - cache.times[i] if i in fresh else 0.0
         if not fresh:
-            return cache.slopes, spans
+            return cache.terms, spans
+        if not same_shapes(deltas, cache.deltas):
+            return None, None
         rows = self._sample_rows(fresh, num_samples, copies, device)
-        slopes = []
+        terms = []
         for r, (new, old) in enumerate(zip(deltas, cache.deltas)):
-            if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
-                return None, None
             region = []
             for j, (a, b, index) in enumerate(zip(new, old, self.layout.deltas_of_region(r))):
-                diff = a - b
-                if cache.slopes is not None and len(fresh) < num_samples:
-                    diff = replace_rows(cache.slopes[r][j], diff, spec.get(index), rows, batch)
-                region.append(diff)
-            slopes.append(region)
-        return slopes, spans
+                stream = forecaster.stream_terms(a, b)
+                if cache.terms is not None and len(fresh) < num_samples:
+                    stream = [replace_rows(kept, made, spec.get(index), rows, batch)
+                              for kept, made in zip(cache.terms[r][j], stream)]
+                region.append(stream)
+            terms.append(region)
+        return terms, spans
 
     def _reused_per_sample(self, cache: SampleCache, time: float, batch: int, copies: int) -> list:
         """What the reused rows add: each sample's delta, or its forecast at ``time``."""
-        config = self.runtime.config
-        if config.reuse == "constant" or cache.slopes is None:
+        forecaster = self.store.forecaster
+        if not forecaster.terms or cache.terms is None:
             return cache.deltas
-        damping = config.reuse_damping if config.reuse == "damped" else 1.0
-        scales = [damping * (time - t) / span if span else 0.0 for t, span in zip(cache.times, cache.spans)]
-        if len(set(scales)) == 1:   # every sample at the same point: one scalar, as without per-sample schedules
-            return [[torch.add(d, slope, alpha=scales[0]) for d, slope in zip(region, slopes)]
-                    for region, slopes in zip(cache.deltas, cache.slopes)]
-        spec = self.sub_batch.graph_outputs if self.sub_batch is not None else {}
-        per_row = torch.tensor(scales * copies).to(cache.deltas[0][0].device, non_blocking=True)   # once per call
+        per_sample = [forecaster.coefficients(time, t, span) for t, span in zip(cache.times, cache.spans)]
+        if len(set(per_sample)) == 1:   # every sample at the same point: one set, as without per-sample schedules
+            return [[apply_forecast(d, terms, per_sample[0]) for d, terms in zip(region, region_terms)]
+                    for region, region_terms in zip(cache.deltas, cache.terms)]
+        spec = self._output_specs()
+        # per term, the coefficient of each batch row, on the device once per call
+        per_row = torch.tensor([list(c) for c in per_sample] * copies).to(cache.deltas[0][0].device, non_blocking=True)
         out = []
-        for r, (region, slopes) in enumerate(zip(cache.deltas, cache.slopes)):
+        for r, (region, region_terms) in enumerate(zip(cache.deltas, cache.terms)):
             added = []
-            for d, slope, index in zip(region, slopes, self.layout.deltas_of_region(r)):
+            for d, terms, index in zip(region, region_terms, self.layout.deltas_of_region(r)):
                 dim = spec.get(index, 0)
                 if not isinstance(dim, int):   # no batch dim in this delta: nothing to scale per row
-                    added.append(torch.add(d, slope, alpha=scales[0]))
+                    added.append(apply_forecast(d, terms, per_sample[0]))
                     continue
-                along = per_row.to(d.dtype).repeat_interleave(d.shape[dim] // batch)
-                added.append(d + slope * along.reshape([-1] + [1] * (d.dim() - dim - 1)))
+                rows = [per_row[:, i].to(d.dtype).repeat_interleave(d.shape[dim] // batch)
+                        .reshape([-1] + [1] * (d.dim() - dim - 1)) for i in range(len(terms))]
+                added.append(apply_forecast(d, terms, rows))
             out.append(added)
         return out

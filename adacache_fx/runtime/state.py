@@ -1,33 +1,35 @@
-"""Per-backend runtime state: one scheduler per compiled model instance, and the step clock.
+"""Per-backend runtime state: one schedule per compiled model instance, and where the calls'
+timesteps come from.
 
 Dynamo reuses one compiled graph for every instance of a model class whose backends compare
 equal (every ``torch.compile(m, backend="adacache")`` does), so a graph cannot own a schedule.
 Each ``CachedGraph`` numbers the model instances it sees by their weights, in order of first
-call, and asks this state for instance ``i``'s scheduler: the fragments of one model (graph
-breaks) all see it as the same instance and share its scheduler; two models served side by side
+call, and asks this state for instance ``i``'s schedule: the fragments of one model (graph
+breaks) all see it as the same instance and share its schedule; two models served side by side
 get one each.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from ..config import AdaCacheConfig
-from .clock import StepClock
 from .per_sample_scheduler import PerSampleScheduler
 from .scheduler import AdaCacheScheduler
+from .step_clock import StepClock
+from .timestep_source import TimestepSource
 
 
 class RuntimeState:
-    def __init__(self, config: AdaCacheConfig):
+    def __init__(self, config):
         self.config = config
-        self.clock = StepClock()
+        self.timesteps = TimestepSource()
         self.schedulers: list = []
         self.last_instance = 0
         self.requested_num_steps: Optional[int] = None
         self.recorder = None   # a calibration.TrajectoryRecorder while adacache_fx.calibrate records
 
     def scheduler(self, instance: int):
-        """Instance ``instance``'s ``AdaCacheScheduler`` (a ``PerSampleScheduler`` with ``per_sample``)."""
+        """Instance ``instance``'s schedule: an ``AdaCacheScheduler``, or with ``per_sample`` a
+        ``PerSampleScheduler`` (one clock, a policy per sample)."""
         while len(self.schedulers) <= instance:
             scheduler = (PerSampleScheduler if self.config.per_sample else AdaCacheScheduler)(self.config)
             if self.requested_num_steps is not None:
@@ -36,18 +38,18 @@ class RuntimeState:
         self.last_instance = instance
         return self.schedulers[instance]
 
-    def set_config(self, config: AdaCacheConfig) -> None:
+    def set_config(self, config) -> None:
         self.config = config
         for scheduler in self.schedulers:
             scheduler.config = config
 
     def reset(self) -> None:
-        self.clock.reset()
+        self.timesteps.reset()
         for scheduler in self.schedulers:
             scheduler.reset()
 
     def set_num_steps(self, num_steps: Optional[int]) -> None:
-        AdaCacheScheduler(self.config).set_num_steps(num_steps)   # validates before anything changes
+        StepClock().set_num_steps(num_steps)   # validates before anything changes
         self.requested_num_steps = num_steps
         for scheduler in self.schedulers:
             scheduler.set_num_steps(num_steps)

@@ -21,6 +21,7 @@ import torch.fx as fx
 from ...errors import AdaCacheConfigError
 from .find_regions import Region, ResidualAdd
 from .graph_nodes import example_value, is_parameter_placeholder, sizes_equal
+from .resolve_probe import block_index, find_named_block
 
 
 @dataclass
@@ -65,23 +66,25 @@ def choose_probe(regions: list, probe_block: Optional[Union[int, str]] = None, p
     if not regions:
         raise ValueError("no region to probe")
     if isinstance(probe_block, str):
-        for r, region in enumerate(regions):
-            adds = _adds_by_block(region)
-            for path, block_adds in adds.items():
-                if path == probe_block or path.endswith("." + probe_block) or path.endswith(probe_block):
-                    return _pick(r, path, block_adds, probe_branch)
-        for r, region in enumerate(regions):   # a block without residual branches: its output delta
-            if any(_names(path, probe_block) for path in region.block_paths):
-                return _block_delta(r, region, probe_block)
+        with_adds = [[b.path for b in region.blocks if b.path in adds]
+                     for region, adds in ((region, _adds_by_block(region)) for region in regions)]
+        found = find_named_block(probe_block, with_adds)
+        if found is not None:
+            r, j = found
+            path = with_adds[r][j]
+            return _pick(r, path, _adds_by_block(regions[r])[path], probe_branch)
+        found = find_named_block(probe_block, [region.block_paths for region in regions])
+        if found is not None:   # a block without residual branches: its output delta
+            return _block_delta(found[0], regions[found[0]], probe_block)
         raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
-                         f"(blocks: {[b for reg in regions for b in reg.block_paths]})")
+                                  f"(blocks: {[b for reg in regions for b in reg.block_paths]})")
     r = main_region(regions)
     region = regions[r]
     adds = _adds_by_block(region)
     paths = [b.path for b in region.blocks if b.path in adds]
     if not paths:
         return _block_delta(r, region, probe_block)
-    path = paths[_block_index(probe_block, len(paths))]
+    path = paths[block_index(probe_block, len(paths))]
     return _pick(r, path, adds[path], probe_branch)
 
 
@@ -100,23 +103,10 @@ def probe_fallbacks(regions: list, probe: Probe) -> list:
     return out
 
 
-def _block_index(probe_block: Optional[int], count: int) -> int:
-    """The middle block by default, else ``probe_block`` (negative from the end)."""
-    if probe_block is None:
-        return count // 2
-    if not -count <= probe_block < count:
-        raise AdaCacheConfigError(f"probe_block={probe_block} is out of range for {count} blocks")
-    return probe_block
-
-
 def main_region(regions: list) -> int:
     """The region the probe is taken from by default: the one with the most blocks (the first
     of those), so that a one-block text encoder before the main stack never holds the probe."""
     return max(range(len(regions)), key=lambda i: (len(regions[i].blocks), -i))
-
-
-def _names(path: str, name: str) -> bool:
-    return path == name or path.endswith("." + name)
 
 
 def _pick(region: int, path: str, block_adds: list, branch: int) -> Probe:
@@ -131,13 +121,13 @@ def _block_delta(r: int, region: Region, probe_block) -> Probe:
     shape = example_value(stream.output).shape
     blocks = region.blocks
     if isinstance(probe_block, str):
-        matches = [i for i, b in enumerate(blocks) if _names(b.path, probe_block)]
-        if not matches:
+        found = find_named_block(probe_block, [region.block_paths])
+        if found is None:
             raise AdaCacheConfigError(f"probe_block={probe_block!r} names no cached block "
                                       f"(blocks: {region.block_paths})")
-        index = matches[0]
+        index = found[1]
     else:
-        index = _block_index(probe_block, len(blocks))
+        index = block_index(probe_block, len(blocks))
     block = blocks[index]
     inside = set(block.nodes)
     same = lambda n: isinstance(example_value(n), torch.Tensor) and sizes_equal(example_value(n).shape, shape)  # noqa: E731

@@ -86,6 +86,25 @@ def is_norm(node: fx.Node) -> bool:
     return False
 
 
+def _global_state_targets() -> tuple:
+    targets = [torch.amp._enter_autocast, torch.amp._exit_autocast, torch._C._set_grad_enabled]
+    try:   # how Dynamo records torch.func.vmap (torch >= 2.6)
+        from torch._functorch.predispatch import _vmap_decrement_nesting, _vmap_increment_nesting
+        targets += [_vmap_increment_nesting, _vmap_decrement_nesting]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(targets)
+
+
+# Calls that switch global state for the ops after them (autocast, grad mode, vmap nesting).
+GLOBAL_STATE_TARGETS = _global_state_targets()
+
+
+def is_global_state(node: fx.Node) -> bool:
+    """A switch of global state for the ops after it: an autocast, grad-mode or vmap enter / exit."""
+    return node.op == "call_function" and node.target in GLOBAL_STATE_TARGETS
+
+
 def is_glue(node: fx.Node) -> bool:
     """A view/reshape/cast whose first argument is the only tensor that flows through."""
     return op_kind(node) in _GLUE_KINDS and bool(node.args) and isinstance(node.args[0], fx.Node)

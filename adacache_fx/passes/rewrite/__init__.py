@@ -6,7 +6,9 @@
 1. ``add_cache_outputs``: each stream's delta and the probe become extra graph outputs;
 2. ``split_regions``: prologue | region | epilogue pieces (``torch.fx`` ``split_module``);
 3. ``build_reuse``: per region, a reuse piece ``skeleton(in) + cached_delta`` (blocks dropped);
-4. ``fuse_reuse``: a reused step as one graph (the reuse pieces inlined, only the user outputs kept).
+4. ``fuse_reuse``: a reused step as one graph, from the graph before the split: each stream's
+   output replaced by ``skeleton(input) + delta`` (the delta's forecast inside it: ``forecast_terms``
+   term inputs per delta and their coefficients), only the user outputs kept, dead code dropped.
 
 ``rewrite`` works on a copy of Dynamo's graph module: the analysis must have been made on that
 copy (its nodes are the ones rewritten), and Dynamo's own graph is never touched.
@@ -35,8 +37,8 @@ class Rewrite:
     outputs: Optional[CacheOutputs] = None  # where the deltas and the probe are in the outputs
     split: Optional[SplitGraph] = None
     reuse: dict = field(default_factory=dict)   # region index -> reuse GraphModule
-    compute_deltas: dict = field(default_factory=dict)   # region index -> its compute piece's delta output nodes
     fused: Optional[FusedReuse] = None          # a reused step as one graph (None: it could not be built)
+    forecast_terms: int = 0                     # tensors the forecaster keeps per delta (the fused step's inputs)
     log: list = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -68,25 +70,21 @@ def _pass_build_reuse(rw: Rewrite) -> None:
         deltas = [output_position(top, index, name) for (rr, _s, index) in rw.outputs.deltas if rr == r]
         probe = output_position(top, rw.outputs.probe_index, name) if rw.analysis.probe.region == r else None
         rw.reuse[r] = build_reuse(getattr(top, name), deltas, probe)
-        compute_out = next(n for n in reversed(getattr(top, name).graph.nodes) if n.op == "output").args[0]
-        rw.compute_deltas[r] = [compute_out[p] for p in deltas]
         kept = sum(1 for n in rw.reuse[r].graph.nodes if n.op not in ("placeholder", "output"))
         rw.note(f"build_reuse: region {r} reuses {len(deltas)} deltas with {kept} ops")
 
 
 def _pass_fuse_reuse(rw: Rewrite) -> None:
     try:
-        rw.fused = fuse_reuse(rw.split.top, rw.split.region_submods, rw.reuse, rw.compute_deltas,
-                              rw.outputs.num_user_outputs)
+        rw.fused = fuse_reuse(rw.gm, rw.analysis.regions, rw.outputs.deltas, rw.outputs.num_user_outputs,
+                              rw.forecast_terms)
     except Exception as exc:  # noqa: BLE001 - reused steps then run piece by piece, as before
         logger.debug("adacache: fuse_reuse failed", exc_info=True)
         rw.note(f"fuse_reuse: not fused ({type(exc).__name__}: {exc}); reused steps run piece by piece")
         return
-    if rw.fused is None:
-        rw.note("fuse_reuse: a piece is not a graph; reused steps run piece by piece")
-        return
     kept = sum(1 for n in rw.fused.gm.graph.nodes if n.op not in ("placeholder", "output"))
-    rw.note(f"fuse_reuse: a reused step is one graph of {kept} ops, {len(rw.fused.delta_inputs)} cached deltas in")
+    rw.note(f"fuse_reuse: a reused step is one graph of {kept} ops, {len(rw.fused.delta_inputs)} cached deltas in "
+            f"with {rw.forecast_terms} forecast term(s) each")
 
 
 REWRITE_PASSES = (
@@ -97,13 +95,14 @@ REWRITE_PASSES = (
 )
 
 
-def rewrite(gm: fx.GraphModule, analysis: GraphAnalysis) -> Rewrite:
-    """Run ``REWRITE_PASSES`` on ``gm`` (the copy ``analysis`` was made on)."""
+def rewrite(gm: fx.GraphModule, analysis: GraphAnalysis, forecast_terms: int = 0) -> Rewrite:
+    """Run ``REWRITE_PASSES`` on ``gm`` (the copy ``analysis`` was made on). ``forecast_terms``:
+    the tensors the config's forecaster keeps per delta, which the fused reused step takes."""
     if analysis.graph is not gm.graph:
         raise ValueError("rewrite: the analysis was made on another graph; analyse the copy you rewrite")
     if not analysis.cacheable:
         raise ValueError("rewrite: the analysis found nothing to cache")
-    rw = Rewrite(gm=gm, analysis=analysis)
+    rw = Rewrite(gm=gm, analysis=analysis, forecast_terms=forecast_terms)
     for run_pass in REWRITE_PASSES:
         run_pass(rw)
     return rw

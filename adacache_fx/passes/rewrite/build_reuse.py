@@ -39,6 +39,11 @@ def _is_light(node: fx.Node) -> bool:
     return not isinstance(example_value(node), torch.Tensor) and node.meta.get("example_value") is not None
 
 
+def heavy_nodes(nodes) -> list:
+    """The nodes of ``nodes`` that do a block's work (neither glue, nor a size, nor the reuse add)."""
+    return [n for n in nodes if not _is_light(n)]
+
+
 def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) -> fx.GraphModule:
     """``delta_positions[j]``: where stream j's delta is in ``compute``'s output tuple (its
     node is ``sub(stream_output, skeleton)``); ``probe_position``: the probe's, or None."""
@@ -77,7 +82,7 @@ def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) 
     # reused step the blocks' side effects and communication are skipped with the blocks, which is
     # what caching means; every rank skips the same blocks, since the decision is global.
     graph.eliminate_dead_code(is_impure_node=lambda node: node.op in ("placeholder", "output"))
-    heavy = [n for n in graph.nodes if not _is_light(n)]
+    heavy = heavy_nodes(graph.nodes)
     if heavy:
         raise ValueError(f"the reuse path still computes {[n.name for n in heavy][:5]}: region left uncached")
     graph.lint()

@@ -1,5 +1,6 @@
-"""Fuse a reused step into one graph: the split top level with every region replaced by its
-reuse piece, inlined, keeping only what the model's own outputs need.
+"""Fuse a reused step into one graph: the rewritten graph (before it is split) with each
+stream's output replaced by ``skeleton(input) + delta``, the cached delta (or its forecast) an
+input, keeping only what the model's own outputs need.
 
 A reused step through the split top level runs each piece separately (prologue, each region's
 reuse piece, epilogue): one compiled call per piece, the Python of the top level between them,
@@ -9,30 +10,34 @@ CPU), that is most of a reused step's time. The fused graph is one piece, compil
 inner compiler; the split top level still runs computed steps, and per-sample calls that
 compute some rows.
 
-Before (split top level; ``submod_1`` is the region, ``reuse`` its reuse piece)::
+Before (the graph with its cache outputs, ``add_cache_outputs``)::
 
     def forward(x, t, text):
-        submod_0 = self.submod_0(x, t, text)          # stem, temb, text and timestep projections
-        h, temb, ctx, proj = submod_0[0], submod_0[1], submod_0[2], submod_0[3]
-        submod_1 = self.submod_1(h, ctx, proj)        # the blocks
-        out, delta, probe = submod_1[0], submod_1[1], submod_1[2]
-        submod_2 = self.submod_2(out, temb)           # head
-        return (submod_2, delta, probe)
+        h = stem(x); temb = time_embedding(t); ctx = text_proj(text)
+        h_12 = blocks(h, ctx, temb)                     # region 0
+        delta_0_0 = h_12 - h
+        return (head(h_12, temb), delta_0_0, attn_3)   # user outputs, deltas, probe
 
-After (one graph; the cached deltas are inputs, only the user outputs are returned)::
+After (the cached deltas, their forecast terms and the terms' coefficients are inputs, only
+the user outputs are returned; here a forecaster of one term, ``reuse="linear"``)::
 
-    def forward(x, t, text, cached_delta_0):
-        h = stem(x); temb = time_embedding(t)          # the text and timestep projections are gone
-        out = h + cached_delta_0
-        return (head(out, temb),)
+    def forward(x, t, text, cached_delta_0_0, forecast_term_0_0_0, forecast_coefficients):
+        h = stem(x); temb = time_embedding(t)          # the text projection and the blocks are gone
+        delta = cached_delta_0_0 + forecast_term_0_0_0 * forecast_coefficients[0]
+        return (head(h + delta, temb),)
+
+The forecast is the same multiply-then-add per term as ``runtime/forecasters.apply_forecast``,
+so the inner compiler fuses it with the rest: no forecast delta is materialised per step.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Optional
 
+import torch
 import torch.fx as fx
+
+from ..analysis.graph_nodes import is_global_state
+from .build_reuse import heavy_nodes
 
 
 @dataclass
@@ -41,91 +46,66 @@ class FusedReuse:
 
     gm: fx.GraphModule
     delta_inputs: list       # [(region, stream)] in the order of the extra inputs (after the graph's own)
+    terms: int = 0           # forecast terms after each delta; with terms, one coefficient tensor (terms,) last
 
     def delta_placeholders(self) -> list:
-        """The extra inputs' placeholders (their metadata: the deltas' recorded values)."""
+        """The placeholders of the deltas and their terms, in order (their metadata: the deltas'
+        recorded values); the coefficient tensor's is not among them."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        return placeholders[len(placeholders) - len(self.delta_inputs):]
+        extra = len(self.delta_inputs) * (1 + self.terms)
+        first = len(placeholders) - extra - (1 if self.terms else 0)
+        return placeholders[first:first + extra]
 
 
-def fuse_reuse(top: fx.GraphModule, region_submods: dict, reuse: dict, compute_deltas: dict,
-               num_user_outputs: int) -> Optional[FusedReuse]:
-    """``top``: the split top level with its pieces still fx graphs; ``region_submods``: region
-    -> piece name; ``reuse``: region -> reuse piece (``build_reuse``); ``compute_deltas``:
-    region -> the delta output nodes of its compute piece (the extra inputs' example values).
-    None when a piece is not a graph (nothing to inline)."""
+def fuse_reuse(gm: fx.GraphModule, regions: list, deltas: list, num_user_outputs: int, terms: int = 0) -> FusedReuse:
+    """``gm``: the graph with its cache outputs; ``regions``: the analysis' regions (their nodes);
+    ``deltas``: ``[(region, stream, output index)]`` (``CacheOutputs.deltas``); ``terms``: forecast
+    terms per delta. Raises ``ValueError`` when the reused step would still run a block op."""
     graph = fx.Graph()
-    root = fx.GraphModule(top, fx.Graph())   # attributes of the inlined pieces are registered on it
     env: dict = {}
-    top_placeholders = [n for n in top.graph.nodes if n.op == "placeholder"]
-    for p in top_placeholders:
-        env[p] = graph.placeholder(p.target, type_expr=p.type)
-        env[p].meta = dict(p.meta)
-    deltas: dict = {}
-    delta_inputs = []
-    for r in sorted(region_submods):
-        for s, node in enumerate(compute_deltas[r]):
-            ph = graph.placeholder(f"cached_delta_{r}_{s}")
-            ph.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val")}
-            deltas[(r, s)] = ph
-            delta_inputs.append((r, s))
-    by_name = {name: r for r, name in region_submods.items()}
-    for node in top.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            outputs = node.args[0]
-            user = list(outputs)[:num_user_outputs] if isinstance(outputs, (tuple, list)) else [outputs]
-            mapped = [fx.map_arg(v, lambda a: env[a]) for v in user]
-            graph.output(tuple(mapped) if isinstance(outputs, (tuple, list)) else mapped[0])
-            break
-        if node.op == "call_module":
-            region = by_name.get(node.target)
-            piece = reuse[region] if region is not None else getattr(top, node.target)
-            if not isinstance(piece, fx.GraphModule):
-                return None
-            args = [fx.map_arg(a, lambda a: env[a]) for a in node.args]
-            if region is not None:
-                args += [deltas[(region, s)] for s in range(len(compute_deltas[region]))]
-            env[node] = _inline(graph, root, piece, args, node.target)
-            continue
-        source = node.args[0] if node.op == "call_function" and node.args else None
-        if node.target is operator.getitem and isinstance(source, fx.Node) and isinstance(env[source], tuple):
-            env[node] = env[source][node.args[1]]   # an element of an inlined piece's outputs
-            continue
-        env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.eliminate_dead_code()
+    out_value = graph.graph_copy(gm.graph, env)
+    outputs = list(out_value) if isinstance(out_value, (tuple, list)) else [out_value]
+    graph.output(tuple(outputs[:num_user_outputs]) if isinstance(out_value, (tuple, list)) else outputs[0])
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs: dict = {}
+    for r, s, index in deltas:   # the extra inputs, after the graph's own
+        recorded = {k: v for k, v in outputs[index].meta.items() if k in ("example_value", "val")}
+        inputs[(r, s)] = []
+        for name in [f"cached_delta_{r}_{s}"] + [f"forecast_term_{r}_{s}_{i}" for i in range(terms)]:
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(name)
+            anchor.meta = dict(recorded)
+            inputs[(r, s)].append(anchor)
+    coefficients = None
+    if terms:
+        with graph.inserting_after(anchor):
+            coefficients = anchor = graph.placeholder("forecast_coefficients")
+    nodes_of = [{env[n] for n in region.nodes if n in env} for region in regions]
+    inside = set().union(*nodes_of)
+    for r, s, index in deltas:
+        stream_out, skeleton = outputs[index].args   # the delta output is sub(stream output, skeleton)
+        # after the skeleton (for a boundary stream, the region's input: after the inputs)
+        with graph.inserting_after(skeleton if skeleton.op != "placeholder" else anchor):
+            delta, *stream_terms = inputs[(r, s)]
+            added = []
+            # the forecast of the delta: delta + sum_i term_i * coefficient_i (one multiply, one add each)
+            for i, term in enumerate(stream_terms):
+                added.append(graph.call_function(torch.select, (coefficients, 0, i)))
+                added.append(graph.call_function(torch.mul, (term, added[-1])))
+                added.append(delta := graph.call_function(torch.add, (delta, added[-1])))
+            reused = graph.call_function(torch.add, (skeleton, delta))
+        for node in added:   # inserting_after puts each new node right after the point: restore their order
+            reused.prepend(node)
+        reused.meta["adacache_reuse_add"] = True
+        own = nodes_of[r]
+        stream_out.replace_all_uses_with(reused, delete_user_cb=lambda user, own=own: user not in own)
+    # Dead-code elimination that also drops the blocks' impure nodes (an in-place rotary write, a
+    # collective's wait): on a reused step they are skipped with the blocks, which is what caching
+    # means; outside the regions impure nodes stay, and so do global-state switches (autocast).
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or is_global_state(n)
+                              or (n not in inside and n.is_impure()))
+    heavy = heavy_nodes([n for n in graph.nodes if n in inside])
+    if heavy:
+        raise ValueError(f"the fused reused step still computes {[n.name for n in heavy][:5]}")
     graph.lint()
-    gm = fx.GraphModule(root, graph)
-    return FusedReuse(gm=gm, delta_inputs=delta_inputs)
-
-
-def _inline(graph: fx.Graph, root: fx.GraphModule, piece: fx.GraphModule, args: list, prefix: str):
-    """Copy ``piece``'s graph into ``graph`` with its placeholders bound to ``args``; returns the
-    piece's output value (a tuple of nodes / None, or one node). ``get_attr`` targets move onto
-    ``root`` under names prefixed by the piece's."""
-    placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(args):
-        raise ValueError(f"{prefix}: {len(placeholders)} inputs, called with {len(args)}")
-    val_map = dict(zip(placeholders, args))
-    result = None
-    for n in piece.graph.nodes:
-        if n.op == "placeholder":
-            continue
-        if n.op == "output":
-            result = fx.map_arg(n.args[0], lambda a: val_map[a])
-            break
-        copy = graph.node_copy(n, lambda a: val_map[a])
-        if n.op in ("get_attr", "call_module"):   # the piece's attribute or submodule, moved onto root
-            name = f"{prefix}_{n.target.replace('.', '_')}"
-            if not hasattr(root, name):
-                setattr(root, name, _get_attr(piece, n.target))
-            copy.target = name
-        val_map[n] = copy
-    return tuple(result) if isinstance(result, list) else result
-
-
-def _get_attr(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
+    return FusedReuse(gm=fx.GraphModule(gm, graph), delta_inputs=[(r, s) for r, s, _ in deltas], terms=terms)

@@ -1,6 +1,6 @@
 """Where a call's timestep comes from, without a device sync.
 
-The scheduler needs each call's timestep as a host float (to tell steps and branches apart).
+The step clock (``step_clock.py``) needs each call's timestep as a host float (to tell steps and branches apart).
 In order of preference:
 
 1. a value announced with ``backend.step(t)`` (a raw sampling loop: one call per step);
@@ -19,7 +19,7 @@ import torch
 from ..errors import AdaCacheSyncWarning
 
 
-class StepClock:
+class TimestepSource:
     def __init__(self):
         self.announced: Optional[float] = None
         self.source: Optional[Callable[[], Optional[float]]] = None
