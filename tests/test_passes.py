@@ -316,8 +316,9 @@ def test_frame_layout_override_and_image_model():
     a, gm = analysis_of(seeded(ToyLatte()), torch.randn(2, 3, 3, 4, 5), torch.full((2,), 3.0), video_frame_dim=2)
     assert a.frame_layout.video_frame_dim == 2
     a, _ = analysis_of(seeded(ToyDiT()), torch.randn(2, 7, 5), torch.full((2,), 3.0))
-    log = []
-    assert infer_frame_layout(a.graph, a.probe.node, None, log) is None and "image model" in log[0]
+    reasons = []
+    assert infer_frame_layout(a.graph, a.probe.node, None, reasons) is None
+    assert [r.kind for r in reasons] == ["MoReg off"] and "image model" in reasons[0].message
 
 
 def test_add_cache_outputs_refuses_to_run_twice():
@@ -425,3 +426,45 @@ def test_probe_skips_adds_of_values_computed_outside_the_blocks():
     assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12] and not backend.uncached_graphs
     reference = BlockStackReference(model, [f"blocks.{i}" for i in range(3)])
     assert_matches_reference(run, reference.expected(run, backend.report().computed_steps))
+
+
+class _TwoOutputsOfOneInput(torch.nn.Module):
+    """Blocks that return two tensors continuing one input: no region (two streams of one input)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Forked(c) for _ in range(2)])
+        self.t = torch.nn.Linear(c, c)
+
+    def forward(self, x, timestep):
+        temb = self.t(torch.sin(timestep[:, None] * torch.ones(1, x.shape[-1])))
+        a = x
+        for block in self.blocks:
+            a, b = block(a, temb)
+            a = a + b
+        return a
+
+
+class _Forked(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f, self.g = torch.nn.Linear(c, c), torch.nn.Linear(c, c)
+
+    def forward(self, x, temb):
+        return x + self.f(x * temb[:, None]), x - self.g(x)
+
+
+def test_why_a_graph_runs_uncached_is_a_structured_reason():
+    """The reason names the construct, its graph node and op, the model's source line and what to
+    do; the warning is made from it, not from the log's text."""
+    from adacache_fx.passes.analysis.reasons import BLOCK_LEFT_UNCACHED, NO_BLOCKS
+    a, _ = analysis_of(seeded(_TwoOutputsOfOneInput()), torch.randn(2, 5, 8), torch.full((2,), 3.0))
+    (reason,) = [r for r in a.reasons if r.kind == BLOCK_LEFT_UNCACHED][:1]
+    assert reason.node is not None and reason.op, reason
+    assert reason.source and "test_passes.py" in reason.source, reason
+    assert a.why_uncacheable().startswith("blocks found but no cacheable region: block blocks.") and reason.source in \
+        a.why_uncacheable()
+    from toy_models import NoBlocks
+    a, _ = analysis_of(seeded(NoBlocks()), torch.randn(2, 7, 5), torch.full((2,), 3.0))
+    (none,) = a.reasons_of(NO_BLOCKS)
+    assert "compile_model" in none.todo and str(none) in a.why_uncacheable()

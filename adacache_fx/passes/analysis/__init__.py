@@ -27,6 +27,7 @@ from .frame_layout import FrameLayout, find_video_inputs, infer_frame_layout
 from .frame_layout.stops import shard_message
 from .graph_nodes import describe_node, module_stack, user_placeholder_name
 from .process_group import resolve_process_group, shard_problem
+from .reasons import BLOCK_LEFT_UNCACHED, MOREG_OFF, NO_BLOCKS, NO_PROBE, Reason
 
 logger = logging.getLogger("adacache_fx")
 _LIST_ELEMENT = re.compile(r"^[\w.]*?\w+\.\d+")
@@ -65,6 +66,7 @@ class GraphAnalysis:
     packed_frames: Optional[int] = None   # frame count of packed video tokens (config.frames_arg, from the call)
     process_group: object = None           # the group the metric is reduced over (None: no collective)
     log: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)   # [Reason]: what the passes could not do, and why
 
     @property
     def cacheable(self) -> bool:
@@ -72,22 +74,21 @@ class GraphAnalysis:
 
     def why_uncacheable(self) -> str:
         """What stopped the pass, and what the user can do."""
-        if not self.blocks:
-            fragment = self.block_fragment()
-            held = f" It holds ops of {fragment} but no whole block." if fragment else ""
-            return ("no block stack found: no module list of blocks, no repeated module calls doing block work "
-                    "(a residual add and two matmuls each) and no chain of residual adds in this graph." + held
-                    + " If the model breaks Dynamo's graph inside its blocks" + _last_graph_break() + ", the stack "
-                    "reaches the backend in fragments: compile with adacache_fx.compile_model(model, config), "
-                    "which captures .item(), .tolist() and nonzero into the graph (a Python branch or loop on a "
-                    "tensor's value, which no capture keeps in the graph, needs compile_model(model, config, "
-                    "block_guard='modules'), which guards the block lists at their calls across graph breaks); "
-                    "torch._dynamo.explain(model)(*inputs) lists the breaks."
-                    + " Details: " + "; ".join(self.log[-2:]))
-        if not self.regions:
-            return ("blocks found but no cacheable region: " + "; ".join(m for m in self.log if "left uncached" in m)
-                    + ". adacache_fx.explain(model, *inputs) shows the blocks and streams")
-        return "no probe: " + "; ".join(self.log[-2:])
+        for kind in (NO_BLOCKS, BLOCK_LEFT_UNCACHED, NO_PROBE):
+            found = self.reasons_of(kind)
+            if found:
+                if kind == BLOCK_LEFT_UNCACHED:
+                    return ("blocks found but no cacheable region: " + "; ".join(str(r) for r in found)
+                            + ". adacache_fx.explain(model, *inputs) shows the blocks and streams")
+                return "; ".join(str(r) for r in found)
+        return "nothing to cache"
+
+    def reasons_of(self, kind: str) -> list:
+        return [r for r in self.reasons if r.kind == kind]
+
+    def add_reason(self, reason: Reason) -> None:
+        self.reasons.append(reason)
+        self.note(str(reason))
 
     def block_fragment(self) -> Optional[str]:
         """A module-list element (``transformer_blocks.3``, or inside a block's own resumed frame
@@ -119,9 +120,9 @@ class GraphAnalysis:
             lines.append(f"probe ({self.probe.rule}): {self.probe.describe()}")
         else:
             lines.append("probe: none")
+        off = self.reasons_of(MOREG_OFF)
         lines.append(f"MoReg frame layout: {self.frame_layout.describe()}" if self.frame_layout
-                     else "MoReg frame layout: none (" + next((m for m in self.log if m.startswith("MoReg off:")),
-                                                              next((m for m in self.log if "MoReg" in m), "not inferred")) + ")")
+                     else f"MoReg frame layout: none ({off[-1] if off else 'not inferred'})")
         return "\n".join(lines)
 
 
@@ -137,10 +138,27 @@ def _pass_find_blocks(a: GraphAnalysis) -> None:
         a.blocks = find_residual_chain(a.graph)
         a.note(f"find_residual_chain: no block list in the module metadata; {len(a.blocks)} residual "
                f"branches found from the graph's structure")
+    if not a.blocks:
+        fragment = a.block_fragment()
+        a.add_reason(Reason(
+            NO_BLOCKS, "no block stack found: no module list of blocks, no repeated module calls doing block work "
+            "(a residual add and two matmuls each) and no chain of residual adds in this graph."
+            + (f" It holds ops of {fragment} but no whole block." if fragment else ""),
+            todo="If the model breaks Dynamo's graph inside its blocks" + _last_graph_break() + ", the stack "
+            "reaches the backend in fragments: compile with adacache_fx.compile_model(model, config), "
+            "which captures .item(), .tolist() and nonzero into the graph (a Python branch or loop on a "
+            "tensor's value, which no capture keeps in the graph, needs compile_model(model, config, "
+            "block_guard='modules'), which guards the block lists at their calls across graph breaks); "
+            "torch._dynamo.explain(model)(*inputs) lists the breaks"))
 
 
 def _pass_find_regions(a: GraphAnalysis) -> None:
-    a.regions = find_regions(a.graph, a.blocks, a.log)
+    left = []
+    a.regions = find_regions(a.graph, a.blocks, left)
+    for reason in left:
+        a.add_reason(reason)
+    if a.blocks and not a.regions and not left:
+        a.add_reason(Reason(BLOCK_LEFT_UNCACHED, "no chain of blocks makes a region"))
     a.note(f"find_regions: {len(a.regions)} regions, streams per region "
            f"{[len(r.streams) for r in a.regions]}")
 
@@ -157,7 +175,7 @@ def _pass_choose_probe(a: GraphAnalysis) -> None:
         except AdaCacheConfigError:
             raise   # the user's probe setting does not fit the model: say so
         except ValueError as exc:   # no usable probe: the graph runs uncached, with this reason
-            a.note(f"choose_probe: {exc}")
+            a.add_reason(Reason(NO_PROBE, f"no probe: {exc}".replace("no probe: no probe:", "no probe:")))
             return
         a.note(f"choose_probe ({a.probe.rule}): {a.probe.describe()}")
 
@@ -170,7 +188,8 @@ def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
             f"adacache: frames_arg={a.config.frames_arg!r} is read from the model's call arguments, which only "
             "adacache_fx.compile_model (and explain) see: compile the model with compile_model(model, config)")
     streams = [s.input for region in a.regions for s in region.streams]
-    a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, a.log, a.packed_frames,
+    found: list = []
+    a.frame_layout = infer_frame_layout(a.graph, a.probe.node, a.config.video_frame_dim, found, a.packed_frames,
                                         streams)
     is_video = bool(find_video_inputs(a.graph)) or a.packed_frames is not None
     if a.frame_layout is None and is_video and a.config.probe_branch == 0:
@@ -184,6 +203,8 @@ def _pass_infer_frame_layout(a: GraphAnalysis) -> None:
                        f"probe ({probe.rule}) {probe.describe()} instead, which it reaches")
                 a.probe, a.frame_layout = probe, layout
                 break
+    for reason in found if a.frame_layout is None else [r for r in found if r.kind != MOREG_OFF]:
+        a.add_reason(reason)
     a.note(f"infer_frame_layout: {a.frame_layout.describe() if a.frame_layout else None}")
     if a.frame_layout is None and is_video:
         _say_why_moreg_is_off(a)
@@ -199,7 +220,7 @@ def _say_why_moreg_is_off(a: GraphAnalysis) -> None:
     message = shard_message(a.graph, videos[0], dim, a.probe.node, user_placeholder_name(videos[0]))
     if message is None:
         return
-    a.note(f"MoReg off: {message}")
+    a.add_reason(Reason(MOREG_OFF, f"MoReg off: {message}"))
     if a.config.moreg:   # the user asked for MoReg and does not get it
         warnings.warn(f"adacache: {message}", AdaCacheWarning, stacklevel=2)
 
@@ -215,7 +236,7 @@ def _pass_resolve_process_group(a: GraphAnalysis) -> None:
     if problem is None:
         return
     a.frame_layout = None
-    a.note(f"MoReg off: {problem}")
+    a.add_reason(Reason(MOREG_OFF, f"MoReg off: {problem}"))
     if a.config.moreg:
         warnings.warn(f"adacache: MoReg off: {problem}", AdaCacheWarning, stacklevel=2)
 

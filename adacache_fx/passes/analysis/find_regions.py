@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .find_blocks import Block
+from .reasons import BLOCK_LEFT_UNCACHED, Reason
 from .graph_nodes import (describe_node, example_value, is_glue, is_parameter_placeholder, is_residual_add,
                           is_tensor_node, numel_hint, sizes_equal, topo_index)
 
@@ -196,7 +197,7 @@ def _make_region(blocks: list, nodes: set, block_of: dict, why: Optional[list] =
     why = why if why is not None else []
     outs = _outputs(nodes)
     if not outs:
-        why.append("nothing leaves the blocks")
+        why.append(Reason.at(BLOCK_LEFT_UNCACHED, "nothing leaves the blocks"))
         return None
     streams, others = [], []
     for out in outs:
@@ -211,14 +212,15 @@ def _make_region(blocks: list, nodes: set, block_of: dict, why: Optional[list] =
             stream = _boundary_stream(out, nodes, free)
             if stream is None:
                 shape = tuple(example_value(out).shape) if is_tensor_node(out) else type(example_value(out)).__name__
-                why.append(f"its output {describe_node(out)} (shape {shape}) is neither a residual stream nor "
-                           "shaped like exactly one region input it depends on")
+                why.append(Reason.at(BLOCK_LEFT_UNCACHED, f"its output {describe_node(out)} (shape {shape}) is neither "
+                                     "a residual stream nor shaped like exactly one region input it depends on", out))
                 return None
             free.remove(stream.input)
             streams.append(stream)
     if len({s.input for s in streams}) != len(streams):
-        why.append("two of its outputs are streams of the same input "
-                   f"({sorted({s.input.name for s in streams if sum(t.input is s.input for t in streams) > 1})})")
+        shared = [s for s in streams if sum(t.input is s.input for t in streams) > 1]
+        why.append(Reason.at(BLOCK_LEFT_UNCACHED, "two of its outputs are streams of the same input "
+                             f"({sorted({s.input.name for s in shared})})", shared[0].output))
         return None
     streams.sort(key=lambda s: -_numel(s.output))
     return Region(blocks=list(blocks), nodes=set(nodes), streams=streams)
@@ -269,8 +271,8 @@ def _merge_feeding_chains(chains: list, order: dict, graph_nodes: list, block_of
     return merged
 
 
-def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> list:
-    """Group ``blocks`` (graph order) into valid regions."""
+def find_regions(graph: fx.Graph, blocks: list, reasons: Optional[list] = None) -> list:
+    """Group ``blocks`` (graph order) into valid regions; ``reasons`` gets a ``Reason`` per block left out."""
     if not blocks:
         return []
     order = topo_index(graph)
@@ -308,8 +310,12 @@ def find_regions(graph: fx.Graph, blocks: list, log: Optional[list] = None) -> l
                     found = (region, stop)
                     break
             if found is None:
-                if log is not None:
-                    log.append(f"block {chain_blocks[start].path} left uncached: {'; '.join(why)}")
+                if reasons is not None:
+                    first = next((w for w in why if w.node is not None), why[0] if why else None)
+                    reasons.append(Reason(BLOCK_LEFT_UNCACHED, f"block {chain_blocks[start].path} left uncached: "
+                                          + "; ".join(w.message for w in why),
+                                          first.node if first else None, first.op if first else None,
+                                          first.source if first else None))
                 start += 1
             else:
                 regions.append(found[0])

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..graph_nodes import ancestors, example_value, is_parameter_placeholder, numel_hint, size_hint, user_placeholder_name
+from ..reasons import FRAME_AXIS, MOREG_OFF, Reason
 from .axis import FrameAxis, size_expr
 from .walk import follow_frame_axis
 
@@ -69,7 +70,7 @@ def find_packed_inputs(graph: fx.Graph, frames: int) -> list:
     return sorted(packed, key=lambda n: -numel_hint(example_value(n)))
 
 
-def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[list],
+def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, reasons: Optional[list],
                    streams: Optional[list] = None) -> Optional[FrameLayout]:
     # the tokens the streams come from first: another (B, N, C) input of the same token count
     # (a rotary table) may reach the probe too, with the same axis but a misleading name
@@ -80,24 +81,25 @@ def _packed_layout(graph: fx.Graph, probe: fx.Node, frames: int, log: Optional[l
         axis = follow_frame_axis(graph, video, 1, start).get(probe)
         if axis is not None:
             return FrameLayout(user_placeholder_name(video), 1, axis, packed=True)
-    if log is not None:
-        log.append(f"frames_arg gives {frames} frames, but no packed (B, N, C) input with N divisible by it "
-                   "reaches the probe: MoReg off")
+    if reasons is not None:
+        reasons.append(Reason(MOREG_OFF, f"frames_arg gives {frames} frames, but no packed (B, N, C) input with N "
+                          "divisible by it reaches the probe: MoReg off"))
     return None
 
 
 def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int] = None,
-                       log: Optional[list] = None, packed_frames: Optional[int] = None,
+                       reasons: Optional[list] = None, packed_frames: Optional[int] = None,
                        streams: Optional[list] = None) -> Optional[FrameLayout]:
     """Frame layout of ``probe``, or None (image model, or the axis was lost on the way).
     ``packed_frames``: the frame count of packed video tokens, when the model takes no 5-D video;
-    ``streams``: the regions' stream inputs (the packed input they come from is preferred)."""
+    ``streams``: the regions' stream inputs (the packed input they come from is preferred);
+    ``reasons`` gets a ``Reason`` where MoReg is off, or a choice was made."""
     videos = find_video_inputs(graph)
     if not videos and packed_frames is not None and packed_frames > 1:
-        return _packed_layout(graph, probe, packed_frames, log, streams)
+        return _packed_layout(graph, probe, packed_frames, reasons, streams)
     if not videos:
-        if log is not None:
-            log.append("no 5-D video input: image model, MoReg off")
+        if reasons is not None:
+            reasons.append(Reason(MOREG_OFF, "no 5-D video input: image model, MoReg off"))
         return None
     dims = [frame_dim % 5] if frame_dim is not None else [2, 1]
     found = []
@@ -109,14 +111,15 @@ def infer_frame_layout(graph: fx.Graph, probe: fx.Node, frame_dim: Optional[int]
         if found:
             break
     if not found:
-        if log is not None:
-            log.append(f"frame axis of input {user_placeholder_name(videos[0])!r} does not reach the probe: MoReg off")
+        if reasons is not None:
+            reasons.append(Reason(MOREG_OFF, f"frame axis of input {user_placeholder_name(videos[0])!r} does not reach the "
+                              "probe: MoReg off"))
         return None
     if len(found) > 1:
         # Both dims reach the probe only when neither is the channel dim, which a patch embedding
         # mixes: (B, F, H, W, C) channels last, whose dim 2 is the height. Dim 1 is the frames.
-        if log is not None:
-            log.append("frame axis ambiguous between input dims 2 and 1 (channels last); took dim 1 "
-                       "(set video_frame_dim to override)")
+        if reasons is not None:
+            reasons.append(Reason(FRAME_AXIS, "frame axis ambiguous between input dims 2 and 1 (channels last); took "
+                              "dim 1", todo="set video_frame_dim to override"))
         return next(f for f in found if f.video_frame_dim == 1)
     return found[0]
