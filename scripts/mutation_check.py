@@ -293,7 +293,7 @@ MUTATIONS = [
              [T_MODULE_GUARD]),
     # ----- the seams (tests/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
-             [(POLICIES, "cls = _POLICIES.get(config.policy)", "cls = _POLICIES.get(\"adacache\")")],
+             [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],
              [T_EXTENSION]),
     Mutation("config_forecaster_ignored", "AdaCacheConfig(reuse=...) chooses the registered forecaster",
              [(FORECASTERS, "return forecaster_class(config.reuse)(config)",

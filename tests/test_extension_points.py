@@ -9,9 +9,9 @@ import adacache_fx
 from adacache_fx import AdaCacheConfig, adacache_backend, compile_model, explain
 from adacache_fx.passes.analysis.resolve_probe import resolve_probe_block
 from adacache_fx.runtime.forecasters import Forecaster, register_forecaster
-from adacache_fx.runtime.forecasters.registry import _FORECASTERS
+from adacache_fx.runtime.forecasters.registry import FORECASTERS
 from adacache_fx.runtime.policies import Policy, StepMetric, register_policy
-from adacache_fx.runtime.policies.registry import _POLICIES
+from adacache_fx.runtime.policies.registry import POLICIES
 from helpers import INF, euler_loop, timesteps
 from toy_models import Block, ToyDiT, seeded
 
@@ -53,7 +53,7 @@ def toy_forecaster():
             calls["coefficients"].append(time)
             return (0.0,)
     yield calls
-    _FORECASTERS.pop("toy_zero_slope")
+    FORECASTERS.unregister("toy_zero_slope")
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -79,7 +79,7 @@ def toy_policy():
         def measure(self, pending, sums, num_steps):
             return StepMetric(pending.step, float(sums[0]), None, None, None, float(sums[0]), 2, pending.step + 2)
     yield EveryOther
-    _POLICIES.pop("toy_every_other")
+    POLICIES.unregister("toy_every_other")
 
 
 def test_a_registered_policy_is_chosen_by_the_config(toy_policy):

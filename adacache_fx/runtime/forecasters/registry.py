@@ -10,31 +10,12 @@ One file per forecaster; the runtime never names one.
 """
 from __future__ import annotations
 
-from ...errors import AdaCacheConfigError
+from ..registry import Registry
 
-_FORECASTERS: dict = {}
-
-
-def register_forecaster(name: str):
-    """Class decorator: register a :class:`~adacache_fx.runtime.forecasters.base.Forecaster` subclass."""
-    def register(cls):
-        if name in _FORECASTERS and _FORECASTERS[name] is not cls:
-            raise ValueError(f"a forecaster named {name!r} is already registered ({_FORECASTERS[name].__name__})")
-        cls.name = name
-        _FORECASTERS[name] = cls
-        return cls
-    return register
-
-
-def registered_forecasters() -> list:
-    return sorted(_FORECASTERS)
-
-
-def forecaster_class(name: str):
-    cls = _FORECASTERS.get(name)
-    if cls is None:
-        raise AdaCacheConfigError(f"reuse={name!r} is not a registered forecaster (registered: {registered_forecasters()})")
-    return cls
+FORECASTERS = Registry("forecaster", "reuse")
+register_forecaster = FORECASTERS.register
+registered_forecasters = FORECASTERS.names
+forecaster_class = FORECASTERS.get
 
 
 def make_forecaster(config):

@@ -8,30 +8,13 @@ One file per policy; the runtime never names one.
 """
 from __future__ import annotations
 
-from ...errors import AdaCacheConfigError
+from ..registry import Registry
 
-_POLICIES: dict = {}
-
-
-def register_policy(name: str):
-    """Class decorator: register a :class:`~adacache_fx.runtime.policies.base.Policy` subclass."""
-    def register(cls):
-        if name in _POLICIES and _POLICIES[name] is not cls:
-            raise ValueError(f"a policy named {name!r} is already registered ({_POLICIES[name].__name__})")
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-    return register
-
-
-def registered_policies() -> list:
-    return sorted(_POLICIES)
+POLICIES = Registry("policy", "policy")
+register_policy = POLICIES.register
+registered_policies = POLICIES.names
 
 
 def make_policy(config):
     """A fresh policy of ``config.policy``."""
-    cls = _POLICIES.get(config.policy)
-    if cls is None:
-        raise AdaCacheConfigError(f"policy={config.policy!r} is not a registered policy "
-                                  f"(registered: {registered_policies()})")
-    return cls(config)
+    return POLICIES.get(config.policy)(config)
