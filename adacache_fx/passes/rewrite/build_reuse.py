@@ -4,7 +4,7 @@ The reuse piece takes the compute piece's inputs plus one cached delta per strea
 returns outputs of the same arity: each stream becomes ``skeleton(input) + delta``,
 each delta output passes the cached delta through, the probe is ``None``. Keeping only
 what the outputs need then drops every block: no attention, no MLP remains, which this pass
-checks (an unexpected leftover raises, and the caller keeps the region uncached).
+checks (an unexpected leftover raises, and the backend then runs the whole graph uncached, with a warning).
 
 Before (compute piece)::
 
