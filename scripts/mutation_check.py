@@ -63,29 +63,29 @@ STATE = "adacache_fx/runtime/state.py"
 RECORD = "adacache_fx/calibration/record.py"
 CALIB = "adacache_fx/calibration/calibrate.py"
 
-T_BACKEND = "tests/test_backend.py"
-T_GUIDANCE = "tests/test_guidance.py"
-T_SHAPES = "tests/test_shapes.py"
-T_SCHED = "tests/test_scheduler.py"
-T_DIST = "tests/test_distributed.py"
-T_STATE = "tests/test_runtime_state.py"
-T_DIFFUSERS = "tests/test_integrations_diffusers.py"
-T_KERNELS = "tests/test_kernels.py"
-T_FORECAST = "tests/test_forecast_reuse.py"
-T_FUSE = "tests/test_fuse_reuse.py"
-T_CALIBRATE = "tests/test_calibrate.py"
-T_CP = "tests/test_diffusers_context_parallel.py"
-T_GENERAL = "tests/test_general_blocks.py"
-T_BREAKS = "tests/test_graph_breaks.py"
-T_PER_SAMPLE = "tests/test_per_sample.py"
-T_PER_SAMPLE_DIST = "tests/test_per_sample_distributed.py"
+T_BACKEND = "tests/runtime/test_backend.py"
+T_GUIDANCE = "tests/runtime/test_guidance.py"
+T_SHAPES = "tests/runtime/test_shapes.py"
+T_SCHED = "tests/runtime/test_scheduler.py"
+T_DIST = "tests/distributed/test_distributed.py"
+T_STATE = "tests/runtime/test_runtime_state.py"
+T_DIFFUSERS = "tests/integrations/test_integrations_diffusers.py"
+T_KERNELS = "tests/kernels/test_kernels.py"
+T_FORECAST = "tests/runtime/test_forecast_reuse.py"
+T_FUSE = "tests/passes/test_fuse_reuse.py"
+T_CALIBRATE = "tests/calibration/test_calibrate.py"
+T_CP = "tests/distributed/test_diffusers_context_parallel.py"
+T_GENERAL = "tests/passes/test_general_blocks.py"
+T_BREAKS = "tests/passes/test_graph_breaks.py"
+T_PER_SAMPLE = "tests/runtime/test_per_sample.py"
+T_PER_SAMPLE_DIST = "tests/distributed/test_per_sample_distributed.py"
 PS_CALLS = "adacache_fx/runtime/per_sample_calls.py"
 PS_SCHED = "adacache_fx/runtime/per_sample_scheduler.py"
 SUB_BATCH = "adacache_fx/runtime/sub_batch.py"
 MODULE_GUARD = "adacache_fx/runtime/module_guard.py"
 FORECAST = "adacache_fx/runtime/forecast.py"
 MODULE_BLOCKS = "adacache_fx/analysis/find_module_blocks.py"
-T_MODULE_GUARD = "tests/test_module_guard.py"
+T_MODULE_GUARD = "tests/runtime/test_module_guard.py"
 REGIONS = "adacache_fx/analysis/find_regions.py"
 ANALYSIS = "adacache_fx/analysis/__init__.py"
 
@@ -211,7 +211,7 @@ MUTATIONS = [
     Mutation("packed_frames_ignored", "packed_frames gives packed video tokens a frame axis",
              [(ANALYSIS, "        packed_frames = config.packed_frames", "        packed_frames = None")],
              [T_BREAKS]),
-    # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
+    # ----- runtime state (tests/runtime/test_runtime_state.py) -------------------------------------------
     Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",
              [(SCHED, "self.requested_num_steps if self.requested_num_steps is not None",
                "self.config.num_steps if True")],

@@ -16,7 +16,7 @@ import torch
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, compile_model
 from adacache_fx.runtime.per_sample_scheduler import PerSampleScheduler
 from helpers import INF, no_recompiles, timesteps
-from toy_models import ToyFlowDiT, seeded
+from models.toy_models import ToyFlowDiT, seeded
 
 STEPS = 12
 NULL = 0   # the unconditional label
@@ -203,7 +203,7 @@ def _generate_video(model, backend, samples, steps=STEPS):
 
 
 def test_video_samples_get_their_own_motion_score():
-    from toy_models import ToyLatte
+    from models.toy_models import ToyLatte
     base = seeded(ToyLatte())
     config = _config(codebook={0.1: 3, 0.25: 2, INF: 1}, moreg_normalizer=0.05, moreg_power=1.0)
     singles = []
@@ -253,7 +253,7 @@ class SeqFirstDiT(torch.nn.Module):
         self.c = c
 
     def forward(self, x, timestep, y):
-        from toy_models import sinusoid
+        from models.toy_models import sinusoid
         temb = self.t_mlp(sinusoid(timestep, self.c)) + self.label(y)
         h = x.transpose(0, 1)
         for block in self.blocks:

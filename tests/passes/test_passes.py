@@ -14,7 +14,7 @@ from adacache_fx.passes.analysis.graph_nodes import module_path  # noqa: E402
 from adacache_fx.passes.analysis.frame_layout import infer_frame_layout  # noqa: E402
 from helpers import (INF, BlockStackReference, assert_matches_reference, cached, euler_loop,  # noqa: E402
                      relative_l1, sample_loop, timesteps)
-from toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToyShardedTokens, ToySkipDiT, seeded,  # noqa: E402
+from models.toy_models import (Block, ToyAutocastDiT, ToyDiT, ToyPosEmbDiT, ToyDualStream, ToyJointVideo, ToyLatte, ToyShardedTokens, ToySkipDiT, seeded,  # noqa: E402
                         sinusoid)
 
 
@@ -376,7 +376,7 @@ def test_blocks_outside_module_lists_found_from_the_residual_chain():
 
 
 def test_impure_writes_inside_blocks_do_not_keep_them_in_the_reuse_path():
-    from toy_models import ToyRotaryDiT
+    from models.toy_models import ToyRotaryDiT
     model = seeded(ToyRotaryDiT())
     x = torch.randn(2, 7, 5)
 

@@ -11,7 +11,7 @@ import torch
 import adacache_fx.backend as backend_module
 from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend
 from helpers import INF, timesteps
-from toy_models import ToyDiT, seeded
+from models.toy_models import ToyDiT, seeded
 
 CONTRACT_12 = [1, 2, 5, 8, 11, 12]    # {inf: 3} over 12 steps with the last two forced
 NO_FORCED_END_12 = [1, 2, 5, 8, 11]   # the same without N: step 12 is not forced

@@ -23,9 +23,9 @@ from benchmarks.e2e.report import merge, write_outputs  # noqa: E402
 
 from adacache_fx import adacache_backend  # noqa: E402
 from helpers import sample_loop, timesteps  # noqa: E402
-from toy_models import ToyDiT, seeded  # noqa: E402
+from models.toy_models import ToyDiT, seeded  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from adacache_fx import AdaCacheConfig, adacache_backend
 from helpers import INF, euler_loop, label_branch, no_recompiles, relative_l1, timesteps
-from toy_models import ToyFlowDiT, seeded
+from models.toy_models import ToyFlowDiT, seeded
 
 CONTRACT = [1, 2, 5, 8, 11, 12]   # {inf: 3} over 12 steps
 

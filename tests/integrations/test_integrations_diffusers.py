@@ -7,7 +7,7 @@ The pipelines update their own latents every step. Value checks: caching off equ
 pipeline; a cached run is reproducible, equals a fresh backend's run of the same request (nothing
 carries over between requests or batch sizes) and stays within a stated tolerance of the plain
 pipeline while really differing from it (reused steps ran). Per-call ``input + cached delta`` is
-checked at model level (tests/test_backend.py, tests/test_guidance.py)."""
+checked at model level (tests/runtime/test_backend.py, tests/runtime/test_guidance.py)."""
 from __future__ import annotations
 
 import math
@@ -21,7 +21,7 @@ from adacache_fx import AdaCacheConfig  # noqa: E402
 from adacache_fx.integrations.diffusers import backend_of, disable, enable  # noqa: E402
 
 from helpers import relative_l1  # noqa: E402
-from zoo import randomize_  # noqa: E402
+from models.pipelines import run, run_wan, tiny_dit_pipeline, tiny_wan_pipeline  # noqa: E402
 
 INF = math.inf
 # relative L1 of a cached ({inf: 3}, 12 steps) pipeline output (decoded, in [0, 1]) against the
@@ -29,25 +29,6 @@ INF = math.inf
 # (Wan video); the upper bound leaves ten times the largest, the lower one (1e-6) says that
 # steps were really reused
 PIPE_TOL = 0.01
-
-
-def tiny_dit_pipeline(scheduler=None):
-    transformer = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
-    randomize_(transformer, seed=0)   # adaLN-Zero init would make every block residual zero
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                                  latent_channels=4, norm_num_groups=4, sample_size=8)
-    pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=vae.eval(),
-                                 scheduler=scheduler or diffusers.DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run(pipe, steps, labels=(1, 2), seed=0, guidance_scale=4.0):
-    return pipe(class_labels=list(labels), num_inference_steps=steps, guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
 def test_enable_caching_off_matches_the_plain_pipeline():
@@ -107,29 +88,6 @@ def test_enable_with_other_batch_and_scheduler():
 
 
 # ----- Wan-style guidance: two transformer calls per step (cond, then uncond) -------------------
-def tiny_wan_pipeline():
-    pytest.importorskip("transformers")   # diffusers builds WanPipeline only with transformers present
-    transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
-    randomize_(transformer, seed=0)
-    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    # no tokenizer / text encoder: the prompts come as embeddings (nothing to download)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer.eval(), vae=vae.eval(),
-                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(0)
-    embeds = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
-    return pipe, embeds
-
-
-def run_wan(pipe, embeds, steps, seed=0, num_frames=9, size=64):
-    return pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=size, width=size,
-                num_frames=num_frames, num_inference_steps=steps, guidance_scale=4.0,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").frames
-
-
 def test_wan_pipeline_two_calls_per_step():
     pipe, embeds = tiny_wan_pipeline()
     reference = run_wan(pipe, embeds, 6)

@@ -113,8 +113,8 @@ def test_fixed_schedule_caches_the_whole_stack(construct):
 def _stem_plus_delta(model, x, t, grid, context, mask, last_delta, computed):
     """The output a cached step must give, computed from the model's own parts."""
     b, c, f, h, w = x.shape
-    from examples.models.breaking_dit import _sinusoid
-    temb = model.t_mlp(_sinusoid(torch.full((b,), float(t)), model.dim))
+    from examples.models.breaking_dit import sinusoid
+    temb = model.t_mlp(sinusoid(torch.full((b,), float(t)), model.dim))
     tokens = model.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
     ctx = model.embed_context(context)
     if computed:
@@ -157,8 +157,8 @@ class PackedTokensDiT(BreakingDiT):
     frame count as an int (LTX-Video style): no 5-D input for MoReg to follow."""
 
     def forward(self, tokens, timestep, num_frames, grid_sizes, context, context_mask):
-        from examples.models.breaking_dit import _sinusoid
-        temb = self.t_mlp(_sinusoid(timestep, self.dim))
+        from examples.models.breaking_dit import sinusoid
+        temb = self.t_mlp(sinusoid(timestep, self.dim))
         h, context = self.embed(tokens), self.embed_context(context)
         for block in self.blocks:
             h = block(h, temb, grid_sizes, context, context_mask)
@@ -325,7 +325,7 @@ class PrefixSegments(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from toy_models import ToyDiT
+        from models.toy_models import ToyDiT
         torch.manual_seed(0)
         self.dit = ToyDiT().eval()
 
@@ -377,7 +377,7 @@ def test_scattered_video_tokens_get_moreg_from_their_positions_input():
     positions given as inputs: the frame axis follows the video rows to their positions
     (``FrameAxis.gather``), so the motion scores equal those of the same weights with the video
     tokens joined by ``cat`` (a run after the text), wherever the positions put them."""
-    from toy_models import ToyScatteredVideo
+    from models.toy_models import ToyScatteredVideo
     torch.manual_seed(0)
     joined = ToyScatteredVideo(use_cat=True).eval()
     scattered = ToyScatteredVideo().eval()

@@ -11,7 +11,7 @@ from adacache_fx import AdaCacheConfig, CalibrationResult, adacache_backend, cal
 from adacache_fx.calibration import TrajectoryRecorder, simulate
 from adacache_fx.calibration.fit import MOREG_SPREAD, typical_motion
 from helpers import INF, euler_loop, no_recompiles, timesteps
-from toy_models import ToyLatte, seeded
+from models.toy_models import ToyLatte, seeded
 
 STEPS = 20
 

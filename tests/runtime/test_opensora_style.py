@@ -1,4 +1,4 @@
-"""The AdaCache paper's own model, as its code runs it (``tests/opensora_style.py``: Open-Sora 1.2's
+"""The AdaCache paper's own model, as its code runs it (``tests/models/opensora_style.py``: Open-Sora 1.2's
 STDiT3 with per-frame masked, gated residual updates through ``torch.where``, and ``.item()``,
 ``masked_select``, ``.tolist()`` outside the blocks). Checked: plain ``torch.compile`` breaks its
 graph; ``compile_model`` caches the whole stack with the official probe (the temporal-attention
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adacache_fx import AdaCacheConfig, compile_model, explain
-from opensora_style import HandwrittenAdaCache, OpenSoraStyleSTDiT3, make_inputs
+from models.opensora_style import HandwrittenAdaCache, OpenSoraStyleSTDiT3, make_inputs
 from helpers import timesteps
 
 FAST_30 = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}   # the public code's 30-step fast codebook

@@ -19,7 +19,7 @@ import torch.nn as nn
 from adacache_fx import AdaCacheConfig, AdaCacheConfigError, AdaCacheWarning, compile_model, explain
 from adacache_fx.ops.cache_metrics import cache_metrics_reference
 from adacache_fx.runtime.scheduler import motion_score
-from examples.models.breaking_dit import BreakingDiT, _sinusoid, make_inputs
+from examples.models.breaking_dit import BreakingDiT, make_inputs, sinusoid as _sinusoid
 from helpers import INF, count_ops, dynamo_counts, timesteps
 
 CONTRACT_12 = [1, 2, 5, 8, 11, 12]
@@ -294,7 +294,7 @@ class _FirstTokensBlock(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        from toy_models import Block
+        from models.toy_models import Block
         self.inner = Block(c)
 
     def forward(self, x, temb):
@@ -302,7 +302,7 @@ class _FirstTokensBlock(nn.Module):
 
 
 class _Stack(nn.Module):
-    """Blocks of tests/toy_models.py in a list. ``keyword_on``: the steps (a set the test fills)
+    """Blocks of tests/models/toy_models.py in a list. ``keyword_on``: the steps (a set the test fills)
     on which the blocks get their stream by keyword, else by position; ``glue``: between two blocks
     the model adds a learned vector to token 0 in place; ``side_by_side``: the blocks all take the
     stem and their outputs are summed (no chain; each block changes two tokens of seven, so its
@@ -310,7 +310,7 @@ class _Stack(nn.Module):
 
     def __init__(self, glue=False, side_by_side=False, depth=4, c=24):
         super().__init__()
-        from toy_models import Block, seeded
+        from models.toy_models import Block, seeded
         self.embed, self.t_mlp = nn.Linear(5, c), nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
         self.blocks = nn.ModuleList([(_FirstTokensBlock if side_by_side else Block)(c) for _ in range(depth)])
         self.out, self.pos = nn.Linear(c, 5), nn.Parameter(torch.randn(c))
@@ -318,7 +318,7 @@ class _Stack(nn.Module):
         seeded(self)
 
     def stem(self, x, timestep):
-        from toy_models import sinusoid
+        from models.toy_models import sinusoid
         return self.embed(x), self.t_mlp(sinusoid(timestep, self.c))
 
     def forward(self, x, timestep):

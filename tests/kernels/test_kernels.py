@@ -10,7 +10,7 @@ import triton / adacache_fx first. The launcher therefore also takes
 kernel uses only Triton builtins, so this works in either import order). The tests
 below always pass ``interpret=True``.
 
-Run:  python -m pytest tests/test_kernels.py -q
+Run:  python -m pytest tests/kernels/test_kernels.py -q
 """
 
 import os
@@ -338,7 +338,7 @@ def test_works_without_triton():
             "print('ok')",
         ]
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -376,7 +376,7 @@ def test_triton_kernel_compiles_for_cuda_target():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
@@ -401,7 +401,7 @@ def test_broken_triton_install_says_so(tmp_path):
         "except ImportError as e:",
         "    print('raised:', e)",
     ])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert "raised: adacache_fx: triton is installed but does not import" in proc.stdout, proc.stderr[-3000:]

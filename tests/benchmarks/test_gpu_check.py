@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARTS = ["env", "kernel_check", "kernel_bench", "overhead_bf16", "demo", "cudagraphs"]
 NEEDS_DIFFUSERS = {"overhead_bf16", "demo", "cudagraphs"}
 NUMBER = re.compile(r"\d+\.\d+")

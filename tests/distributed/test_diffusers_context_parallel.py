@@ -49,8 +49,8 @@ diffusers = pytest.importorskip("diffusers")
 from adacache_fx import AdaCacheConfig, compile_model, explain  # noqa: E402
 from examples.cpu_context_parallel import cpu_lse_attention, cpu_workarounds, enable_context_parallel  # noqa: E402
 from helpers import timesteps  # noqa: E402
-from test_distributed import (_disagreement, _free_port, _generation, _nan_generation,  # noqa: E402
-                              _profiled_generation, _reap)
+from helpers.distributed import (_disagreement, _free_port, _generation, _nan_generation,  # noqa: E402
+                                 _profiled_generation, _reap)
 from zoo import get_case, get_output, timestep_tensor  # noqa: E402
 
 INF = math.inf
@@ -293,16 +293,16 @@ def _scenario_boundary_sums():
 
 
 def _wan_pipeline():
-    """test_integrations_diffusers' tiny WanPipeline, built under a fixed global seed (its VAE is
+    """The tiny WanPipeline of tests/models/pipelines.py, built under a fixed global seed (its VAE is
     left at diffusers' random init, which must match between the ranks and the reference)."""
-    from test_integrations_diffusers import tiny_wan_pipeline
+    from models.pipelines import tiny_wan_pipeline
     torch.manual_seed(0)
     return tiny_wan_pipeline()
 
 
 def _scenario_pipeline(mode):
     """``integrations.diffusers.enable`` on a WanPipeline whose transformer has CP enabled."""
-    from test_integrations_diffusers import run_wan
+    from models.pipelines import run_wan
     from adacache_fx.integrations.diffusers import enable
     pipe, embeds = _wan_pipeline()
     _parallel(pipe.transformer, mode)
@@ -612,7 +612,7 @@ def test_cp_flux_caches_both_block_lists(cp, ref, mode):
 def test_cp_pipeline_enable_ulysses(cp):
     """``enable`` on a WanPipeline (two transformer calls per step) whose transformer has CP
     enabled: the same schedule and video as the single-process pipeline."""
-    from test_integrations_diffusers import run_wan
+    from models.pipelines import run_wan
     from adacache_fx.integrations.diffusers import enable
     ranks = _ranks(cp, "ulysses")
     torch._dynamo.reset()

@@ -11,7 +11,7 @@ import torch
 from adacache_fx import AdaCacheConfig, compile_model
 from examples.models.sp_dit import SPVideoDiT, make_inputs
 from helpers import INF, timesteps
-from test_distributed import launch
+from helpers.distributed import launch
 
 STEPS = 12
 SAMPLES = 3

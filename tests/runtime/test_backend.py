@@ -18,7 +18,7 @@ from adacache_fx import AdaCacheConfig, AdaCacheWarning, adacache_backend, expla
 from helpers import (INF, BlockStackReference, ProbeRecorder, assert_matches_reference, cached,  # noqa: E402
                      count_ops, distance_and_motion, euler_loop, moreg, no_recompiles, relative_l1,
                      label_branch, sample_loop, timesteps, zoo_block_paths)
-from toy_models import NoBlocks, ToyDiT, ToyFlowDiT, ToyLatte, seeded  # noqa: E402
+from models.toy_models import NoBlocks, ToyDiT, ToyFlowDiT, ToyLatte, seeded  # noqa: E402
 from zoo import get_case  # noqa: E402
 
 CORE = ["ref_dit", "ref_stdit", "dit", "pixart", "latte"]
@@ -311,7 +311,7 @@ class _NoTimestep(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from toy_models import Block
+        from models.toy_models import Block
         self.blocks = torch.nn.ModuleList([Block(8, use_t=False) for _ in range(3)])
 
     def forward(self, x):

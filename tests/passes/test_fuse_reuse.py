@@ -10,7 +10,7 @@ import torch.fx as fx
 import adacache_fx.passes.rewrite as rewrite_module
 from adacache_fx import AdaCacheConfig, adacache_backend
 from helpers import INF, euler_loop, label_branch, timesteps
-from toy_models import ToyDiT, ToyFlowDiT, seeded
+from models.toy_models import ToyDiT, ToyFlowDiT, seeded
 
 CONTRACT = [1, 2, 5, 8, 11, 12]   # {inf: 3} over 12 steps
 REUSED = [s for s in range(1, 13) if s not in CONTRACT]

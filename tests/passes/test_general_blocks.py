@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from adacache_fx import AdaCacheConfig, adacache_backend, explain
 from helpers import INF, count_ops, no_recompiles, timesteps
-from toy_models import seeded, sinusoid
+from models.toy_models import seeded, sinusoid
 
 CONTRACT_12 = [1, 2, 5, 8, 11, 12]
 
@@ -203,7 +203,7 @@ def test_double_then_single_stream_stacks_cache_whole(name):
 
 
 # ----- blocks that are not children of a ModuleList of two or more ------------------------
-from toy_models import Block  # noqa: E402
+from models.toy_models import Block  # noqa: E402
 
 
 class _Stem(nn.Module):
