@@ -151,7 +151,6 @@ def test_fixed_schedule_is_what_the_backend_computes(rate, steps):
     """``fixed_schedule`` equals the steps the real backend computes under the fixed control's
     config (a toy DiT through ``torch.compile``), so the benchmark's choice of rate cannot
     drift from the scheduler."""
-    torch._dynamo.reset()
     backend = adacache_backend(fixed_config(rate, steps), inner="eager")
     model = torch.compile(seeded(ToyDiT()), backend=backend)
     sample_loop(model, lambda b, t: ((torch.randn(b, 7, 5, generator=torch.Generator().manual_seed(0)),

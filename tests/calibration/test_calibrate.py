@@ -192,7 +192,6 @@ def test_worked_example_on_the_reference_model(tmp_path):
 
     from examples import calibrate as example
 
-    torch._dynamo.reset()
     out = tmp_path / "calibration.json"
     res = example.main(["--steps", "8", "--computed-fraction", "0.75", "--out", str(out)])
     assert res["result"].met and res["result"].measured["computed_fraction"] <= 0.75

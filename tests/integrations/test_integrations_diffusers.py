@@ -34,7 +34,6 @@ PIPE_TOL = 0.01
 def test_enable_caching_off_matches_the_plain_pipeline():
     pipe = tiny_dit_pipeline()
     reference = run(pipe, 6)
-    torch._dynamo.reset()
     backend = enable(pipe, AdaCacheConfig(codebook={INF: 1}), inner="eager")
     assert backend_of(pipe) is backend and type(pipe).__name__ == "DiTPipeline"
     ours = run(pipe, 6)
@@ -49,7 +48,6 @@ def test_enable_caching_off_matches_the_plain_pipeline():
 
 def test_enable_takes_num_steps_from_each_call_and_resets():
     pipe = tiny_dit_pipeline()
-    torch._dynamo.reset()
     backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(pipe, 12)
@@ -71,7 +69,6 @@ def test_enable_takes_num_steps_from_each_call_and_resets():
 def test_enable_with_other_batch_and_scheduler():
     pipe = tiny_dit_pipeline(diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"))
     plain_one = run(pipe, 12, labels=(4,))
-    torch._dynamo.reset()
     backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
     run(pipe, 12, labels=(1, 2, 3))       # a batch of three (six rows with guidance)
     assert backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
@@ -91,7 +88,6 @@ def test_enable_with_other_batch_and_scheduler():
 def test_wan_pipeline_two_calls_per_step():
     pipe, embeds = tiny_wan_pipeline()
     reference = run_wan(pipe, embeds, 6)
-    torch._dynamo.reset()
     backend = enable(pipe, AdaCacheConfig(codebook={INF: 1}), inner="eager")
     torch.testing.assert_close(run_wan(pipe, embeds, 6), reference, rtol=1e-5, atol=1e-5)
     report = backend.report()

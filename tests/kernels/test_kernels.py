@@ -274,7 +274,6 @@ def test_op_in_compiled_graph_no_graph_break():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
     counters.clear()
     r, p = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     seen = []
@@ -295,7 +294,6 @@ def test_op_in_compiled_graph_no_graph_break():
 
 
 def test_op_under_inductor_fullgraph():
-    torch._dynamo.reset()
     r, p = torch.randn(2, 5, 64).bfloat16(), torch.randn(2, 5, 64).bfloat16()
     compiled = torch.compile(lambda r, p: fused_cache_metrics(r, p, 1) * 1.0, fullgraph=True)
     out = compiled(r, p)

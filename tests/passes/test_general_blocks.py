@@ -128,7 +128,6 @@ def test_explain_finds_a_boundary_stream_and_a_block_delta_probe(name):
 def test_caching_off_is_bit_identical(name):
     build, extra = CASES[name]
     model = build()
-    torch._dynamo.reset()
     plain = _euler(torch.compile(model, backend="eager"), timesteps(6), _x0(), extra)
     torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig.no_cache(num_steps=6), inner="eager")
@@ -142,7 +141,6 @@ def test_caching_off_is_bit_identical(name):
 def test_fixed_schedule_reuses_input_plus_delta(name):
     build, extra = CASES[name]
     model = build()
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"), inner="eager")
     compiled = torch.compile(model, backend=backend)
     _euler(compiled, timesteps(12), _x0() + 1.0, extra)   # compile first (tracing runs attention on fakes)
@@ -188,7 +186,6 @@ def test_double_then_single_stream_stacks_cache_whole(name):
     from zoo import get_case
     case = get_case(name)
     model = case.build()
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
@@ -390,7 +387,6 @@ def test_without_module_metadata_the_residual_chain_finds_the_stack(name):
     build, extra = CASES[name]
     model = build()
     captured = []
-    torch._dynamo.reset()
     torch.compile(model, backend=lambda gm, ex: captured.append((gm, list(ex))) or gm.forward)(
         _x0(), torch.full((2,), 500.0), *extra)
     gm, inputs = captured[0]

@@ -72,7 +72,6 @@ def test_plain_compile_breaks_and_compile_model_does_not(construct):
 @pytest.mark.parametrize("construct", CONSTRUCTS)
 def test_caching_off_is_bit_identical_to_plain_compile(construct):
     model = _model(construct)
-    torch._dynamo.reset()
     plain, _ = _euler(torch.compile(model, backend="eager"), timesteps(6))
     torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=6), inner="eager")
@@ -87,7 +86,6 @@ def test_caching_off_is_bit_identical_to_plain_compile(construct):
 def test_fixed_schedule_caches_the_whole_stack(construct):
     model = _model(construct)
     reference = _model(construct)                 # same weights, never compiled
-    torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"), inner="eager")
     _euler(model, timesteps(12), seed=1)          # compile outside the count
     backend.reset()
@@ -128,7 +126,6 @@ def _stem_plus_delta(model, x, t, grid, context, mask, last_delta, computed):
 
 def test_the_capture_config_is_scoped_to_the_compiled_model():
     model, other = _model("rope_tolist"), _model("rope_tolist")
-    torch._dynamo.reset()
     compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     _euler(model, timesteps(3))
     assert torch._dynamo.config.capture_scalar_outputs is False
@@ -143,7 +140,6 @@ def test_all_constructs_together_cache_and_match_without_caching():
     torch.manual_seed(0)
     model = BreakingDiT(rope_tolist=True, mask_item=True, moe=True).eval()
     uncached, _ = _euler(model, timesteps(8))
-    torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=8), inner="eager")
     ours, _ = _euler(model, timesteps(8))
     assert len(backend.graphs) == 1 and backend.report().computed_steps == list(range(1, 9))
@@ -192,7 +188,6 @@ def test_packed_tokens_get_moreg_from_frames_arg():
     packed = PackedTokensDiT(rope_tolist=True).eval()
     packed.load_state_dict(video_model.state_dict())
     config = dict(codebook={INF: 3}, num_steps=12)
-    torch._dynamo.reset()
     video_backend = compile_model(video_model, AdaCacheConfig(**config), inner="eager")
     _euler(video_model, timesteps(12))
     expected = video_backend.report()
@@ -286,7 +281,6 @@ def test_frames_arg_naming_the_5d_video_gives_moreg_after_a_graph_break():
 def test_packed_tokens_without_frames_arg_cache_with_moreg_off_and_bad_names_raise():
     torch.manual_seed(0)
     packed = PackedTokensDiT().eval()
-    torch._dynamo.reset()
     backend = compile_model(packed, AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     _packed_euler(packed, timesteps(12))
     assert backend.report().computed_steps == CONTRACT_12
@@ -308,7 +302,6 @@ def test_plain_backend_on_a_breaking_model_runs_uncached_and_says_what_to_do():
     warning names Dynamo's break reason and the entry point that captures it."""
     from adacache_fx import AdaCacheWarning, adacache_backend
     model = _model("mask_item")
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(num_steps=4), inner="eager")
     with pytest.warns(AdaCacheWarning) as record, torch.no_grad():
         out = torch.compile(model, backend=backend)(*make_inputs(2, 500.0))
@@ -340,7 +333,6 @@ def test_when_capture_fails_the_model_is_traced_as_plain_compile_traces_it():
     model = PrefixSegments()
     ids, prefix = torch.arange(6), torch.tensor([1, 1, 1, 0])
     x = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(0))
-    torch._dynamo.reset()
     with pytest.raises(GuardOnDataDependentSymNode), data_dependent_capture(), torch.no_grad():
         torch.compile(model, backend="eager")(x, torch.full((2,), 500.0), ids, prefix)
     torch._dynamo.reset()

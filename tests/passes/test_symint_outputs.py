@@ -51,7 +51,6 @@ def test_symint_used_after_blocks_is_not_a_region_output():
         analyses.append(analyze(gm.graph, AdaCacheConfig(num_steps=6)))
         return gm.forward
 
-    torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=True)(torch.randn(1, 8, 16), torch.ones(1))
     (analysis,) = analyses
@@ -65,7 +64,6 @@ def test_symint_used_after_blocks_caches_and_reuses_under_dynamic_shapes():
     model = SymIntAfterBlocks().eval()
     plain = SymIntAfterBlocks().eval()
     plain.load_state_dict(model.state_dict())
-    torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=6), inner="eager", dynamic=True)
     x = torch.randn(1, 8, 16)
     with torch.no_grad():

@@ -42,7 +42,6 @@ def model_of(name):
 def test_explain_finds_structure(name):
     case = get_case(name)
     args, kwargs = case.make_inputs(2, 500.0)
-    torch._dynamo.reset()
     ex = explain(model_of(name), *args, **kwargs)
     assert len(ex.graphs) == 1
     assert len(ex.regions) == 1
@@ -64,7 +63,6 @@ def test_caching_off_equals_plain_compile(name):
     case = get_case(name)
     model = model_of(name)
     steps = timesteps(8, case.t_max)
-    torch._dynamo.reset()
     plain = euler_loop(torch.compile(model, backend="eager"), case.make_inputs, steps, output=case.output)
     compiled, backend = cached(model, {INF: 1}, num_steps=8)
     ours = euler_loop(compiled, case.make_inputs, steps, output=case.output)
@@ -279,7 +277,6 @@ def test_model_without_blocks_runs_uncached_with_warning():
 
 
 def test_registered_backend_name():
-    torch._dynamo.reset()
     model = seeded(ToyDiT())
     x, t = torch.randn(2, 7, 5), torch.full((2,), 10.0)
     with torch.no_grad():
@@ -292,7 +289,6 @@ def test_inductor_inner():
     case = get_case("ref_dit")
     model = model_of("ref_dit")
     steps = timesteps(6)
-    torch._dynamo.reset()
     plain = euler_loop(torch.compile(model), case.make_inputs, steps)
     compiled, backend = cached(model, {INF: 1}, num_steps=6, inner="inductor")
     ours = euler_loop(compiled, case.make_inputs, steps)

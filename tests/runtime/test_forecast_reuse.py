@@ -77,7 +77,6 @@ def test_after_a_batch_size_change_reuse_is_constant_until_two_deltas_of_the_new
     """Steps 1-2 at batch 2, then batch 1: step 3 (a reused step under {inf: 3}) computes for
     the shape guard, and step 4 (reused) has no slope of the new shape (step 2's deltas are batch
     2): it adds step 3's delta unchanged. A slope across shapes would not even broadcast."""
-    torch._dynamo.reset()
     model = seeded(ToyFlowDiT())
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="linear"), inner="eager")
     compiled = torch.compile(model, backend=backend, dynamic=False)

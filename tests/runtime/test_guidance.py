@@ -246,7 +246,6 @@ def test_sampler_schedule(name):
 @pytest.mark.parametrize("name", ["flow_euler", "heun"])
 def test_sampler_caching_off_is_exact(name):
     model = model_of("ref_dit")
-    torch._dynamo.reset()
     plain = sample_with(name, torch.compile(model, backend="eager"), 8, labels=(3, 10))
     compiled, backend = cached(model, {INF: 1}, num_steps=8)
     ours = sample_with(name, compiled, 8, labels=(3, 10))

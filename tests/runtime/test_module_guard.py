@@ -107,7 +107,6 @@ def _expected(reference, inputs, grid, context, mask, reuse="constant"):
 
 def test_no_graph_holds_a_block_and_the_warning_names_the_entry_point():
     model = _model()
-    torch._dynamo.reset()
     e = explain(model, *make_inputs(2, 500.0))
     assert len(e.graphs) > 1 and not e.regions
     torch._dynamo.reset()
@@ -120,7 +119,6 @@ def test_no_graph_holds_a_block_and_the_warning_names_the_entry_point():
 
 def test_caching_off_is_bit_identical_to_plain_compile():
     model = _model()
-    torch._dynamo.reset()
     plain, _ = _euler(torch.compile(copy.deepcopy(model), backend="eager"), timesteps(6))
     torch._dynamo.reset()
     backend = _compile(model, codebook={INF: 1}, num_steps=6)
@@ -135,7 +133,6 @@ def test_caching_off_is_bit_identical_to_plain_compile():
 @pytest.mark.parametrize("reuse", ["constant", "linear"])
 def test_fixed_schedule_skips_the_blocks_and_reuses_their_delta(reuse):
     model, reference = _model(), _model()
-    torch._dynamo.reset()
     attention_graphs = _AttentionGraphs()
     backend = _compile(model, inner=attention_graphs, codebook={INF: 3}, num_steps=12, reuse=reuse)
     _euler(model, timesteps(12), seed=1)          # observed + compiled outside the count
@@ -158,7 +155,6 @@ def test_fixed_schedule_skips_the_blocks_and_reuses_their_delta(reuse):
 def test_guidance_branches_keep_their_own_deltas():
     model, reference = _model(), _model()
     uncond = torch.zeros(2, 7, 16)
-    torch._dynamo.reset()
     backend = _compile(model, codebook={INF: 3}, num_steps=12, reuse="constant")
     inputs = []
     _x, _t, grid, context, mask = make_inputs(2, 1000.0)
@@ -172,7 +168,6 @@ def test_guidance_branches_keep_their_own_deltas():
 
 def test_moreg_through_frames_arg_equals_the_reference_on_the_probe_block_delta():
     model, reference = _model(), _model()
-    torch._dynamo.reset()
     backend = _compile(model, codebook={INF: 3}, num_steps=12, frames_arg="x")
     inputs = []
     _euler(model, timesteps(12), record=inputs)
@@ -214,7 +209,6 @@ def test_no_more_graph_breaks_than_plain_compile_and_nothing_compiled_twice():
 
 def test_under_inductor_the_contract_and_the_cached_delta_hold():
     model, reference = _model(), _model()
-    torch._dynamo.reset()
     backend = _compile(model, inner="inductor", codebook={INF: 3}, num_steps=12, reuse="constant")
     inputs = []
     outs, (grid, context, mask) = _euler(model, timesteps(12), record=inputs)
@@ -238,7 +232,6 @@ def test_a_model_without_block_calls_runs_uncached_with_a_warning():
     model = _Projections().eval()
     x, t = torch.randn(2, 5, 8), torch.full((2,), 0.5)
     expected = model(x, t)
-    torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig(num_steps=3), inner="eager", block_guard="modules")
     with pytest.warns(AdaCacheWarning, match="do not feed each other"):
         out = model(x, t)
@@ -273,7 +266,6 @@ def test_an_ambiguous_timestep_asks_for_timestep_arg():
     torch.manual_seed(0)
     model = _TwoTimes(moe_loop=True).eval()
     x, t, grid, context, mask = make_inputs(2, 500.0)
-    torch._dynamo.reset()
     _compile(model, num_steps=3)
     with pytest.raises(AdaCacheConfigError, match="timestep_arg"):
         model(x, t, grid, context, mask, guidance=torch.ones(2))
@@ -369,7 +361,6 @@ def test_streams_by_keyword_or_position_and_glue_between_blocks(glue):
     cached delta), not once more per block."""
     model, reference = _Stack(glue=glue), _Stack(glue=glue)
     model.keyword_on = {2, 3, 7, 8, 11}   # computed (2, 8, 11) and reused (3, 7) calls
-    torch._dynamo.reset()
     backend = _compile(model, codebook={INF: 3}, num_steps=12, reuse="constant")
     outs, inputs = _stack_loop(model)
     guard = backend.graphs[0]

@@ -68,7 +68,6 @@ def _call_args():
 
 def test_caching_off_is_bit_identical_to_plain_compile():
     model = _model()
-    torch._dynamo.reset()
     plain = _euler(torch.compile(_model(), backend="eager"), timesteps(6))
     torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig.no_cache(num_steps=6), inner="eager")
@@ -132,7 +131,6 @@ def test_the_fast_preset_computes_the_papers_steps():
     computed, expected = _paper_schedule(_model(), steps)
     assert 2 < len(computed) < 30, computed   # the schedule skips, and not everything
     model = _model()
-    torch._dynamo.reset()
     backend = compile_model(model, AdaCacheConfig.fast(30, reuse="constant", probe_block=f"temporal_blocks.{PROBE}"),
                             inner="eager")
     outs = _euler(model, steps)

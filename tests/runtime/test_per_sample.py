@@ -137,7 +137,6 @@ def test_caching_off_equals_the_uncached_model():
 
 def test_no_recompile_over_a_generation_with_varying_sub_batches():
     base = seeded(ToyFlowDiT(classes=4))
-    torch._dynamo.reset()
     model = copy.deepcopy(base)
     backend = compile_model(model, _config(guidance_in_batch=2), inner="inductor")
     _generate(model, backend, [0, 1, 2], "batched", steps=4)   # compiles
@@ -150,7 +149,6 @@ def test_no_recompile_over_a_generation_with_varying_sub_batches():
 
 def test_a_static_batch_keeps_the_schedules_and_computes_every_row():
     base = seeded(ToyFlowDiT(classes=4))
-    torch._dynamo.reset()
     model = copy.deepcopy(base)
     config = _config(guidance_in_batch=2)
     from adacache_fx import adacache_backend

@@ -52,7 +52,6 @@ def _x(seed=1, batch=2):
 
 # ----- set_num_steps survives reset -------------------------------------------------
 def test_set_num_steps_survives_explicit_and_automatic_reset():
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}), inner="eager")
     model = torch.compile(_model(), backend=backend)
     backend.set_num_steps(12)
@@ -128,7 +127,6 @@ def test_announced_steps_read_no_timestep_on_the_host():
 
 def test_poison_catches_the_fallback_read():
     # the guard above is real: without announcements the runtime reads the input, and it raises
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     model = torch.compile(_model(), backend=backend)
     ts = _poisoned_timesteps(timesteps(12))
@@ -186,7 +184,6 @@ def test_registered_name_keeps_two_models_apart(monkeypatch):
 
 
 def test_report_of_an_unknown_model_says_so():
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
     _euler(torch.compile(_model(), backend=backend), timesteps(3), _x())
     with pytest.raises(ValueError, match="has not run ToyDiT"):
@@ -214,7 +211,6 @@ def test_pipeline_clock_reads_no_timestep_and_matches_reading_it(scheduler_name)
     diffusers = pytest.importorskip("diffusers")
     from adacache_fx.integrations.diffusers import enable
     pipe = _tiny_dit_pipeline(getattr(diffusers, scheduler_name)())
-    torch._dynamo.reset()
     backend = enable(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
 
     def generate():

@@ -76,7 +76,6 @@ def test_generations_at_other_frame_counts_and_resolutions(dynamic):
 
     case = get_case("wan")
     model = case.build()
-    torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"), inner="eager")
     compiled = torch.compile(model, backend=backend, dynamic=True if dynamic else False)
     ref = reference(case, model, output=lambda o: o[0])

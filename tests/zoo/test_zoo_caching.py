@@ -242,7 +242,6 @@ def test_case_under_inductor(name):
     case = get_case(name)
     model = _model(name)
     ts = timesteps(6, case.t_max)
-    torch._dynamo.reset()
     plain = sample_loop(torch.compile(model), case.make_inputs, ts, output=case.output)
     torch._dynamo.reset()
     backend = adacache_backend(AdaCacheConfig(codebook={INF: 1}, num_steps=6), inner="inductor")
