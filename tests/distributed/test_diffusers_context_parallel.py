@@ -53,6 +53,8 @@ from helpers.distributed import (_disagreement, _free_port, _generation, _nan_ge
                                  _profiled_generation, _reap)
 from zoo import get_case, get_output, timestep_tensor  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.zoo, pytest.mark.slow]
+
 INF = math.inf
 WORLD = 2
 LAUNCH_TIMEOUT_S = float(os.environ.get("ADACACHE_CP_TEST_TIMEOUT", "240"))

@@ -38,6 +38,8 @@ from helpers import timesteps  # noqa: E402
 from helpers.distributed import (_disagreement, _generation, _nan_generation, _nan_sums_at,  # noqa: E402
                                  _profiled_generation, launch)
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 INF = float("inf")
 BATCH = 4                 # BP splits it over up to 4 ranks
 SP_BATCH = BATCH       # the same inputs for SP, BP and the single-process references

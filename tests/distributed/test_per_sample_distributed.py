@@ -13,6 +13,8 @@ from examples.models.sp_dit import SPVideoDiT, make_inputs
 from helpers import INF, timesteps
 from helpers.distributed import launch
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 STEPS = 12
 SAMPLES = 3
 MOTION = (0.0, 0.05, 0.5)

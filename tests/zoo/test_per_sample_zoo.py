@@ -20,6 +20,8 @@ from adacache_fx.runtime import per_sample_scheduler
 from helpers import INF, timesteps
 from zoo import get_case
 
+pytestmark = [pytest.mark.zoo, pytest.mark.slow]
+
 # two block lists on joint tokens; video; text + video tokens. CogVideoX also under inductor, which asserts
 # every input's strides: its blocks get the video tokens as a strided slice of the joint sequence
 CASES = [("flux", "eager"), ("wan", "eager"), ("cogvideox", "eager"), ("cogvideox", "inductor")]

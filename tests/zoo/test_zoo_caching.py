@@ -34,6 +34,8 @@ from helpers import INF, sample_loop, timesteps  # noqa: E402
 from helpers import dynamo_counts as counted  # noqa: E402
 from zoo import ZOO, get_case  # noqa: E402
 
+pytestmark = [pytest.mark.zoo, pytest.mark.slow]
+
 ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 
 #: case -> exact reason it does not pass the matrix (and what it would take).

@@ -15,6 +15,8 @@ import torch
 
 from zoo import ZOO, core_cases, get_case, get_output, normalize_module_path  # noqa: E402
 
+pytestmark = [pytest.mark.zoo, pytest.mark.slow]
+
 CORE = ["ref_dit", "ref_stdit", "dit", "pixart", "latte"]
 
 _models: dict[str, torch.nn.Module] = {}
