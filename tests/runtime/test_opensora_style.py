@@ -5,7 +5,7 @@ graph; ``compile_model`` caches the whole stack with the official probe (the tem
 residual of a middle temporal block); caching off is bit-identical to plain ``torch.compile``;
 and with the official 30-step fast codebook and MoReg it computes exactly the steps that the
 paper's method, hand-patched into the model and scheduled by the formulas of
-docs/adacache.md written out here, computes on the same sampling loop, with the same outputs."""
+docs/concepts/adacache.md written out here, computes on the same sampling loop, with the same outputs."""
 import pytest
 import torch
 
@@ -79,7 +79,7 @@ def test_caching_off_is_bit_identical_to_plain_compile():
 
 def _paper_schedule(model, steps):
     """The paper's method by hand: the model patched to skip its blocks and add the cached delta,
-    the decision after each computed step from the probe (docs/adacache.md, public defaults)."""
+    the decision after each computed step from the probe (docs/concepts/adacache.md, public defaults)."""
     n = len(steps)
     state = HandwrittenAdaCache(probe_block=PROBE)
     model.handwritten = state

@@ -1,4 +1,4 @@
-"""The schedule contract of shared/docs/adacache.md, rule by rule, on the scheduler alone."""
+"""The schedule contract of docs/concepts/adacache.md, rule by rule, on the scheduler alone."""
 import math
 
 import pytest
