@@ -66,22 +66,22 @@ STATE = "adacache_fx/runtime/state.py"
 RECORD = "adacache_fx/calibration/record.py"
 CALIB = "adacache_fx/calibration/calibrate.py"
 
-T_BACKEND = "tests/test_backend.py"
-T_GUIDANCE = "tests/test_guidance.py"
-T_SHAPES = "tests/test_shapes.py"
-T_SCHED = "tests/test_scheduler.py"
-T_DIST = "tests/test_distributed.py"
-T_STATE = "tests/test_runtime_state.py"
-T_DIFFUSERS = "tests/test_integrations_diffusers.py"
-T_KERNELS = "tests/test_kernels.py"
-T_FORECAST = "tests/test_forecast_reuse.py"
-T_FUSE = "tests/test_fuse_reuse.py"
-T_CALIBRATE = "tests/test_calibrate.py"
-T_CP = "tests/test_diffusers_context_parallel.py"
-T_GENERAL = "tests/test_general_blocks.py"
-T_BREAKS = "tests/test_graph_breaks.py"
-T_PER_SAMPLE = "tests/test_per_sample.py"
-T_PER_SAMPLE_DIST = "tests/test_per_sample_distributed.py"
+T_BACKEND = "tests/runtime/test_backend.py"
+T_GUIDANCE = "tests/runtime/test_guidance.py"
+T_SHAPES = "tests/runtime/test_shapes.py"
+T_SCHED = "tests/runtime/test_scheduler.py"
+T_DIST = "tests/distributed/test_distributed.py"
+T_STATE = "tests/runtime/test_runtime_state.py"
+T_DIFFUSERS = "tests/integrations/test_integrations_diffusers.py"
+T_KERNELS = "tests/kernels/test_kernels.py"
+T_FORECAST = "tests/runtime/test_forecast_reuse.py"
+T_FUSE = "tests/passes/test_fuse_reuse.py"
+T_CALIBRATE = "tests/calibration/test_calibrate.py"
+T_CP = "tests/distributed/test_diffusers_context_parallel.py"
+T_GENERAL = "tests/passes/test_general_blocks.py"
+T_BREAKS = "tests/passes/test_graph_breaks.py"
+T_PER_SAMPLE = "tests/runtime/test_per_sample.py"
+T_PER_SAMPLE_DIST = "tests/distributed/test_per_sample_distributed.py"
 PS_CALLS = "adacache_fx/runtime/per_sample_calls.py"
 PS_SCHED = "adacache_fx/runtime/per_sample_scheduler.py"
 SUB_BATCH = "adacache_fx/runtime/sub_batch.py"
@@ -91,10 +91,10 @@ FORECASTERS = "adacache_fx/runtime/forecasters/registry.py"
 POLICIES = "adacache_fx/runtime/policies/registry.py"
 PROBE = "adacache_fx/passes/analysis/resolve_probe.py"
 MODULE_BLOCKS = "adacache_fx/passes/analysis/find_module_blocks.py"
-T_MODULE_GUARD = "tests/test_module_guard.py"
+T_MODULE_GUARD = "tests/runtime/test_module_guard.py"
 REGIONS = "adacache_fx/passes/analysis/find_regions.py"
 ANALYSIS = "adacache_fx/passes/analysis/__init__.py"
-T_EXTENSION = "tests/test_extension_points.py"
+T_EXTENSION = "tests/runtime/test_extension_points.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -215,7 +215,7 @@ MUTATIONS = [
     Mutation("packed_frames_ignored", "packed_frames gives packed video tokens a frame axis",
              [(ANALYSIS, "        packed_frames = config.packed_frames", "        packed_frames = None")],
              [T_BREAKS]),
-    # ----- runtime state (tests/test_runtime_state.py) -------------------------------------------
+    # ----- runtime state (tests/runtime/test_runtime_state.py) -------------------------------------------
     Mutation("set_num_steps_lost_on_reset", "set_num_steps holds across resets",
              [(STEP_CLOCK, "self.requested_num_steps if self.requested_num_steps is not None",
                "self.default_num_steps if True")],
@@ -291,7 +291,7 @@ MUTATIONS = [
              [(MODULE_GUARD, "self.call.deltas = self.store.reused_deltas(cache, scheduler.clock.time)",
                "self.call.deltas = cache.deltas")],
              [T_MODULE_GUARD]),
-    # ----- the seams (tests/test_extension_points.py) ---------------------------------------------
+    # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
              [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],
              [T_EXTENSION]),

@@ -25,7 +25,7 @@ import torch
 from ._common import PartReport, base_parser, fmt, md_table, run_part, tail
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# as tests/test_kernels.py: the reference sees the same rounded inputs in float64, so what is
+# as tests/kernels/test_kernels.py: the reference sees the same rounded inputs in float64, so what is
 # left is the float32 accumulation of the kernel
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-5, atol=1e-5),
        torch.float16: dict(rtol=2e-5, atol=1e-5)}
@@ -111,7 +111,7 @@ def _run(rep: PartReport, args, device):
         return cache_metrics_triton(r, p, s, interpret=interpret, **kw)
 
     rep.add(f"- kernel: `adacache_fx/ops/cache_metrics_triton.py`, {'Triton INTERPRETER on CPU tensors' if interpret else 'compiled by Triton ' + triton.__version__ + ' for this GPU'}",
-            "- reference: float64 torch, pass by pass; tolerances as tests/test_kernels.py "
+            "- reference: float64 torch, pass by pass; tolerances as tests/kernels/test_kernels.py "
             "(fp32 rtol 1e-5, bf16/fp16 rtol 2e-5, atol 1e-5; 2x rtol for the multi-million-element probe sizes)",
             "")
     groups = []   # (name, done, total, max rel err by dtype, seconds)
@@ -241,7 +241,7 @@ def _run(rep: PartReport, args, device):
     rep.add("Real probe sizes (kernel vs float64 reference, op == kernel bitwise on CUDA; the torch composite's error for comparison):", "")
     rep.table(["size", "layout", "dtype", "s", "kernel rel err", "composite rel err", "read in place", "check"], real_rows)
 
-    # --- 5. the odd-shape grid (as tests/test_kernels.py) -----------------------------------------------
+    # --- 5. the odd-shape grid (as tests/kernels/test_kernels.py) -----------------------------------------------
     sizes_n = [1, 7, 1023, 4097] + ([] if args.dry_run else [65537])
     sizes_f = [1, 2, 3, 17]
     grid = []   # dtype innermost: a budget cut still leaves every dtype covered

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 __all__ = ["BreakingDiT", "BreakingBlock", "make_inputs"]
 
 
-def _sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     e = t.float()[:, None] * freqs[None]
     return torch.cat([e.cos(), e.sin()], dim=-1)
@@ -145,7 +145,7 @@ class BreakingDiT(nn.Module):
 
     def forward(self, x, timestep, grid_sizes, context, context_mask):
         b, c, f, h, w = x.shape
-        temb = self.t_mlp(_sinusoid(timestep, self.dim))
+        temb = self.t_mlp(sinusoid(timestep, self.dim))
         tokens = self.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
         context = self.embed_context(context)
         for block in self.blocks:

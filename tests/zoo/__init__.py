@@ -19,14 +19,14 @@ Every entry is a :class:`ModelCase`:
 * ``t_max``: the timestep scale the model is used with (1000 for DDPM-style timesteps, 1 for
   flow-matching models that take sigma in [0, 1]); any float works for a forward pass;
 * ``one_graph``: whether ``torch.compile(fullgraph=True)`` captures the model in one Dynamo
-  graph (checked in tests/test_zoo_models.py for core cases; for the rest, read from the coverage
+  graph (checked in tests/zoo/test_zoo_models.py for core cases; for the rest, read from the coverage
   matrix benchmarks/results/coverage.jsonl), ``graph_break``: the reason when it does not.
 
 Cases: ``zoo/core.py`` (the five core cases) and ``zoo/diffusers_cases.py`` (one or more tiny
 cases for every DiT-style class in ``diffusers.models.transformers``; ``NOT_DIT`` and
 ``NOT_COVERED`` there list the other classes with the reason). ``zoo.coverage`` runs the coverage
 matrix (eager run and one-graph capture, :mod:`zoo.check`; the caching checks of
-tests/test_zoo_caching.py) and renders it: ``PYTHONPATH=tests python -m zoo.coverage run|render``
+tests/zoo/test_zoo_caching.py) and renders it: ``PYTHONPATH=tests python -m zoo.coverage run|render``
 from the repository root, results in benchmarks/results/coverage.{jsonl,md}.
 
 Usage::

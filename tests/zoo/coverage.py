@@ -5,7 +5,7 @@ For every zoo case, two checks:
 * **capture** (:func:`zoo.check.check_case`): the eager forward is finite and deterministic,
   and ``torch.compile(fullgraph=True)`` with a capturing backend gives exactly one Dynamo graph
   (else the graph-break reason, and how many graphs the default config makes);
-* **caching** (the checks of tests/test_zoo_caching.py, inner backend ``eager``): ``explain``
+* **caching** (the checks of tests/zoo/test_zoo_caching.py, inner backend ``eager``): ``explain``
   finds regions, streams, a probe and a timestep (video: a MoReg frame layout); caching off
   equals plain ``torch.compile``; a fixed codebook follows the schedule contract.
 
@@ -50,7 +50,7 @@ def run_capture(name: str) -> dict:
 
 
 def run_caching(name: str) -> dict:
-    import test_zoo_caching as T
+    from . import test_zoo_caching as T
 
     res: dict = {}
     t0 = time.time()
@@ -87,7 +87,7 @@ def run_caching(name: str) -> dict:
 
 def _run_module_guard(name: str, res: dict, t0: float) -> dict:
     """``run_caching`` for a case whose block lists are guarded at their calls (no graph holds a block)."""
-    import test_zoo_caching as T
+    from . import test_zoo_caching as T
 
     stage = "caching off"
     try:
@@ -187,7 +187,7 @@ def render(jsonl: Path = JSONL, out: Path = MARKDOWN) -> str:
     import diffusers
     import torch
 
-    import test_zoo_caching as T
+    from . import test_zoo_caching as T
 
     from . import ZOO
     from . import diffusers_cases as dc
@@ -223,7 +223,7 @@ def render(jsonl: Path = JSONL, out: Path = MARKDOWN) -> str:
         "  `torch.compile(model, fullgraph=True)` with a capturing backend gives exactly one Dynamo graph for the",
         "  case's inputs (batch 2), else the graph-break reason (and the graphs the default config makes); block",
         "  lists = the `nn.ModuleList`s holding the residual blocks (`nn_module_stack` shows them in the graph);",
-        "- **caching** (the checks of tests/test_zoo_caching.py, inner backend `eager`): `explain` finds >= 1",
+        "- **caching** (the checks of tests/zoo/test_zoo_caching.py, inner backend `eager`): `explain` finds >= 1",
         "  region with blocks, streams, a probe and a timestep (video: a MoReg frame layout); `{inf: 1}` over 8",
         "  steps equals `torch.compile(backend=\"eager\")` exactly; `{inf: 3}` over 12 steps computes steps",
         "  [1, 2, 5, 8, 11, 12], every region runner executes 6 times, no recompile, 5 metrics (video: with",
@@ -233,7 +233,7 @@ def render(jsonl: Path = JSONL, out: Path = MARKDOWN) -> str:
         "  FLOPs of every block found (the goal: at least 90% of the blocks'); a tiny config's stem and head",
         "  weigh far more in the forward's share than in a full-size model's.",
         "",
-        "`core` cases also run in tests/test_zoo_models.py and tests/test_zoo_caching.py by default; the others",
+        "`core` cases also run in tests/zoo/test_zoo_models.py and tests/zoo/test_zoo_caching.py by default; the others",
         "with `ADACACHE_ZOO_ALL=1` or through this runner.",
         "",
         f"**{passed} of {total} cases pass** ({len({ZOO[n].model_class for n in ZOO})} classes in the zoo; "
