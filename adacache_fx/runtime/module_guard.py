@@ -2,7 +2,7 @@
 breaks inside its blocks (``compile_model(model, config, block_guard="modules")``).
 
 No graph holds a whole block there, so the guard sits at the blocks' calls instead of inside a
-graph. The first call runs eagerly and is observed (``analysis/find_module_blocks.py``: which
+graph. The first call runs eagerly and is observed (``passes/analysis/find_module_blocks.py``: which
 module lists hold blocks, their streams, the regions); then each block of a region gets a
 ``forward`` that Dynamo does not trace (``torch._dynamo.disable``: the model's graph breaks at
 each block call, as it already broke inside each block) and that decides, from the step's
