@@ -39,6 +39,14 @@ def _is_light(node: fx.Node) -> bool:
     return not isinstance(example_value(node), torch.Tensor) and node.meta.get("example_value") is not None
 
 
+def add_reused_stream(graph: fx.Graph, skeleton: fx.Node, delta: fx.Node) -> fx.Node:
+    """``skeleton(input) + delta``: a stream on a reused step, in the piecewise reuse piece and in
+    the fused reused step alike (one place for the reuse arithmetic)."""
+    node = graph.call_function(torch.add, (skeleton, delta))
+    node.meta["adacache_reuse_add"] = True
+    return node
+
+
 def heavy_nodes(nodes) -> list:
     """The nodes of ``nodes`` that do a block's work (neither glue, nor a size, nor the reuse add)."""
     return [n for n in nodes if not _is_light(n)]
@@ -68,8 +76,7 @@ def build_reuse(compute: fx.GraphModule, delta_positions: list, probe_position) 
         elif isinstance(value, fx.Node) and value in streams:
             j = streams.index(value)
             with graph.inserting_after(anchor):
-                new = graph.call_function(torch.add, (skeletons[j], cached[j]))
-            new.meta["adacache_reuse_add"] = True
+                new = add_reused_stream(graph, skeletons[j], cached[j])
             anchor = new
             new_outputs.append(new)
         elif isinstance(value, fx.Node) and is_scalar_node(value):

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.graph_nodes import is_global_state
-from .build_reuse import heavy_nodes
+from .build_reuse import add_reused_stream, heavy_nodes
 
 
 @dataclass
@@ -93,10 +93,9 @@ def fuse_reuse(gm: fx.GraphModule, regions: list, deltas: list, num_user_outputs
                 added.append(graph.call_function(torch.select, (coefficients, 0, i)))
                 added.append(graph.call_function(torch.mul, (term, added[-1])))
                 added.append(delta := graph.call_function(torch.add, (delta, added[-1])))
-            reused = graph.call_function(torch.add, (skeleton, delta))
+            reused = add_reused_stream(graph, skeleton, delta)
         for node in added:   # inserting_after puts each new node right after the point: restore their order
             reused.prepend(node)
-        reused.meta["adacache_reuse_add"] = True
         own = nodes_of[r]
         stream_out.replace_all_uses_with(reused, delete_user_cb=lambda user, own=own: user not in own)
     # Dead-code elimination that also drops the blocks' impure nodes (an in-place rotary write, a
