@@ -45,9 +45,6 @@ class PerSampleCalls:
         self.row_indices: dict = {}     # (samples, sample count, copies, device) -> their batch rows
         self.warned_copies = False      # the guidance copies did not divide a batch (warned once)
 
-    def __call__(self, args, scheduler, branches: dict, timestep: Optional[float]):
-        return self._call_per_sample(args, scheduler, branches, timestep)
-
     def _grouping(self, args) -> tuple:
         """``(batch rows, samples, guidance copies)`` of this call: ``guidance_in_batch`` copies of
         the samples, or one row per sample when the batch does not split into them."""
@@ -76,7 +73,7 @@ class PerSampleCalls:
         devices = [a.device for a in args if isinstance(a, torch.Tensor)]
         return next((d for d in devices if d.type != "cpu"), devices[0] if devices else torch.device("cpu"))
 
-    def _call_per_sample(self, args, scheduler, branches: dict, timestep: Optional[float]):
+    def __call__(self, args, scheduler, branches: dict, timestep: Optional[float]):
         grouping = batch, num_samples, copies = self._grouping(args)
         decision = scheduler.begin_call(timestep, key=self.graph, num_samples=num_samples)
         time = scheduler.clock.time

@@ -39,7 +39,7 @@ class PerSampleScheduler:
     """Host-side state of one model instance whose batch samples each get a schedule."""
 
     def __init__(self, config):
-        self.config = config
+        self._config = config
         self.clock = StepClock(config.num_steps)
         self.samples: list = []                  # [Policy], one per sample
         self.computed_steps: list = []           # steps where at least one sample computed
@@ -53,10 +53,9 @@ class PerSampleScheduler:
     @config.setter
     def config(self, config) -> None:
         self._config = config
-        if hasattr(self, "clock"):
-            self.clock.default_num_steps = config.num_steps
-            for policy in self.samples:
-                policy.config = config
+        self.clock.default_num_steps = config.num_steps
+        for policy in self.samples:
+            policy.config = config
 
     # ----- what report() and the runtime read ----------------------------------
     @property
