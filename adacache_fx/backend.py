@@ -21,6 +21,8 @@ from .compile import compile_pieces, count_flops, graph_inputs, resolve_inner
 from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
 from .passes.analysis import analyze
+from .passes.analysis.choose_guard import BlockFrames, BlockGraphBreak, GuardChoice, block_frame_graph
+from .passes.inline_checkpoints import inline_checkpoints
 from .passes.rewrite import copy_graph_module, rewrite
 from .report import RegionInfo, Report
 from .runtime import CachedGraph, RuntimeState
@@ -33,9 +35,14 @@ logger = logging.getLogger("adacache_fx")
 @dataclass(frozen=True)
 class TracedCall:
     """Per-call data of the model call Dynamo traces now, which the graph alone does not show:
-    the frame count ``config.frames_arg`` names (Dynamo bakes a Python int into the graph)."""
+    the frame count ``config.frames_arg`` names (Dynamo bakes a Python int into the graph); under
+    ``block_guard="auto"`` before the guard is chosen, the model's candidate blocks (a graph of a
+    block's own frame stops the call: ``passes/analysis/choose_guard.py``); under the module
+    guard, ``modules``: the graphs between the guarded block calls only go to the inner compiler."""
 
     frames: Optional[int] = None
+    blocks: Optional[BlockFrames] = None
+    modules: bool = False
 
 
 class AdaCacheBackend:
@@ -56,12 +63,14 @@ class AdaCacheBackend:
         self.compile_seconds = 0.0
         self._uncached_flops: list = []   # per uncached graph: its FLOPs, or (graph, fake inputs) to count them
         self.call = TracedCall()          # what compile_model read from the model call being traced
+        self.guard_choices: list = []     # [GuardChoice]: per model compiled by compile_model, its guard and why
+        self._unsettled: list = []        # [(reason, warning)] of graphs traced before the auto guard was chosen
 
     @contextlib.contextmanager
-    def traced_call(self, frames: Optional[int] = None):
-        """Within: the model call being run (and traced, on a first call) is ``TracedCall(frames)``
+    def traced_call(self, frames: Optional[int] = None, blocks: Optional[BlockFrames] = None, modules: bool = False):
+        """Within: the model call being run (and traced, on a first call) is ``TracedCall(...)``
         (``compile_model`` and ``explain`` enter it around each call)."""
-        previous, self.call = self.call, TracedCall(frames=frames)
+        previous, self.call = self.call, TracedCall(frames=frames, blocks=blocks, modules=modules)
         try:
             yield self.call
         finally:
@@ -74,6 +83,12 @@ class AdaCacheBackend:
 
     # ----- torch.compile protocol ---------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        if self.call.modules:   # a model under the module guard: its blocks are guarded at their calls
+            return self._inner(gm, example_inputs)
+        if self.call.blocks:
+            why = block_frame_graph(gm, self.call.blocks)
+            if why is not None:   # nothing of this graph is compiled: compile_model guards the blocks' calls
+                raise BlockGraphBreak(why)
         start = time.perf_counter()
         try:
             fn = self._cache(gm, example_inputs)
@@ -89,7 +104,7 @@ class AdaCacheBackend:
         return fn
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
-        work = copy_graph_module(gm)
+        work = inline_checkpoints(copy_graph_module(gm))
         analysis = analyze(work.graph, self.config, self.call.frames)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())
@@ -101,10 +116,23 @@ class AdaCacheBackend:
         return cached
 
     def _uncached(self, gm, reason: str) -> None:
+        message = f"adacache: a graph of {len(gm.graph.nodes)} nodes runs uncached: {reason}"
+        if self.call.blocks:   # the guard is not chosen yet: said once it is (``settle_guard``)
+            self._unsettled.append((reason, message))
+            return None
         self.uncached_graphs.append(reason)
-        warnings.warn(f"adacache: a graph of {len(gm.graph.nodes)} nodes runs uncached: {reason}",
-                      AdaCacheWarning, stacklevel=3)
+        warnings.warn(message, AdaCacheWarning, stacklevel=3)
         return None
+
+    def settle_guard(self, choice: GuardChoice) -> None:
+        """``compile_model``'s auto guard is chosen: under the graph guard, the graphs traced
+        before run uncached as said then; under the module guard they are its glue (no warning)."""
+        self.guard_choices.append(choice)
+        unsettled, self._unsettled = self._unsettled, []
+        if choice.guard == "graph":
+            for reason, message in unsettled:
+                self.uncached_graphs.append(reason)
+                warnings.warn(message, AdaCacheWarning, stacklevel=4)
 
     @property
     def uncached_flops(self) -> int:

@@ -33,6 +33,7 @@ import torch
 from .backend import AdaCacheBackend, adacache_backend
 from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
+from .passes.analysis.choose_guard import BlockFrames, BlockGraphBreak, GuardChoice
 from .runtime.module_guard import ModuleBlockGuard
 from .tracing import (capture_failed, data_dependent_capture, frames_parameter, frames_value, mark_batch_dynamic,
                       prepare_hooks_for_tracing, trace_config)
@@ -46,10 +47,14 @@ INSTALLED = "_adacache_compiled"
 class CompiledModel:
     """The undo record of one ``compile_model``: what it changed on the model, and the backend."""
 
-    def __init__(self, model: torch.nn.Module, backend: AdaCacheBackend, guard: Optional[ModuleBlockGuard]):
+    def __init__(self, model: torch.nn.Module, backend: AdaCacheBackend, guards: list):
         self.backend = backend
-        self.guard = guard
+        self._guards = guards   # [the module guard or None], set when the auto guard switches
         self._model = model
+
+    @property
+    def guard(self) -> Optional[ModuleBlockGuard]:
+        return self._guards[0]
 
     def undo(self) -> None:
         """The model as before ``compile_model``: its own call (``module.compile`` undone) and,
@@ -72,17 +77,20 @@ def uncompile_model(model: torch.nn.Module) -> None:
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
                   inner: Union[str, Callable] = "inductor", mode: Optional[str] = None,
                   options: Optional[dict] = None, capture_data_dependent: bool = True,
-                  block_guard: str = "graph", **compile_kwargs) -> AdaCacheBackend:
+                  block_guard: str = "auto", **compile_kwargs) -> AdaCacheBackend:
     """Compile ``model`` in place (``model.compile``: the module keeps its class, attributes and
     state-dict keys) with the AdaCache backend, and return the backend.
 
     ``capture_data_dependent`` (default True): trace the model's calls under
     :func:`data_dependent_capture`, so that ``.item()``, ``.tolist()`` and ``nonzero``-like ops
-    stay inside the graph. ``block_guard``: ``"graph"`` (default) caches the regions the backend
-    finds inside Dynamo's graphs; ``"modules"`` guards the block lists at their calls instead, for
-    a model whose graph breaks inside every block even with capture (a Python loop over a tensor's
-    values): the first call runs eagerly and finds the blocks (``runtime/module_guard.py``), the
-    blocks and the rest of the model are compiled by the inner compiler. ``compile_kwargs`` go to
+    stay inside the graph. ``block_guard``: ``"auto"`` (default) finds out on the first call
+    whether Dynamo's graphs hold whole blocks (``passes/analysis/choose_guard.py``): if they do,
+    the regions the backend finds inside them are cached (``"graph"``); if Dynamo breaks the graph
+    inside the blocks (a Python loop over a tensor's values), the block lists are guarded at their
+    calls (``"modules"``: that call runs again eagerly and finds the blocks,
+    ``runtime/module_guard.py``; the blocks and the rest of the model are compiled by the inner
+    compiler). ``"graph"`` / ``"modules"`` force one; ``backend.guard_choices`` says which each
+    model got and why. ``compile_kwargs`` go to
     ``model.compile`` (``dynamic=``, ``fullgraph=``). Raises ``RuntimeError`` when the model is
     already compiled."""
     if not isinstance(model, torch.nn.Module):
@@ -90,13 +98,24 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("compile_model: this module is already compiled (module.compile or compile_model was "
                            "called on it); compile it once")
-    if block_guard not in ("graph", "modules"):
-        raise AdaCacheConfigError(f"compile_model: block_guard must be 'graph' or 'modules', got {block_guard!r}")
+    if block_guard not in ("auto", "graph", "modules"):
+        raise AdaCacheConfigError(f"compile_model: block_guard must be 'auto', 'graph' or 'modules', "
+                                  f"got {block_guard!r}")
     backend = adacache_backend(config, inner=inner, mode=mode, options=options)
     signature = frames_parameter(model, backend.config)
     prepare_hooks_for_tracing(model)
-    guard = _module_guard(model, backend, compile_kwargs) if block_guard == "modules" else None
-    model.compile(backend=backend if guard is None else backend.inner, **compile_kwargs)
+    name = type(model).__name__
+    guards = [_module_guard(model, backend, compile_kwargs) if block_guard == "modules" else None]
+    # auto: the candidate blocks, until the first call has shown whether Dynamo traces them whole
+    undecided = [BlockFrames(model) if block_guard == "auto" and not backend.config.per_sample else None]
+    if block_guard != "auto":
+        backend.guard_choices.append(GuardChoice(name, block_guard, "named with block_guard="))
+    elif not undecided[0]:
+        backend.guard_choices.append(GuardChoice(name, "graph", "no module list of blocks" if not
+                                                 backend.config.per_sample else "per_sample=True needs the graph guard"))
+    # one compiled call under one backend whichever guard: the module guard's graphs go to the
+    # inner compiler through it (TracedCall.modules), so switching guards recompiles no frame
+    model.compile(backend=backend, **compile_kwargs)
     compiled = model._compiled_call_impl
     capturing = [capture_data_dependent]
     hooks_prepared = [False]
@@ -109,15 +128,15 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             with trace_config(True):
                 return compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only Dynamo's own tracing failures are retried
-            if not capture_failed(exc):
+            if not capture_failed(exc) or block_graph_break(exc) is not None:
                 raise
             capturing[0] = False
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"adacache: tracing {type(model).__name__} with data-dependent ops captured failed "
                           f"({type(exc).__name__}: {first_line}); this model is traced as plain torch.compile "
                           "traces it from now on (its graph breaks at those ops)", AdaCacheWarning, stacklevel=3)
-            if guard is not None:
-                guard.restart_call()
+            if guards[0] is not None:
+                guards[0].restart_call()
             with trace_config(False):
                 return compiled(*args, **kwargs)
 
@@ -131,9 +150,24 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
         if not hooks_prepared[0]:   # again at the first call: hooks may be added after compile_model
             prepare_hooks_for_tracing(model)
             hooks_prepared[0] = True
-        with backend.traced_call(frames=frames):
-            if guard is None:
-                return run(args, kwargs)
+        if guards[0] is None:
+            with backend.traced_call(frames=frames, blocks=undecided[0]):
+                try:
+                    output = run(args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - only the auto guard's switch is handled
+                    why = block_graph_break(exc)
+                    if why is None:
+                        raise
+                    guards[0] = _module_guard(model, backend, compile_kwargs)
+                    backend.settle_guard(GuardChoice(name, "modules", why))
+                else:
+                    if undecided[0] is not None:
+                        undecided[0] = None
+                        backend.settle_guard(GuardChoice(name, "graph", "Dynamo traces its blocks whole"))
+                    return output
+            undecided[0] = None
+        guard = guards[0]
+        with backend.traced_call(frames=frames, modules=True):
             if not guard.observed:
                 return _observe(model, backend, guard, args, kwargs, frames)
             guard.begin_call(args, kwargs, frames)
@@ -146,8 +180,20 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             return output
 
     model._compiled_call_impl = call
-    model.__dict__[INSTALLED] = CompiledModel(model, backend, guard)
+    model.__dict__[INSTALLED] = CompiledModel(model, backend, guards)
     return backend
+
+
+def block_graph_break(exc: BaseException) -> Optional[str]:
+    """Why the call stopped when ``exc`` (Dynamo's wrapper of the backend's error) carries the
+    backend's :class:`BlockGraphBreak`, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BlockGraphBreak):
+            return exc.why
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _module_guard(model: torch.nn.Module, backend: AdaCacheBackend, compile_kwargs: dict):
@@ -156,17 +202,31 @@ def _module_guard(model: torch.nn.Module, backend: AdaCacheBackend, compile_kwar
         raise AdaCacheConfigError("compile_model: per_sample=True needs block_guard='graph' (the module-level "
                                   "guard takes one decision per call)")
     guard = ModuleBlockGuard(model, backend.runtime,
-                             lambda forward: torch.compile(forward, backend=backend.inner, **compile_kwargs))
+                             lambda forward: _counters_unspecialised(torch.compile(forward, backend=backend.inner,
+                                                                                   **compile_kwargs)))
     backend.graphs.append(guard)
     return guard
 
 
+def _counters_unspecialised(compiled: Callable) -> Callable:
+    """A block's compiled forward traced with the ints on its modules as symbols, not constants:
+    research code counts its calls in a module attribute (STDiT3's ``self.fwd_id += 1``), which
+    Dynamo would guard on and recompile at every step until its recompile limit (then the blocks
+    run uncompiled); one compile serves every block of a class, whose counters differ."""
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return compiled(*args, **kwargs)
+    return call
+
+
 def _observe(model: torch.nn.Module, backend: AdaCacheBackend, guard, args, kwargs, frames):
-    """The first call of a model under ``block_guard="modules"``: eager, observed (the blocks'
-    calls found), then guarded from the next call on."""
+    """The first call of a model under the module guard: eager, observed (the blocks' calls
+    found), then guarded from the next call on."""
     output = guard.observe(model._call_impl, args, kwargs, frames)
     if guard.why_uncached is not None:
         backend.uncached_graphs.append(guard.why_uncached)
-        warnings.warn(f"adacache: {type(model).__name__} runs uncached: {guard.why_uncached}; try "
-                      "block_guard='graph'", AdaCacheWarning, stacklevel=3)
+        warnings.warn(f"adacache: {type(model).__name__} runs uncached: {guard.why_uncached}; its blocks must be "
+                      "the members of a module list called one after another, each on the previous one's output "
+                      "(docs/graph-breaks.md)", AdaCacheWarning, stacklevel=3)
     return output

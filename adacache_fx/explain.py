@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from .config import AdaCacheConfig
 from .passes.analysis import analyze
+from .passes.analysis.choose_guard import BlockFrames, GuardChoice, block_frame_graph
 from .compile import flops_by_node
 from .tracing import capture_failed, frames_argument, prepare_hooks_for_tracing, trace_config
 
@@ -20,6 +21,7 @@ class Explanation:
     flops: list = field(default_factory=list)    # per graph: (FLOPs inside its regions, FLOPs of one call)
     block_flops: list = field(default_factory=list)   # per graph: (FLOPs of the blocks inside regions, of all blocks)
     capture_failed: Optional[str] = None   # why tracing with data-dependent ops captured failed (then traced without)
+    guard: Optional[GuardChoice] = None   # the guard compile_model's default (block_guard="auto") would choose, and why
 
     @property
     def cached_flops_fraction(self) -> float:
@@ -54,6 +56,8 @@ class Explanation:
     def __str__(self) -> str:
         parts = [f"{len(self.graphs)} graph(s); {self.cached_flops_fraction:.1%} of one forward's FLOPs "
                  f"({self.cached_block_flops_fraction:.1%} of the blocks' FLOPs) inside the regions that would be cached"]
+        if self.guard is not None:
+            parts.append(f"guard: {self.guard.guard} ({self.guard.why})")
         if self.capture_failed:
             parts.append(f"(tracing with data-dependent ops captured failed: {self.capture_failed}; traced as plain "
                          "torch.compile traces it)")
@@ -73,7 +77,12 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
     frames = frames_argument(model, config, args, kwargs)
     prepare_hooks_for_tracing(model)   # as compile_model: hooks that would break the graph on a first call
 
+    blocks = BlockFrames(model)
+
     def capture(gm: fx.GraphModule, example_inputs):
+        why = block_frame_graph(gm, blocks) if blocks else None
+        if why is not None and result.guard is None:
+            result.guard = GuardChoice(type(model).__name__, "modules", why)
         analysis = analyze(gm.graph, config, frames)
         result.graphs.append(analysis)
         per_node = flops_by_node(gm, example_inputs)
@@ -96,11 +105,15 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
             if not (capture_data_dependent and capture_failed(exc)):
                 raise
             result.graphs.clear(), result.flops.clear(), result.block_flops.clear()
+            result.guard = None
             result.capture_failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
             torch._dynamo.reset()
             _trace(compiled, args, kwargs, False)
     finally:
         model._compiled_call_impl = in_place
+    if result.guard is None:
+        result.guard = GuardChoice(type(model).__name__, "graph", "Dynamo traces its blocks whole" if blocks
+                                   else "no module list of blocks")
     return result
 
 

@@ -95,6 +95,9 @@ T_MODULE_GUARD = "tests/runtime/test_module_guard.py"
 REGIONS = "adacache_fx/passes/analysis/find_regions.py"
 ANALYSIS = "adacache_fx/passes/analysis/__init__.py"
 T_EXTENSION = "tests/runtime/test_extension_points.py"
+T_UPSTREAM = "tests/runtime/test_upstream_constructs.py"
+RESIDUAL_PROBE = "adacache_fx/runtime/residual_probe.py"
+BACKEND = "adacache_fx/backend.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -274,9 +277,31 @@ MUTATIONS = [
                "self.store.branches(0)[0] = self.store.store(")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_calls_not_chained", "a module list whose calls do not feed each other holds no blocks",
-             [(MODULE_BLOCKS, "unchained = {name for name, own in per_container.items() if len(own) > 1",
-               "unchained = {name for name, own in per_container.items() if len(own) > 1e9")],
+             [(MODULE_BLOCKS, "                 if len(own) > 1 and any(c.streams is not None for c in own)",
+               "                 if len(own) > 1e9 and any(c.streams is not None for c in own)")],
              [T_MODULE_GUARD]),
+    Mutation("module_guard_chains_within_one_list", "consecutive calls feeding each other form one region whatever "
+             "list each block belongs to (STDiT3's alternating lists)",
+             [(MODULE_BLOCKS, "        continues = (run and id(call) in fed\n",
+               "        continues = (run and id(call) in fed and call.container == run[-1].container\n")],
+             [T_UPSTREAM]),
+    Mutation("module_guard_side_state_dropped", "a reused block returns the side state it receives (a dict passed "
+             "through)", [(MODULE_GUARD, "values[k] = arguments.get(key)", "values[k] = None")],
+             [T_UPSTREAM]),
+    Mutation("module_guard_probe_other_branch", "the module guard's probe is the probe_branch-th residual on the "
+             "stream (0: the attention's)",
+             [(RESIDUAL_PROBE, "if self.links == self.branch:", "if self.links == self.branch + 1:")],
+             [T_MODULE_GUARD]),
+    Mutation("auto_guard_never_switches", "a model that breaks inside its blocks is guarded at the block calls "
+             "without a mode flag", [(BACKEND, "            if why is not None:   # nothing of this graph is compiled",
+                                      "            if False:   # nothing of this graph is compiled")],
+             [T_MODULE_GUARD, T_UPSTREAM]),
+    Mutation("checkpoint_bodies_not_inlined", "blocks inside torch.utils.checkpoint are seen and cached",
+             [(BACKEND, "work = inline_checkpoints(copy_graph_module(gm))", "work = copy_graph_module(gm)")],
+             [T_UPSTREAM]),
+    Mutation("step_clock_reads_the_first_element", "a per-frame timestep with a pinned clean frame still advances the "
+             "step clock", [(TIMESTEPS, "return math.fsum(values) / len(values)", "return values[0]")],
+             [T_UPSTREAM]),
     Mutation("module_guard_streams_by_position", "a stream passed by keyword on one call and by position on another "
              "is the same stream", [(MODULE_BLOCKS, "bound = signature.bind(*args, **kwargs).arguments if signature is "
                                     "not None else None", "bound = None")],
@@ -284,8 +309,8 @@ MUTATIONS = [
     Mutation("module_guard_side_by_side_chained", "blocks that all take the same input are no chain",
              [(MODULE_BLOCKS, " or value is before.get(was):", ":")],
              [T_MODULE_GUARD]),
-    Mutation("module_guard_probe_is_the_output", "the probe is the block's output delta, not its output",
-             [(MODULE_GUARD, "return (out - inputs[key]).detach()", "return out.detach()")],
+    Mutation("module_guard_probe_is_the_output", "the probe is the residual the block adds, not the stream after it",
+             [(RESIDUAL_PROBE, "residual = other if alpha == 1 else other * alpha", "residual = out")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_forecast_ignored", "a reused step under linear reuse adds the forecast (block guard)",
              [(MODULE_GUARD, "self.call.deltas = self.store.reused_deltas(cache, scheduler.clock.time)",

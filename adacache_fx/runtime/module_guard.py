@@ -19,8 +19,11 @@ decision taken once per model call:
 
 Streams are keyed by the block's parameter names (a stream passed by position on one call and
 by keyword on the next is the same), and the guard keeps no tensor of the observed call.
-The probe is a block's own output delta on its first stream (rule "block delta"): the middle
-block of the longest region, or ``probe_block``. MoReg needs the frame count: ``frames_arg``,
+The probe is the ``probe_branch``-th residual (0: the attention's) that the probe block adds to its
+first stream, as under the graph guard: that block runs its own forward eagerly on computed steps,
+followed by ``residual_probe.StreamResidual`` (its output delta when no such add is seen, said in
+``describe``). The probe block is the middle block of the longest region, or ``probe_block`` (a
+module path, ``"temporal_blocks.1"``, or an index over that region). MoReg needs the frame count: ``frames_arg``,
 with the video tokens frame-major in dim 1 of the probe. The schedule is the scheduler's, with
 the same contract as the graph-level guard: the decision is taken once per model call, before any
 block runs.
@@ -36,12 +39,13 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..passes.analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls, output_tensors,
-                                           tensor_inputs, without_tensors)
+from ..passes.analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls,
+                                                  output_tensors, side_outputs, tensor_inputs, without_tensors)
 from ..errors import AdaCacheConfigError
 from ..passes.analysis.process_group import resolve_process_group
 from ..passes.analysis.resolve_probe import resolve_probe_block
 from .branch_store import BranchCache, BranchStore
+from .residual_probe import StreamResidual, run_with_residual
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class ModuleBlockGuard:
         self.region_flops = 0
         self.total_flops = 0
         self.probe: Optional[tuple] = None   # (region, position in it)
+        self.probe_forward: Optional[Callable] = None   # the probe block's own forward (eager)
         self.timestep_name: Optional[str] = None
         self.call = _Call()
         self.store = BranchStore(runtime, self)   # one model instance: its branches are instance 0's
@@ -106,18 +111,21 @@ class ModuleBlockGuard:
         computed step, whose deltas and probe are kept."""
         calls, handles, depth, flops = [], [], [0], FlopCounterMode(display=False)
         starts: dict = {}
+        recorders: list = []   # the residual recorder of the block call in flight (the probe is not chosen yet)
         for container, members in self.containers.items():
             for index, (path, module) in enumerate(members):
                 handles.append(module.register_forward_pre_hook(
-                    self._pre_hook(depth, flops, starts, path), with_kwargs=True))
+                    self._pre_hook(depth, flops, starts, path, recorders), with_kwargs=True))
                 handles.append(module.register_forward_hook(
-                    self._post_hook(depth, flops, starts, calls, container, index, path), with_kwargs=True))
+                    self._post_hook(depth, flops, starts, calls, container, index, path, recorders), with_kwargs=True))
         try:
             with flops:
                 output = run(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+            while recorders:   # a block that raised: its recorder is still entered
+                recorders.pop().__exit__(None, None, None)
         regions, notes = group_calls(calls)
         self.notes = notes
         if not regions:
@@ -140,19 +148,35 @@ class ModuleBlockGuard:
         self.end_call()
         return output
 
-    def _pre_hook(self, depth, flops, starts, path):
+    def _pre_hook(self, depth, flops, starts, path, recorders):
+        branch = self.runtime.config.probe_branch
+
         def hook(module, args, kwargs):
             depth[0] += 1
             starts[path] = flops.get_total_flops()
+            if depth[0] == 1:   # each floating input may be the stream the block continues: follow all
+                arguments = bind_arguments(_signature(module.forward), args, kwargs)
+                streams = {key: t for key, t in tensor_inputs(arguments) if t.is_floating_point() and t.dim() >= 2}
+                recorders.append(StreamResidual(streams, branch).__enter__())
         return hook
 
-    def _post_hook(self, depth, flops, starts, calls, container, index, path):
+    def _post_hook(self, depth, flops, starts, calls, container, index, path, recorders):
         def hook(module, args, kwargs, output):
             depth[0] -= 1
+            residuals = {}
+            if depth[0] == 0 and recorders:
+                recorder = recorders.pop()
+                recorder.__exit__(None, None, None)
+                residuals = recorder.residuals
             if depth[0] == 0:   # a candidate called inside another one's call is part of that block
                 arguments = bind_arguments(_signature(module.forward), args, kwargs)
-                calls.append(BlockCall(container, index, path, tensor_inputs(arguments), output_tensors(output),
-                                       structure=type(output), flops=flops.get_total_flops() - starts[path]))
+                sides, why_not = side_outputs(output, arguments)
+                if why_not:
+                    why_not = f"{why_not} ({_where(module)})"
+                calls.append(BlockCall(container, index, path, tensor_inputs(arguments),
+                                       None if why_not else output_tensors(output), why_not=why_not, sides=sides,
+                                       structure=type(output), flops=flops.get_total_flops() - starts[path],
+                                       residuals=residuals))
         return hook
 
     def _timestep_argument(self, args, kwargs) -> Optional[str]:
@@ -169,6 +193,12 @@ class ModuleBlockGuard:
         batch = tensors[0].shape[0] if tensors else 1
         found = [name for name, v in bound.items()
                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() <= 1 and v.numel() in (1, batch)]
+        if not found:   # per-frame or per-token timesteps ((B, F), (B, N)): a 2-D / 3-D one named like a timestep
+            found = [name for name, v in bound.items()
+                     if isinstance(v, torch.Tensor) and v.is_floating_point() and 2 <= v.dim() <= 3
+                     and v.shape[0] in (1, batch) and _is_timestep_name(name)]
+        if len(found) > 1:   # the timestep beside fps / height / width conditioning: the one named like it
+            found = [name for name in found if _is_timestep_name(name)] or found
         if len(found) > 1:
             raise AdaCacheConfigError(f"adacache: block_guard='modules': several arguments could be the timestep "
                                       f"({found}); name it with AdaCacheConfig(timestep_arg=...)")
@@ -193,6 +223,8 @@ class ModuleBlockGuard:
                 module = modules[path]
                 signature = _signature(module.forward)
                 self.originals.append((module, module.__dict__.get("forward")))
+                if self.probe == (r, j):   # runs its own forward on computed steps, its residual followed
+                    self.probe_forward = module.forward
                 module.forward = self._guarded_forward(r, j, self.compile_block(module.forward), signature)
         self.region_info = [(region.paths, region.shapes,
                              region.paths[self.probe[1]] if self.probe[0] == r else None)
@@ -204,7 +236,14 @@ class ModuleBlockGuard:
         for r, region in enumerate(regions):
             last = len(region.calls) - 1
             for j, call in enumerate(region.calls):
-                self._record(r, j, last, self.probe == (r, j), call.streams, dict(call.inputs), call.outputs)
+                residual = None
+                if self.probe == (r, j):   # its residual on its stream, followed while the call ran
+                    key = next((k for k in call.streams if k is not None), None)
+                    residual = call.residuals.get(key)
+                    if residual is None:
+                        self.notes.append(f"probe {call.path}: no residual branch {self.runtime.config.probe_branch} "
+                                          "added to its stream was seen; its output delta is the probe")
+                self._record(r, j, last, self.probe == (r, j), call.streams, dict(call.inputs), call.outputs, residual)
 
     # ----- per model call ----------------------------------------------------------
     def begin_call(self, args: tuple, kwargs: dict, frames: Optional[int] = None) -> None:
@@ -249,7 +288,7 @@ class ModuleBlockGuard:
         region = self.regions[r]   # without tensors
         last = len(region.paths) - 1
         region_streams, streams = list(region.streams), region.calls[j].streams
-        structure = region.calls[j].structure
+        structure, sides = region.calls[j].structure, region.calls[j].sides
         is_probe = self.probe == (r, j)
         path = region.paths[j]
 
@@ -257,16 +296,25 @@ class ModuleBlockGuard:
         def forward(*args, **kwargs):
             call = self.call
             if not call.active or call.computing[r]:
-                output = compiled(*args, **kwargs)
-                if call.active:   # the inputs matter to the first block and the probe only
-                    arguments = bind_arguments(signature, args, kwargs) if j == 0 or is_probe else {}
-                    self._record(r, j, last, is_probe, streams, arguments, output)
+                if not (call.active and is_probe):
+                    output = compiled(*args, **kwargs)
+                    if call.active and j == 0:   # the inputs matter to the first block and the probe only
+                        self._record(r, j, last, is_probe, streams, bind_arguments(signature, args, kwargs), output)
+                    elif call.active:
+                        self._record(r, j, last, is_probe, streams, {}, output)
+                    return output
+                arguments = bind_arguments(signature, args, kwargs)
+                output, residual = self._probe_residual(self.probe_forward, streams, arguments, args, kwargs)
+                self._record(r, j, last, is_probe, streams, arguments, output, residual)
                 return output
             arguments = bind_arguments(signature, args, kwargs)
             if j == 0 and not self._reusable(r, arguments):
                 call.computing[r] = True   # the streams changed shape: this region computes (when in doubt)
-                output = compiled(*args, **kwargs)
-                self._record(r, j, last, is_probe, streams, arguments, output)
+                if is_probe:
+                    output, residual = self._probe_residual(self.probe_forward, streams, arguments, args, kwargs)
+                else:
+                    output, residual = compiled(*args, **kwargs), None
+                self._record(r, j, last, is_probe, streams, arguments, output, residual)
                 return output
             if j == 0:   # the region's input, kept for its last block (a copy: glue may work in place)
                 call.reuse_inputs[r] = [None if key is None else (arguments[key] if last == 0 else arguments[key].clone())
@@ -276,6 +324,8 @@ class ModuleBlockGuard:
             else:          # the region's input plus the deltas, whatever glue ran between the blocks
                 deltas = iter(call.deltas[r])
                 values = [None if value is None else value + next(deltas) for value in call.reuse_inputs.pop(r)]
+            for k, key in sides.items():   # side state passed through (a dict the blocks hand on)
+                values[k] = arguments.get(key)
             return _rebuild(structure, values)
 
         return forward
@@ -291,7 +341,14 @@ class ModuleBlockGuard:
                 return False
         return True
 
-    def _record(self, r, j, last, is_probe, streams, arguments: dict, output) -> None:
+    def _probe_residual(self, forward, streams: list, arguments: dict, args: tuple, kwargs: dict) -> tuple:
+        """``(output, residual)`` of the probe block: its ``probe_branch``-th residual on its first stream."""
+        key = next((k for k in streams if k is not None), None)
+        stream = arguments.get(key) if key is not None else None
+        return run_with_residual(forward, stream if isinstance(stream, torch.Tensor) else None,
+                                 self.runtime.config.probe_branch, args, kwargs)
+
+    def _record(self, r, j, last, is_probe, streams, arguments: dict, output, residual=None) -> None:
         call = self.call
         if j == 0:
             self.runners[r].executions += 1
@@ -299,7 +356,7 @@ class ModuleBlockGuard:
         if j == last:
             call.outputs[r] = output_tensors(output)
         if is_probe:
-            call.probe = _block_delta(output_tensors(output), arguments, streams)
+            call.probe = residual if residual is not None else _block_delta(output_tensors(output), arguments, streams)
 
     # ----- after a computed call: deltas, probe, metric -------------------------------
     def _store(self, call: _Call) -> None:
@@ -343,6 +400,20 @@ class ModuleBlockGuard:
                          f"streams {[s for s in region.shapes if s is not None]}{probe}")
         lines.extend(f"not a region: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _where(module: torch.nn.Module) -> str:
+    """``Class.forward at file:line``: where a block that cannot be guarded is written."""
+    forward = type(module).forward
+    try:
+        line = inspect.getsourcelines(forward)[1]
+        return f"{type(module).__name__}.forward at {inspect.getsourcefile(forward)}:{line}"
+    except (OSError, TypeError):
+        return f"{type(module).__name__}.forward"
+
+
+def _is_timestep_name(name: str) -> bool:
+    return "time" in name.lower() or name in ("t", "sigma", "sigmas")
 
 
 def _rebuild(structure: type, values: list):

@@ -171,8 +171,9 @@ class BlockStackReference:
     """What a cached run must return, computed on a private copy of the eager model.
 
     ``block_paths``: the block modules of the model's one cached region, in execution order (each
-    maps its first positional input, the stream, to a tensor of the same shape; models with
-    several regions or tuple-returning blocks need another reference). Computed step: the plain model. Reused step of
+    maps its first positional input, the stream, to a tensor of the same shape, or to a tuple whose
+    first element it is and whose other elements it passes through; models with several regions
+    need another reference). Computed step: the plain model. Reused step of
     branch ``b``: the model with every block replaced by the identity, the last block returning
     ``its input + delta_b``, where ``delta_b`` is the last block's output minus its
     identity-model input at ``b``'s last computed step. That is ``skeleton(input) + delta``
@@ -191,11 +192,13 @@ class BlockStackReference:
     def _hook(self, is_last: bool):
         def hook(module, args, kwargs, out):
             stream = args[0] if args else kwargs["hidden_states"]
+            rest = tuple(out[1:]) if isinstance(out, tuple) else None
+            value = out[0] if rest is not None else out
             if self.mode == "skeleton":
-                out = stream if not is_last or self.delta is None else stream + self.delta
+                value = stream if not is_last or self.delta is None else stream + self.delta
             if is_last:
-                self.last = out
-            return out
+                self.last = value
+            return value if rest is None else (value, *rest)
         return hook
 
     def _run(self, call: Call, mode: str, delta=None):

@@ -6,7 +6,7 @@ names the entry point); caching off is bit-identical to plain ``torch.compile``;
 12 steps computes 1, 2, 5, 8, 11, 12, attention runs in the blocks on those steps only, and every
 step's output is the model's head on (stem + the last computed stack delta), or its linear
 forecast; guidance branches keep their own deltas; MoReg through ``frames_arg`` equals the float64
-reference on the probe block's own delta; no more graph breaks than plain ``torch.compile`` and
+reference on the probe block's attention residual; no more graph breaks than plain ``torch.compile`` and
 nothing compiled in a second generation; bad input raises naming the field; a model with no block
 list runs uncached with a warning."""
 import copy
@@ -105,16 +105,33 @@ def _expected(reference, inputs, grid, context, mask, reuse="constant"):
     return outs
 
 
-def test_no_graph_holds_a_block_and_the_warning_names_the_entry_point():
+def test_no_graph_holds_a_block_and_the_graph_guard_warning_names_the_module_guard():
     model = _model()
     e = explain(model, *make_inputs(2, 500.0))
     assert len(e.graphs) > 1 and not e.regions
     torch._dynamo.reset()
     with pytest.warns(AdaCacheWarning, match="block_guard='modules'"):
         graph_mode = copy.deepcopy(model)
-        compile_model(graph_mode, AdaCacheConfig(num_steps=3), inner="eager")
+        compile_model(graph_mode, AdaCacheConfig(num_steps=3), inner="eager", block_guard="graph")
         with torch.no_grad():
             graph_mode(*make_inputs(2, 500.0))
+
+
+def test_the_default_guard_finds_the_breaks_inside_the_blocks_and_guards_their_calls():
+    """No mode flag: the first call shows that Dynamo breaks inside the blocks, the guard is at
+    their calls, the contract holds, and explain says which guard applies and why."""
+    model = _model()
+    e = explain(model, *make_inputs(2, 500.0))
+    assert e.guard.guard == "modules" and "inside the blocks" in e.guard.why, str(e)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = compile_model(model, AdaCacheConfig(codebook={INF: 3}, num_steps=12, reuse="constant"),
+                                inner="eager")
+        _euler(model, timesteps(12))
+    assert [c.guard for c in backend.guard_choices] == ["modules"]
+    assert backend.report().computed_steps == CONTRACT_12
+    assert not [w for w in caught if "runs uncached" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_caching_off_is_bit_identical_to_plain_compile():
@@ -144,7 +161,8 @@ def test_fixed_schedule_skips_the_blocks_and_reuses_their_delta(reuse):
     report = backend.report()
     assert report.computed_steps == CONTRACT_12
     assert sdpa == len(CONTRACT_12) * 4           # attention ran in the 4 blocks on computed steps only,
-    assert attention_graphs.calls == sdpa         # in their compiled graphs
+    assert attention_graphs.calls == sdpa - len(CONTRACT_12)   # in their compiled graphs, but the probe block's
+    #                                               own forward, run eagerly to follow its residual
     assert report.block_executions == 2 * len(CONTRACT_12)
     assert report.cached_flops_fraction >= 0.9 and len(report.metrics) == 5
     assert report.cache_bytes == (2 if reuse == "linear" else 1) * 2 * 60 * 32 * 4 + 2 * 60 * 32 * 4
@@ -166,7 +184,7 @@ def test_guidance_branches_keep_their_own_deltas():
             torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5, msg=f"branch {branch}, step {step}")
 
 
-def test_moreg_through_frames_arg_equals_the_reference_on_the_probe_block_delta():
+def test_moreg_through_frames_arg_equals_the_reference_on_the_probe_blocks_attention_residual():
     model, reference = _model(), _model()
     backend = _compile(model, codebook={INF: 3}, num_steps=12, frames_arg="x")
     inputs = []
@@ -179,8 +197,10 @@ def test_moreg_through_frames_arg_equals_the_reference_on_the_probe_block_delta(
                 temb, h, ctx = _parts(reference, x, t, context)
                 for i, block in enumerate(reference.blocks):
                     out = block(h, temb, grid, ctx, mask)
-                    if i == 2:   # the middle block of 4: the probe, its own output delta
-                        probes.append((out - h).reshape(2, 3, -1))
+                    if i == 2:   # the middle block of 4: the probe, its attention residual (branch 0)
+                        shift, scale, gate_attn, _gate_mlp = block.ada(temb)[:, None].chunk(4, dim=-1)
+                        residual = gate_attn * block.attention(block.norm1(h) * (1 + scale) + shift, grid, ctx, mask)
+                        probes.append(residual.reshape(2, 3, -1))
                     h = out
     metrics = backend.report().metrics
     assert len(metrics) == 5
@@ -262,22 +282,21 @@ class _TwoTimes(BreakingDiT):
         return super().forward(x, timestep, grid_sizes, context, context_mask) * guidance[:, None, None, None, None]
 
 
-def test_an_ambiguous_timestep_asks_for_timestep_arg():
-    torch.manual_seed(0)
-    model = _TwoTimes(moe_loop=True).eval()
+def test_of_several_timestep_like_arguments_the_one_named_like_a_timestep_is_the_clock():
+    """``timestep`` and ``guidance`` are both one float per row (STDiT3 has ``fps``, ``height``,
+    ``width`` beside its ``timestep``): the one named like a timestep is read, without timestep_arg."""
     x, t, grid, context, mask = make_inputs(2, 500.0)
-    _compile(model, num_steps=3)
-    with pytest.raises(AdaCacheConfigError, match="timestep_arg"):
-        model(x, t, grid, context, mask, guidance=torch.ones(2))
-    torch.manual_seed(0)
-    named = _TwoTimes(moe_loop=True).eval()
-    torch._dynamo.reset()
-    backend = _compile(named, num_steps=3, timestep_arg="timestep", codebook={INF: 1})
-    with torch.no_grad():
-        for step in (900.0, 600.0, 300.0):
-            named(x, torch.full((2,), step), grid, context, mask, guidance=torch.ones(2))
-    assert backend.report().computed_steps == [1, 2, 3]
-    assert backend.scheduler.clock.timestep == 300.0
+    for named in (None, "timestep"):
+        torch.manual_seed(0)
+        model = _TwoTimes(moe_loop=True).eval()
+        torch._dynamo.reset()
+        extra = {"timestep_arg": named} if named else {}
+        backend = _compile(model, num_steps=3, codebook={INF: 1}, **extra)
+        with torch.no_grad():
+            for step in (900.0, 600.0, 300.0):
+                model(x, torch.full((2,), step), grid, context, mask, guidance=torch.ones(2))
+        assert backend.report().computed_steps == [1, 2, 3]
+        assert backend.scheduler.clock.timestep == 300.0
 
 
 # ----- how the blocks are called ----------------------------------------------------------------

@@ -166,7 +166,7 @@ def _caching_cells(name: str, cach: dict | None, xfail: dict) -> tuple:
         detail = f"{len(cach['regions'])} region(s), blocks {regions}, streams {cach['streams']}, probe `{cach['probe']}`"
         if cach.get("guard"):
             plain, ours = cach["dynamo"]["plain"], cach["dynamo"]["ours"]
-            detail = (f"block lists guarded at their calls (`block_guard=\"modules\"`: {cach['guard'][9:]}); "
+            detail = (f"block lists guarded at their calls (chosen on the first call: {cach['guard'][9:]}); "
                       f"{detail}; graph breaks {ours[1]} vs {plain[1]} under plain torch.compile, graphs {ours[0]} vs "
                       f"{plain[0]} (data-dependent ops captured), none compiled in a second generation")
         if cach.get("frame"):

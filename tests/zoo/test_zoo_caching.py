@@ -42,8 +42,8 @@ ALL = os.environ.get("ADACACHE_ZOO_ALL", "") not in ("", "0")
 XFAIL: dict[str, str] = {
 }
 
-#: case -> why no graph holds a whole block, so the block lists are guarded at their calls
-#: (``compile_model(block_guard="modules")``, runtime/module_guard.py) instead of inside a graph.
+#: case -> why no graph holds a whole block, so ``compile_model``'s default guard (``block_guard="auto"``)
+#: must guard its block lists at their calls (runtime/module_guard.py) instead of inside a graph.
 MODULE_GUARD: dict[str, str] = {
     "hidream_image": "the mixture-of-experts dispatch breaks Dynamo's graph inside every block even with "
                      "data-dependent ops captured (`bincount`, then a Python loop over the per-expert token counts), "
@@ -52,8 +52,8 @@ MODULE_GUARD: dict[str, str] = {
 
 
 def compile_options(name) -> dict:
-    """The case's ``compile_model`` options besides its config."""
-    return {"block_guard": "modules"} if name in MODULE_GUARD else {}
+    """The case's ``compile_model`` options besides its config: none (no case names its guard)."""
+    return {}
 
 
 #: cases whose graph breaks (see benchmarks/results/coverage.md): the block stack is in one of the graphs or not.
@@ -166,7 +166,9 @@ def check_module_guard_caching_off(name):
     """``check_caching_off`` under the module-level guard, which must find every block list of the
     case as a region (so every block's FLOPs are inside the regions). Returns the guard."""
     case = get_case(name)
-    guard = check_caching_off(name).graphs[0]
+    backend = check_caching_off(name)
+    assert [c.guard for c in backend.guard_choices] == ["modules"], backend.guard_choices
+    guard = backend.graphs[0]
     assert sorted({r.container for r in guard.regions}) == sorted(case.block_lists), guard.describe()
     assert sum(len(r.paths) for r in guard.regions) == case.num_blocks, guard.describe()
     return guard

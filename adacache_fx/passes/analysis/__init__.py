@@ -146,9 +146,9 @@ def _pass_find_blocks(a: GraphAnalysis) -> None:
             + (f" It holds ops of {fragment} but no whole block." if fragment else ""),
             todo="If the model breaks Dynamo's graph inside its blocks" + _last_graph_break() + ", the stack "
             "reaches the backend in fragments: compile with adacache_fx.compile_model(model, config), "
-            "which captures .item(), .tolist() and nonzero into the graph (a Python branch or loop on a "
-            "tensor's value, which no capture keeps in the graph, needs compile_model(model, config, "
-            "block_guard='modules'), which guards the block lists at their calls across graph breaks); "
+            "which captures .item(), .tolist() and nonzero into the graph and, where a Python branch or loop on "
+            "a tensor's value still breaks it inside the blocks, guards the block lists at their calls (its "
+            "default block_guard='auto' finds out; block_guard='modules' forces it); "
             "torch._dynamo.explain(model)(*inputs) lists the breaks"))
 
 

@@ -18,13 +18,21 @@ graph), no graph does, and the blocks are found on the module tree and at their 
                  elements exactly equal: HiDream-Image appends each block's own text states to the
                  stream and slices them off after, so only part of the stream is passed on
                  unchanged) and is not the previous call's own input (blocks side by side)
-    group        consecutive calls of one container's members in container order, each feeding
-                 the next, whose every tensor output has a stream form a region; its streams are
-                 the first call's inputs that the last call's outputs continue. A container
-                 called several times whose calls never feed each other holds no blocks (per-layer
+    group        consecutive calls, each feeding the next, whose every tensor output has a stream
+                 form a region, whatever list each member belongs to (STDiT3 alternates
+                 ``spatial_blocks.i`` and ``temporal_blocks.i``); its streams are the first call's
+                 inputs that the last call's outputs continue. A container called several times
+                 whose calls neither feed nor are fed by any call holds no blocks (per-layer
                  projections of the text); one called once is a list of one block
+    sides        an output that is no tensor (a dict of side state, Open-Sora's ``ada_dict``) must
+                 be one of the call's arguments, passed through: a reused step returns what the
+                 block receives there; state a block makes cannot be given back without running it
 
 Before (observed calls)                      After (regions)
+    spatial_blocks.0 (x, y, t, d) -> (x', d)     region 0: spatial_blocks.0, temporal_blocks.0,
+    temporal_blocks.0 (x', y, t, d) -> (x'', d)            spatial_blocks.1 ..., stream (x)
+    spatial_blocks.1 (x'', y, t, d) -> ...
+
     double_blocks.0 (h, enc) -> (h', enc')       region 0: double_blocks.0 .. 1, streams (h, enc)
     double_blocks.1 (h', cat(enc', t)) -> ...    region 1: single_blocks.0 .. 1, stream (x)
     single_blocks.0 (cat(h, enc)) -> x'
@@ -95,13 +103,34 @@ def tensor_inputs(arguments: dict) -> list:
 
 
 def output_tensors(output) -> Optional[list]:
-    """A block's outputs as a list (tensors and None), or None when the structure is not a
-    tensor or a tuple / list of them."""
+    """A block's outputs as a list of tensors, with None for every other element (a None, or side
+    state such as a dict passed through: ``side_outputs``), or None when the structure is not a
+    tensor or a tuple / list."""
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in output):
-        return list(output)
+    if isinstance(output, (tuple, list)):
+        return [o if isinstance(o, torch.Tensor) else None for o in output]
     return None
+
+
+def side_outputs(output, arguments: dict) -> tuple:
+    """``(sides, why_not)``: for each element of a tuple / list output that is neither a tensor
+    nor None, the key of the argument it is (side state the block receives and returns, as
+    Open-Sora's ``ada_dict``): a reused step returns what the block receives there. An element
+    that is no argument (state the block makes) cannot be given back without running the block:
+    ``why_not`` says so."""
+    sides: dict = {}
+    if not isinstance(output, (tuple, list)):
+        return sides, ""
+    for k, value in enumerate(output):
+        if value is None or isinstance(value, torch.Tensor):
+            continue
+        key = next((key for key, arg in arguments.items() if arg is value), None)
+        if key is None:
+            return {}, (f"its output {k} ({type(value).__name__}) is neither a tensor nor one of its "
+                        "arguments passed through")
+        sides[k] = key
+    return sides, ""
 
 
 @dataclass
@@ -117,6 +146,8 @@ class BlockCall:
     why_not: str = ""              # why it is no block call (no stream for an output, ...)
     structure: type = tuple        # the type of the block's output (a tensor, a tuple, a list)
     flops: int = 0                 # FLOPs of the call (torch.utils.flop_counter)
+    sides: dict = field(default_factory=dict)   # output position -> the argument key it passes through
+    residuals: dict = field(default_factory=dict)   # input key -> the probe_branch-th residual added to it
 
 
 @dataclass
@@ -133,7 +164,10 @@ class ModuleRegion:
 def match_streams(call: BlockCall) -> None:
     """Set ``call.streams``: for each tensor output, the input it continues."""
     if call.outputs is None:
-        call.why_not = "its output is not a tensor or a tuple of tensors"
+        call.why_not = call.why_not or "its output is not a tensor or a tuple / list"
+        return
+    if not any(o is not None for o in call.outputs):
+        call.why_not = "its output holds no tensor"
         return
     used: set = set()
     streams = []
@@ -178,37 +212,50 @@ def _equal_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(equal.float().mean()) if a.numel() else 0.0
 
 
+def _links(calls: list) -> tuple:
+    """``(fed, feeding)``: ids of the calls fed by the call before them, and of the calls feeding the next."""
+    links = [(p, c) for p, c in zip(calls, calls[1:])
+             if c.streams is not None and p.streams is not None and _feeds(p, c)]
+    return {id(c) for _p, c in links}, {id(p) for p, _c in links}
+
+
 def group_calls(calls: list) -> tuple:
     """``(regions, notes)``: the regions of an observed forward's calls, and why the other
     calls are none."""
     for call in calls:
         match_streams(call)
-    fed = {id(c) for p, c in zip(calls, calls[1:])
-           if c.streams is not None and p.streams is not None and p.container == c.container and _feeds(p, c)}
+    # consecutive calls, whatever list each member belongs to (spatial and temporal blocks alternate)
+    fed, feeding = _links(calls)
     per_container: dict = {}
     for call in calls:
         per_container.setdefault(call.container, []).append(call)
-    unchained = {name for name, own in per_container.items() if len(own) > 1 and not any(id(c) in fed for c in own)}
+    # a list called several times whose calls neither feed nor are fed by any call (per-layer
+    # projections called between the blocks); lists whose calls are no block calls say why below
+    unchained = {name for name, own in per_container.items()
+                 if len(own) > 1 and any(c.streams is not None for c in own)
+                 and not any(id(c) in fed or id(c) in feeding for c in own)}
     notes = [f"{name}: its {len(per_container[name])} calls do not feed each other (no call's streams hold the "
              "previous call's outputs; no block list)" for name in sorted(unchained)]
     calls = [c for c in calls if c.container not in unchained]
+    fed, _feeding = _links(calls)   # the blocks on either side of those calls are consecutive now
     regions, run = [], []
 
     def close():
         if run:
             first, last = run[0], run[-1]
             shapes = [tuple(o.shape) if o is not None else None for o in last.outputs]
-            regions.append(ModuleRegion(container=first.container, paths=[c.path for c in run],
+            containers = list(dict.fromkeys(c.container for c in run))
+            regions.append(ModuleRegion(container=" + ".join(containers), paths=[c.path for c in run],
                                         streams=list(first.streams), shapes=shapes, calls=list(run)))
             run.clear()
 
     for call in calls:
         if call.streams is None:
             close()
-            notes.append(f"{call.path}: {call.why_not}")
+            if not any(note.endswith(f": {call.why_not}") and note.startswith(call.container) for note in notes):
+                notes.append(f"{call.path}: {call.why_not}")   # once per list and reason
             continue
-        continues = (run and call.container == run[-1].container and call.index == run[-1].index + 1
-                     and id(call) in fed
+        continues = (run and id(call) in fed
                      and len(call.outputs) == len(run[-1].outputs)
                      and [s is None for s in call.streams] == [s is None for s in run[-1].streams]
                      and all(o is None or o.shape == p.shape for o, p in zip(call.outputs, run[-1].outputs)))
@@ -228,4 +275,4 @@ def group_calls(calls: list) -> tuple:
 def without_tensors(region: ModuleRegion) -> ModuleRegion:
     """``region`` keeping only what the guard reads (streams, structures, shapes): the observed
     call's tensors are not held for the model's lifetime."""
-    return replace(region, calls=[replace(c, inputs=[], outputs=None) for c in region.calls])
+    return replace(region, calls=[replace(c, inputs=[], outputs=None, residuals={}) for c in region.calls])

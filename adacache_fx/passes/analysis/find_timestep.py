@@ -82,7 +82,8 @@ def find_timestep(graph: fx.Graph, timestep_arg: Optional[str] = None) -> Option
     if not candidates:
         # Per-frame or per-token timesteps ((B, F), (B, 1, F), (B, N): diffusion forcing,
         # frame-autoregressive video models): a 2-D or 3-D input that feeds a sinusoid,
-        # preferably one named like a timestep; the step clock reads its first element.
+        # preferably one named like a timestep; the step clock reads it as a whole
+        # (runtime/timestep_source.step_value: a pinned clean frame still advances it).
         candidates = [n for n in placeholders if _is_small_tensor(n) and _reaches_sinusoid(n)]
         if not candidates:
             return None
