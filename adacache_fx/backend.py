@@ -110,7 +110,7 @@ class AdaCacheBackend:
             return self._uncached(gm, analysis.why_uncacheable())
         rewritten = rewrite(work, analysis, forecast_terms=forecaster_class(self.config.reuse).terms)
         pieces = compile_pieces(rewritten, example_inputs, self._inner)
-        cached = guard_graph(rewritten, pieces, self.runtime)
+        cached = guard_graph(rewritten, pieces, self.runtime, owner=traced_owner())
         self.graphs.append(cached)
         logger.debug("adacache: rewrote graph\n%s", analysis.describe())
         return cached
@@ -205,6 +205,22 @@ class AdaCacheBackend:
             if found is not None:
                 return found
         raise ValueError(f"report(model): this backend has not run {type(model).__name__} (or not with its weights)")
+
+
+def traced_owner():
+    """What Dynamo is tracing the graph handed to the backend from: the class of the frame's
+    ``self`` (a model's ``forward`` and its resume functions after a graph break share it), else
+    the frame's code; None outside a trace. Each owner numbers its model instances
+    (``RuntimeState.instance``), so two model classes on one backend never share a schedule."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    owner = tx.f_locals.get("self") if isinstance(getattr(tx, "f_locals", None), dict) else None
+    if isinstance(owner, torch.nn.Module):
+        return type(owner)
+    code = tx.f_code
+    return (code.co_filename, code.co_name.split("torch_dynamo_resume_in_")[-1].rsplit("_at_", 1)[0])
 
 
 def adacache_backend(config: Optional[AdaCacheConfig] = None, inner: Union[str, Callable] = "inductor",

@@ -5,6 +5,7 @@ Diffusion Transformers", arXiv 2411.02397 (https://arxiv.org/abs/2411.02397).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
@@ -130,6 +131,14 @@ class AdaCacheConfig:
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
+        preset: ``"fast"`` / ``"slow"`` when the codebook is that official preset (set by
+            :meth:`fast` / :meth:`slow`): a generation of another step count (the pipeline's
+            ``num_inference_steps``, ``backend.set_num_steps``) uses the preset at its own count
+            (:meth:`codebook_for`). ``None`` (an explicit codebook, a calibrated one): the codebook
+            as given, at every step count. A codebook that is not the preset's at ``num_steps``
+            (``dataclasses.replace`` of a preset with another codebook or step count) clears it.
+        fitted_steps: the step count a calibrated codebook was fitted at (set by
+            :func:`adacache_fx.calibrate`): a generation of another step count warns, with both.
     """
 
     codebook: dict = field(default_factory=lambda: dict(CODEBOOK_30_SLOW))
@@ -155,8 +164,15 @@ class AdaCacheConfig:
     guidance_in_batch: int = field(default=1, metadata=SHAPES_GRAPHS)
     first_computed_steps: int = 1
     last_computed_steps: int = 2
+    preset: Optional[str] = None
+    fitted_steps: Optional[int] = None
 
     def __post_init__(self):
+        if self.preset not in (None, "fast", "slow"):
+            raise ValueError(f"preset must be 'fast', 'slow' or None, got {self.preset!r}")
+        if self.fitted_steps is not None and (not isinstance(self.fitted_steps, int) or isinstance(self.fitted_steps, bool)
+                                              or self.fitted_steps < 1):
+            raise ValueError(f"fitted_steps must be a positive integer or None, got {self.fitted_steps!r}")
         if not isinstance(self.codebook, dict) or not self.codebook:
             raise ValueError(f"codebook must be a non-empty dict {{threshold: rate}}, got {self.codebook!r}")
         thresholds = list(self.codebook.keys())
@@ -169,6 +185,9 @@ class AdaCacheConfig:
             if not isinstance(rate, int) or isinstance(rate, bool) or rate < 1:
                 raise ValueError(f"codebook rates must be positive integers, got {rate!r}")
         self.codebook = {float(k): int(v) for k, v in self.codebook.items()}
+        if self.preset is not None and (self.num_steps is None
+                                        or self.codebook != preset_codebook(self.preset, self.num_steps)):
+            self.preset = None   # not the preset's codebook (replaced): literal from now on
         if self.num_steps is not None and (not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer or None, got {self.num_steps!r}")
         if self.moreg_window is not None:
@@ -253,13 +272,30 @@ class AdaCacheConfig:
     # ----- presets -------------------------------------------------------------
     @classmethod
     def fast(cls, num_steps: int = 30, **overrides) -> "AdaCacheConfig":
-        """AdaCache-fast: the official fast codebook for ``num_steps`` (see ``preset_codebook``)."""
-        return cls(codebook=preset_codebook("fast", _check_steps(num_steps)), num_steps=num_steps, **overrides)
+        """AdaCache-fast: the official fast codebook, at ``num_steps`` and at the step count of each
+        generation that says its own (see ``preset_codebook``, ``preset``)."""
+        return cls._preset("fast", num_steps, overrides)
 
     @classmethod
     def slow(cls, num_steps: int = 30, **overrides) -> "AdaCacheConfig":
-        """AdaCache-slow: the official slow codebook for ``num_steps`` (see ``preset_codebook``)."""
-        return cls(codebook=preset_codebook("slow", _check_steps(num_steps)), num_steps=num_steps, **overrides)
+        """AdaCache-slow: the official slow codebook, at ``num_steps`` and at the step count of each
+        generation that says its own (see ``preset_codebook``, ``preset``)."""
+        return cls._preset("slow", num_steps, overrides)
+
+    @classmethod
+    def _preset(cls, speed: str, num_steps: int, overrides: dict) -> "AdaCacheConfig":
+        values = {"codebook": preset_codebook(speed, _check_steps(num_steps)), "num_steps": num_steps,
+                  "preset": speed, **overrides}
+        if "codebook" in overrides:   # an explicit codebook stays literal
+            values["preset"] = overrides.get("preset")
+        return cls(**values)
+
+    def codebook_for(self, num_steps: Optional[int]) -> dict:
+        """The codebook in force for a generation of ``num_steps``: the preset at that count when
+        the config is a preset (``fast`` / ``slow``), else the codebook as given."""
+        if self.preset is None or num_steps is None or num_steps == self.num_steps:
+            return self.codebook
+        return _preset_codebook_cached(self.preset, num_steps)
 
     @classmethod
     def no_cache(cls, num_steps: Optional[int] = None, **overrides) -> "AdaCacheConfig":
@@ -278,6 +314,11 @@ class AdaCacheConfig:
         if num_steps is None:
             return None
         return default_moreg_window(num_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _preset_codebook_cached(speed: str, num_steps: int) -> dict:
+    return preset_codebook(speed, num_steps)
 
 
 def _check_steps(num_steps) -> int:

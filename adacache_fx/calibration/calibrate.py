@@ -124,7 +124,9 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
             chosen, met = _meet_fraction(options, computed_fraction, evaluate, max_checks)
         else:
             chosen, met = _meet_psnr(options, min_psnr, evaluate, max_checks)
-        config = scaled(family, chosen.scale, chosen.max_rate)
+        # the step count it was fitted at (a generation of another count warns)
+        fitted = max(set(t.num_steps for t in trajectories), key=[t.num_steps for t in trajectories].count)
+        config = scaled(family, chosen.scale, chosen.max_rate, fitted_steps=fitted)
         result = CalibrationResult(
             config=config, target={"computed_fraction": computed_fraction} if computed_fraction is not None
             else {"min_psnr": min_psnr}, met=met, threshold_scale=chosen.scale, max_rate=chosen.max_rate,

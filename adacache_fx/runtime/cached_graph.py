@@ -127,8 +127,9 @@ class CachedGraph:
 
     def __init__(self, *, top, regions: dict, layout: GraphLayout, runtime: RuntimeState,
                  process_group=None, region_info: Optional[list] = None, probe_positions: Optional[dict] = None,
-                 sub_batch=None, flops=None):
+                 sub_batch=None, flops=None, owner=None):
         self.top = top
+        self.owner = owner             # the class (or function) Dynamo traced this graph from: RuntimeState.instance
         self.layout = layout
         self.runtime = runtime
         self.process_group = process_group
@@ -181,13 +182,15 @@ class CachedGraph:
 
     # ----- which model, which step ----------------------------------------------
     def _instance(self, args) -> int:
+        """The backend-wide model instance of this call: by the graph's first weight, numbered in
+        order of first call within the graph's owner (``RuntimeState.instance``)."""
         index = self.layout.parameter_index
         if index is None:
-            return 0
+            return self.runtime.instance((self.owner, 0))
         weight = args[index]
         entry = self._instances.get(id(weight))
         if entry is None or entry[0]() is not weight:
-            entry = (weakref.ref(weight), len(self._instances))
+            entry = (weakref.ref(weight), self.runtime.instance((self.owner, len(self._instances))))
             self._instances[id(weight)] = entry
         return entry[1]
 

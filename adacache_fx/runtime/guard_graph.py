@@ -20,8 +20,9 @@ from .state import RuntimeState
 logger = logging.getLogger("adacache_fx")
 
 
-def guard_graph(rw: Rewrite, pieces, runtime: RuntimeState) -> CachedGraph:
-    """The guarded callable of rewritten graph ``rw`` whose pieces ``pieces`` are compiled."""
+def guard_graph(rw: Rewrite, pieces, runtime: RuntimeState, owner=None) -> CachedGraph:
+    """The guarded callable of rewritten graph ``rw`` whose pieces ``pieces`` are compiled;
+    ``owner``: the class (or function) Dynamo traced it from (each owner numbers its instances)."""
     analysis, config = rw.analysis, runtime.config
     if analysis.timestep is None and config.num_steps is None:
         raise AdaCacheConfigError(
@@ -59,7 +60,8 @@ def guard_graph(rw: Rewrite, pieces, runtime: RuntimeState) -> CachedGraph:
     # graph breaks, a fragment without the model's collectives must not choose it).
     cached = CachedGraph(top=pieces.top, regions=pieces.regions, layout=layout, runtime=runtime,
                          process_group=analysis.process_group, region_info=info,
-                         probe_positions=probe_positions, sub_batch=sub_batch, flops=pieces.count_flops)
+                         probe_positions=probe_positions, sub_batch=sub_batch, flops=pieces.count_flops,
+                         owner=owner)
     if pieces.reuse_step is not None:
         cached.fuse_reused_steps(pieces.reuse_step, rw.fused.delta_inputs, rw.fused.terms)
     return cached

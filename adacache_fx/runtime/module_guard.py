@@ -97,7 +97,8 @@ class ModuleBlockGuard:
         self.probe_forward: Optional[Callable] = None   # the probe block's own forward (eager)
         self.timestep_name: Optional[str] = None
         self.call = _Call()
-        self.store = BranchStore(runtime, self)   # one model instance: its branches are instance 0's
+        self.instance = runtime.instance((self, 0))   # one model instance: its own backend-wide schedule
+        self.store = BranchStore(runtime, self)
         self.originals: list = []      # (block, its forward attribute before install or None): the undo record
         if not self.containers:
             raise AdaCacheConfigError(
@@ -250,7 +251,7 @@ class ModuleBlockGuard:
         """The step's decision, taken once for the whole call, before any block runs."""
         if not self.regions:   # nothing to guard: the model runs as compiled
             return
-        scheduler = self.runtime.scheduler(0)
+        scheduler = self.runtime.scheduler(self.instance)
         if scheduler.process_group is None:   # "auto": the world (no graph holds the model's collectives)
             scheduler.process_group = resolve_process_group(self.runtime.config.process_group)
         value = None
@@ -258,7 +259,7 @@ class ModuleBlockGuard:
             value = self.signature.bind_partial(*args, **kwargs).arguments.get(self.timestep_name)
         timestep = self.runtime.timesteps.timestep(value)
         decision = scheduler.begin_call(timestep, key=self)
-        cache = self.store.branches(0).get(decision.branch)
+        cache = self.store.branches(self.instance).get(decision.branch)
         valid = (cache is not None and cache.generation == decision.generation
                  and cache.step == scheduler.last_computed_step)
         compute = decision.compute or not valid
@@ -360,7 +361,7 @@ class ModuleBlockGuard:
 
     # ----- after a computed call: deltas, probe, metric -------------------------------
     def _store(self, call: _Call) -> None:
-        scheduler = self.runtime.scheduler(0)
+        scheduler = self.runtime.scheduler(self.instance)
         deltas = []
         for r in range(len(self.regions)):
             ins, outs = call.inputs.get(r), call.outputs.get(r)
@@ -370,7 +371,7 @@ class ModuleBlockGuard:
                 return
             deltas.append([(o - i).detach() for i, o in zip(ins, outs) if i is not None])
         frames, stride = call.frames, self.runtime.config.moreg_stride
-        self.store.branches(0)[call.decision.branch] = self.store.store(
+        self.store.branches(self.instance)[call.decision.branch] = self.store.store(
             scheduler, call.decision, call.cache, deltas, call.probe, lambda probe: _probe_view(probe, frames, stride), [])
 
     # ----- the interface of CachedGraph that the backend's report and reset read ---------
@@ -378,7 +379,7 @@ class ModuleBlockGuard:
         self.store.reset()
 
     def cache_bytes(self, instance: Optional[int] = None) -> int:
-        return self.store.nbytes() if instance in (None, 0) else 0
+        return self.store.nbytes() if instance in (None, self.instance) else 0
 
     def uninstall(self) -> None:
         """Give every guarded block its own forward back (the undo record of ``_install``)."""
@@ -390,7 +391,7 @@ class ModuleBlockGuard:
         self.originals = []
 
     def instance_of(self, weights) -> Optional[int]:
-        return 0 if any(id(w) in self._weights for w in weights) else None
+        return self.instance if any(id(w) in self._weights for w in weights) else None
 
     def describe(self) -> str:
         lines = [f"block guard (modules): {len(self.regions)} region(s)"]

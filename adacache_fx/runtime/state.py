@@ -4,9 +4,11 @@ timesteps come from.
 Dynamo reuses one compiled graph for every instance of a model class whose backends compare
 equal (every ``torch.compile(m, backend="adacache")`` does), so a graph cannot own a schedule.
 Each ``CachedGraph`` numbers the model instances it sees by their weights, in order of first
-call, and asks this state for instance ``i``'s schedule: the fragments of one model (graph
-breaks) all see it as the same instance and share its schedule; two models served side by side
-get one each.
+call, within its owner (the class whose ``forward`` Dynamo traced it from); the fragments of one
+model (graph breaks) share the owner and the numbering, so they share the schedule. This state
+turns ``(owner, that number)`` into one backend-wide model instance (:meth:`instance`): two
+models of different classes on one backend, or two instances of one class, each get their own
+schedule, whatever graph they run and in whatever order they were compiled.
 """
 from __future__ import annotations
 
@@ -23,9 +25,17 @@ class RuntimeState:
         self.config = config
         self.timesteps = TimestepSource()
         self.schedulers: list = []
+        self.instances: dict = {}   # (owner, the owner's own instance number) -> backend-wide instance
         self.last_instance = 0
         self.requested_num_steps: Optional[int] = None
         self.recorder = None   # a calibration.TrajectoryRecorder while adacache_fx.calibrate records
+
+    def instance(self, key) -> int:
+        """The backend-wide model instance of ``key`` (``(owner, number)``), numbered on first use."""
+        found = self.instances.get(key)
+        if found is None:
+            found = self.instances[key] = len(self.instances)
+        return found
 
     def scheduler(self, instance: int):
         """Instance ``instance``'s schedule: an ``AdaCacheScheduler``, or with ``per_sample`` a

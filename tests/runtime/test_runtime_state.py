@@ -4,6 +4,8 @@ without host reads of the timestep, and one schedule per compiled model instance
 Each test failed before its fix (set_num_steps was lost on reset; every call read the timestep
 on the host; every model compiled with backend="adacache" shared one scheduler)."""
 import contextlib
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -228,3 +230,104 @@ def test_pipeline_clock_reads_no_timestep_and_matches_reading_it(scheduler_name)
     backend.runtime.timesteps.source = source
     assert torch.equal(generate(), clocked)             # a second generation through the clock
     assert backend.report().computed_steps == computed
+
+
+class _OtherDiT(ToyDiT):
+    """Another model class with ToyDiT's forward: its own graph, owner and schedule."""
+
+
+def test_two_model_classes_on_one_backend_keep_their_own_schedules():
+    """Two classes compiled with one backend, called in turn, the second starting its generation
+    while the first is in the middle of its own: each computes the steps it computes alone and
+    returns what it returns alone (both graphs number their first model 0: the backend tells
+    them apart by the class each graph was traced from)."""
+    config = AdaCacheConfig(codebook={INF: 3}, num_steps=12)
+    steps_a = timesteps(12)
+    steps_b = [t - 37.0 for t in timesteps(12)]
+    make = (lambda: _model(0), lambda: seeded(_OtherDiT().eval(), 5))
+
+    solo = []
+    for build, steps, seed in ((make[0], steps_a, 0), (make[1], steps_b, 5)):
+        torch._dynamo.reset()
+        b = adacache_backend(config, inner="eager")
+        solo.append(_euler(torch.compile(build(), backend=b), steps, _x(seed)) + (b.report().computed_steps,))
+
+    torch._dynamo.reset()
+    backend = adacache_backend(config, inner="eager")
+    model_a, model_b = make[0](), make[1]()
+    compiled_a, compiled_b = torch.compile(model_a, backend=backend), torch.compile(model_b, backend=backend)
+    xa, xb = _x(0), _x(5)
+    outs_a, outs_b = [], []
+    grid_a, grid_b = steps_a + [0.0], [steps_b[0]] * 3 + steps_b + [0.0]
+    with torch.no_grad():
+        for k in range(12):
+            va = compiled_a(xa, torch.full((2,), grid_a[k]))
+            xa = xa + (grid_a[k + 1] - grid_a[k]) / 1000.0 * va
+            outs_a.append(va)
+            if k >= 3:   # b starts 3 calls later
+                vb = compiled_b(xb, torch.full((2,), grid_b[k]))
+                xb = xb + (grid_b[k + 1] - grid_b[k]) / 1000.0 * vb
+                outs_b.append(vb)
+        for k in range(12, 15):
+            vb = compiled_b(xb, torch.full((2,), grid_b[k]))
+            xb = xb + (grid_b[k + 1] - grid_b[k]) / 1000.0 * vb
+            outs_b.append(vb)
+    assert len(backend.graphs) == 2
+    assert backend.report(model_a).computed_steps == solo[0][2] == CONTRACT_12
+    assert backend.report(model_b).computed_steps == solo[1][2] == CONTRACT_12
+    _assert_same_generation((xa, outs_a), solo[0][:2])
+    _assert_same_generation((xb, outs_b), solo[1][:2])
+
+
+def test_a_dropped_model_is_freed():
+    import gc
+    import weakref
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="eager")
+    model = _model(0)
+    compiled = torch.compile(model, backend=backend)
+    _euler(compiled, timesteps(12), _x())
+    ref = weakref.ref(model)
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model, compiled
+    torch._dynamo.reset()   # Dynamo's own code cache holds the compiled frame's guards
+    gc.collect()
+    assert ref() is None and all(w() is None for w in weights)
+
+
+# ----- presets follow the generation's step count ---------------------------------------------------
+def _computed_steps(config, steps, set_num_steps=None):
+    torch._dynamo.reset()
+    backend = adacache_backend(config, inner="eager")
+    model = torch.compile(_model(3), backend=backend)
+    if set_num_steps is not None:
+        backend.set_num_steps(set_num_steps)
+    x, _outs = _euler(model, timesteps(steps), _x(3))
+    return backend.report().computed_steps, x
+
+
+def test_a_preset_follows_the_generations_step_count_an_explicit_codebook_stays_literal():
+    from adacache_fx.config import preset_codebook
+    at_50, x_50 = _computed_steps(AdaCacheConfig.fast(50), 50)
+    followed, x_followed = _computed_steps(AdaCacheConfig.fast(30), 50, set_num_steps=50)
+    literal, _x_literal = _computed_steps(AdaCacheConfig(codebook=preset_codebook("fast", 30), num_steps=30), 50,
+                                          set_num_steps=50)
+    assert followed == at_50 and torch.equal(x_followed, x_50)
+    assert literal != at_50   # the 30-step codebook at 50 steps computes another schedule
+    assert AdaCacheConfig.fast(30).codebook_for(50) == preset_codebook("fast", 50)
+    assert AdaCacheConfig.fast(30, codebook={INF: 3}).preset is None
+    assert AdaCacheConfig.from_dict(AdaCacheConfig.slow(20).to_dict()).preset == "slow"
+
+
+def test_a_calibrated_codebook_used_at_another_step_count_warns_with_both_counts():
+    from adacache_fx import AdaCacheWarning
+    from adacache_fx.runtime.policies import base as policy_base
+    policy_base._warned_counts.clear()
+    config = AdaCacheConfig(codebook={0.1: 3, INF: 1}, num_steps=12, fitted_steps=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdaCacheWarning)
+        _computed_steps(config, 12)   # at its own count: no warning
+    with pytest.warns(AdaCacheWarning, match="calibrated at 12 steps and this generation has 20"):
+        _computed_steps(config, 20, set_num_steps=20)
+    # a preset replaced by another codebook is literal from then on (calibration's fits are)
+    assert dataclasses.replace(AdaCacheConfig.fast(30), codebook={INF: 2}).preset is None
+    assert dataclasses.replace(AdaCacheConfig.fast(30), num_steps=50).preset is None

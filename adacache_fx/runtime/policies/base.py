@@ -16,10 +16,13 @@ registered by name (``policies/registry.py``) and chosen with ``AdaCacheConfig(p
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ...errors import AdaCacheWarning
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Policy:
         """Whether step ``step`` computes (called once per step, after the previous step's sums
         were concluded)."""
         cfg = self.config
+        if step == 1 and num_steps is not None and cfg.fitted_steps not in (None, num_steps):
+            _warn_fitted_steps(cfg.fitted_steps, num_steps)
         forced = step <= cfg.first_computed_steps or (num_steps is not None and step > num_steps - cfg.last_computed_steps)
         compute = forced or step >= self.next_compute_step
         if compute:
@@ -109,3 +114,16 @@ class Policy:
     def measure(self, pending: PendingMetric, sums: list, num_steps: Optional[int]) -> StepMetric:
         """The step's metric and rate from its five host sums: what a policy decides."""
         raise NotImplementedError(f"{type(self).__name__}.measure")
+
+
+_warned_counts: set = set()
+
+
+def _warn_fitted_steps(fitted: int, num_steps: int) -> None:
+    """Once per pair: a calibrated codebook used at another step count than it was fitted at."""
+    if (fitted, num_steps) in _warned_counts:
+        return
+    _warned_counts.add((fitted, num_steps))
+    warnings.warn(f"adacache: this codebook was calibrated at {fitted} steps and this generation has {num_steps}: "
+                  "its thresholds and rates were fitted to that step count; calibrate again at "
+                  f"{num_steps} steps (or use the presets, which follow the step count)", AdaCacheWarning, stacklevel=4)
