@@ -98,6 +98,7 @@ T_EXTENSION = "tests/runtime/test_extension_points.py"
 T_UPSTREAM = "tests/runtime/test_upstream_constructs.py"
 RESIDUAL_PROBE = "adacache_fx/runtime/residual_probe.py"
 BACKEND = "adacache_fx/backend.py"
+CONFIG = "adacache_fx/config.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -299,6 +300,12 @@ MUTATIONS = [
     Mutation("checkpoint_bodies_not_inlined", "blocks inside torch.utils.checkpoint are seen and cached",
              [(BACKEND, "work = inline_checkpoints(copy_graph_module(gm))", "work = copy_graph_module(gm)")],
              [T_UPSTREAM]),
+    Mutation("two_classes_share_a_schedule", "two model classes on one backend keep their own schedules",
+             [(BACKEND, "owner=traced_owner())", "owner=None)")],
+             [T_STATE]),
+    Mutation("preset_frozen_at_construction", "a preset follows the generation's step count",
+             [(CONFIG, "        return _preset_codebook_cached(self.preset, num_steps)", "        return self.codebook")],
+             [T_STATE]),
     Mutation("step_clock_reads_the_first_element", "a per-frame timestep with a pinned clean frame still advances the "
              "step clock", [(TIMESTEPS, "return math.fsum(values) / len(values)", "return values[0]")],
              [T_UPSTREAM]),
