@@ -273,9 +273,10 @@ MUTATIONS = [
                "if not call.active or call.computing[r] or j > 0:")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_branches_share_one_cache", "each guidance branch keeps its own deltas (block guard)",
-             [(MODULE_GUARD, "cache = self.store.branches(0).get(decision.branch)", "cache = self.store.branches(0).get(0)"),
-              (MODULE_GUARD, "self.store.branches(0)[call.decision.branch] = self.store.store(",
-               "self.store.branches(0)[0] = self.store.store(")],
+             [(MODULE_GUARD, "cache = self.store.branches(self.instance).get(decision.branch)",
+               "cache = self.store.branches(self.instance).get(0)"),
+              (MODULE_GUARD, "self.store.branches(self.instance)[call.decision.branch] = self.store.store(",
+               "self.store.branches(self.instance)[0] = self.store.store(")],
              [T_MODULE_GUARD]),
     Mutation("module_guard_calls_not_chained", "a module list whose calls do not feed each other holds no blocks",
              [(MODULE_BLOCKS, "                 if len(own) > 1 and any(c.streams is not None for c in own)",
@@ -291,7 +292,7 @@ MUTATIONS = [
              [T_UPSTREAM]),
     Mutation("module_guard_probe_other_branch", "the module guard's probe is the probe_branch-th residual on the "
              "stream (0: the attention's)",
-             [(RESIDUAL_PROBE, "if self.links == self.branch:", "if self.links == self.branch + 1:")],
+             [(RESIDUAL_PROBE, "if self.links[key] == self.branch:", "if self.links[key] == self.branch + 1:")],
              [T_MODULE_GUARD]),
     Mutation("auto_guard_never_switches", "a model that breaks inside its blocks is guarded at the block calls "
              "without a mode flag", [(BACKEND, "            if why is not None:   # nothing of this graph is compiled",
