@@ -64,7 +64,7 @@ def default_moreg_window(num_steps: int) -> tuple[int, int]:
     return (max(1, round(0.1 * num_steps)), max(1, round(0.9 * num_steps)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdaCacheConfig:
     """Configuration of the AdaCache backend.
 
@@ -184,19 +184,19 @@ class AdaCacheConfig:
         for rate in self.codebook.values():
             if not isinstance(rate, int) or isinstance(rate, bool) or rate < 1:
                 raise ValueError(f"codebook rates must be positive integers, got {rate!r}")
-        self.codebook = {float(k): int(v) for k, v in self.codebook.items()}
-        if self.preset is not None and (self.num_steps is None
-                                        or self.codebook != preset_codebook(self.preset, self.num_steps)):
-            self.preset = None   # not the preset's codebook (replaced): literal from now on
+        _set(self, "codebook", {float(k): int(v) for k, v in self.codebook.items()})
         if self.num_steps is not None and (not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer or None, got {self.num_steps!r}")
+        if self.preset is not None and (self.num_steps is None
+                                        or self.codebook != preset_codebook(self.preset, self.num_steps)):
+            _set(self, "preset", None)   # not the preset's codebook (replaced): literal from now on
         if self.moreg_window is not None:
             w = tuple(self.moreg_window)
             if len(w) != 2 or not all(isinstance(s, int) for s in w) or w[0] < 1 or w[1] < w[0]:
                 raise ValueError(f"moreg_window must be (first, last) 1-indexed steps with first <= last, got {self.moreg_window!r}")
             if self.num_steps is not None and w[1] > self.num_steps:
                 raise ValueError(f"moreg_window {w} must lie inside the {self.num_steps} steps")
-            self.moreg_window = w
+            _set(self, "moreg_window", w)
         if not isinstance(self.moreg_stride, int) or self.moreg_stride < 1:
             raise ValueError(f"moreg_stride must be a positive integer, got {self.moreg_stride!r}")
         for name in ("moreg_normalizer", "moreg_divisor"):
@@ -314,6 +314,11 @@ class AdaCacheConfig:
         if num_steps is None:
             return None
         return default_moreg_window(num_steps)
+
+
+def _set(config: "AdaCacheConfig", name: str, value) -> None:
+    """A field's normalised value, set while the frozen config validates itself."""
+    object.__setattr__(config, name, value)
 
 
 @functools.lru_cache(maxsize=64)

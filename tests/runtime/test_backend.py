@@ -6,6 +6,7 @@ Every value check runs a flow-Euler loop (helpers.euler_loop: the latent changes
 with the model's output) and compares reused steps with an independently computed
 ``skeleton(input) + cached delta`` (helpers.BlockStackReference, or by hand for a model whose
 skeleton is the identity) and with the uncached model within a stated tolerance."""
+import dataclasses
 import math
 import warnings
 
@@ -295,7 +296,7 @@ def test_inductor_inner():
     for a, b in zip(plain.outputs(), ours.outputs()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     backend.reset()
-    backend.config.codebook = {INF: 3}
+    backend.set_config(dataclasses.replace(backend.config, codebook={INF: 3}))
     run = euler_loop(compiled, case.make_inputs, steps)
     assert backend.report().computed_steps == [1, 2, 5, 6]
     reference = BlockStackReference(model, zoo_block_paths(case, model))

@@ -331,3 +331,14 @@ def test_a_calibrated_codebook_used_at_another_step_count_warns_with_both_counts
     # a preset replaced by another codebook is literal from then on (calibration's fits are)
     assert dataclasses.replace(AdaCacheConfig.fast(30), codebook={INF: 2}).preset is None
     assert dataclasses.replace(AdaCacheConfig.fast(30), num_steps=50).preset is None
+
+
+def test_the_config_is_frozen_derive_one_with_replace():
+    config = AdaCacheConfig.fast(30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.codebook = {INF: 3}
+    with pytest.raises(ValueError, match="num_steps"):
+        dataclasses.replace(config, num_steps=0)   # a derived config is validated as any config
+    backend = adacache_backend(config, inner="eager")
+    with pytest.raises(ValueError, match="probe_block shapes the compiled graphs"):
+        backend.set_config(dataclasses.replace(config, probe_block=2))
