@@ -1,12 +1,16 @@
 """adacache-fx: AdaCache + MoReg as a torch.compile backend for any Diffusion Transformer.
 
-    from adacache_fx import AdaCacheConfig, adacache_backend
+    import adacache_fx
+    from adacache_fx import AdaCacheConfig
+    adacache_fx.enable_cache(pipe, AdaCacheConfig.fast(num_steps=30))   # a diffusers pipeline, or any nn.Module
+    adacache_fx.summary(pipe)
+    adacache_fx.disable_cache(pipe)
+
+    # or as a torch.compile backend in your own sampling loop:
     backend = adacache_backend(AdaCacheConfig.fast(num_steps=30))
     model = torch.compile(model, backend=backend)
-
-    # or, in place, with .item() / .tolist() / nonzero captured into the graph (models that
-    # would otherwise break Dynamo's graph inside their blocks):
-    backend = compile_model(model, AdaCacheConfig.fast(num_steps=30))
+    with backend.generation(num_steps=30):
+        ...
 """
 from ._compat import check_torch
 
@@ -18,13 +22,13 @@ from .compile_model import compile_model, data_dependent_capture  # noqa: E402
 from .config import AdaCacheConfig  # noqa: E402
 from .errors import AdaCacheConfigError, AdaCacheSyncWarning, AdaCacheWarning  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
-from .lifecycle import disable  # noqa: E402
+from .lifecycle import disable, disable_cache, enable_cache, summary  # noqa: E402
 from .report import Report  # noqa: E402
-from .runtime import AdaCacheScheduler, StepMetric, codebook_rate  # noqa: E402
+from .runtime import StepMetric  # noqa: E402
 
 __all__ = [
-    "AdaCacheBackend", "AdaCacheConfig", "CalibrationResult", "calibrate", "AdaCacheConfigError", "AdaCacheScheduler", "AdaCacheSyncWarning",
-    "AdaCacheWarning", "Explanation", "Report", "StepMetric", "adacache_backend", "codebook_rate", "compile_model",
-    "data_dependent_capture", "default_backend", "disable", "explain",
+    "AdaCacheBackend", "AdaCacheConfig", "AdaCacheConfigError", "AdaCacheSyncWarning", "AdaCacheWarning",
+    "CalibrationResult", "Explanation", "Report", "StepMetric", "adacache_backend", "calibrate", "compile_model",
+    "data_dependent_capture", "default_backend", "disable", "disable_cache", "enable_cache", "explain", "summary",
 ]
 __version__ = "0.1.0"

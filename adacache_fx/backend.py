@@ -161,6 +161,27 @@ class AdaCacheBackend:
         self.runtime.set_config(config)
         self.reset()
 
+    @contextlib.contextmanager
+    def generation(self, num_steps: Optional[int] = None):
+        """One generation of a raw sampling loop: every schedule and cached delta forgotten on
+        entry, ``num_steps`` (if given) its step count (a preset follows it); on exit the step
+        count the backend had before is back.
+
+            with backend.generation(num_steps=30):
+                for t in timesteps:
+                    backend.step(t)
+                    v = model(x, t, context)"""
+        previous = self.runtime.requested_num_steps
+        self.reset()
+        if num_steps is not None:
+            self.set_num_steps(num_steps)
+        try:
+            yield self
+        finally:
+            self.runtime.timesteps.reset()
+            if num_steps is not None:
+                self.set_num_steps(previous)
+
     def set_num_steps(self, num_steps: Optional[int]) -> None:
         """Tell the schedulers how many steps the coming generations have (kept across resets)."""
         self.runtime.set_num_steps(num_steps)

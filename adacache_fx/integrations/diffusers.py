@@ -190,6 +190,12 @@ def disable(pipe) -> None:
     pipe.__dict__.pop(_ATTR, None)
 
 
+def denoiser_of(pipe) -> Optional[torch.nn.Module]:
+    """The denoiser ``enable`` compiled on ``pipe`` (None if not enabled)."""
+    state = getattr(pipe, _ATTR, None)
+    return state.module if state is not None else None
+
+
 def backend_of(pipe) -> Optional[AdaCacheBackend]:
     """The backend ``enable`` attached to ``pipe`` (None if not enabled)."""
     state = getattr(pipe, _ATTR, None)

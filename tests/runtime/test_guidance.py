@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import adacache_fx.runtime.branch_store as branch_store
-from adacache_fx import codebook_rate
+from adacache_fx.runtime import codebook_rate
 from helpers import (INF, BlockStackReference, Call, SamplerRun, assert_matches_reference, cached,  # noqa: E402
                      euler_loop, no_recompiles, relative_l1, replay, timesteps, zoo_block_paths)
 from zoo import get_case  # noqa: E402

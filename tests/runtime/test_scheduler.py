@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from adacache_fx import AdaCacheConfig, AdaCacheScheduler, codebook_rate
+from adacache_fx import AdaCacheConfig
+from adacache_fx.runtime import AdaCacheScheduler, codebook_rate
 from adacache_fx.config import CODEBOOK_30_FAST
 
 INF = math.inf
