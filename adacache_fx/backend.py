@@ -234,7 +234,10 @@ def traced_owner():
     the frame's code; None outside a trace. Each owner numbers its model instances
     (``RuntimeState.instance``), so two model classes on one backend never share a schedule."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
-    tx = InstructionTranslator.current_tx()
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:   # not inside a Dynamo trace (the backend called on a graph directly)
+        return None
     if tx is None:
         return None
     owner = tx.f_locals.get("self") if isinstance(getattr(tx, "f_locals", None), dict) else None
