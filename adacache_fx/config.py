@@ -284,11 +284,9 @@ class AdaCacheConfig:
 
     @classmethod
     def _preset(cls, speed: str, num_steps: int, overrides: dict) -> "AdaCacheConfig":
-        values = {"codebook": preset_codebook(speed, _check_steps(num_steps)), "num_steps": num_steps,
-                  "preset": speed, **overrides}
-        if "codebook" in overrides:   # an explicit codebook stays literal
-            values["preset"] = overrides.get("preset")
-        return cls(**values)
+        # an explicit codebook in ``overrides`` is not the preset's: __post_init__ clears ``preset``
+        return cls(**{"codebook": preset_codebook(speed, _check_steps(num_steps)), "num_steps": num_steps,
+                      "preset": speed, **overrides})
 
     def codebook_for(self, num_steps: Optional[int]) -> dict:
         """The codebook in force for a generation of ``num_steps``: the preset at that count when

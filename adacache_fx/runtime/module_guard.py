@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..passes.analysis.find_module_blocks import (BlockCall, bind_arguments, block_containers, group_calls,
                                                   output_tensors, side_outputs, tensor_inputs, without_tensors)
 from ..errors import AdaCacheConfigError
+from ..passes.analysis.find_timestep import is_timestep_name
 from ..passes.analysis.process_group import resolve_process_group
 from ..passes.analysis.resolve_probe import resolve_probe_block
 from .branch_store import BranchCache, BranchStore
@@ -197,9 +198,9 @@ class ModuleBlockGuard:
         if not found:   # per-frame or per-token timesteps ((B, F), (B, N)): a 2-D / 3-D one named like a timestep
             found = [name for name, v in bound.items()
                      if isinstance(v, torch.Tensor) and v.is_floating_point() and 2 <= v.dim() <= 3
-                     and v.shape[0] in (1, batch) and _is_timestep_name(name)]
+                     and v.shape[0] in (1, batch) and is_timestep_name(name)]
         if len(found) > 1:   # the timestep beside fps / height / width conditioning: the one named like it
-            found = [name for name in found if _is_timestep_name(name)] or found
+            found = [name for name in found if is_timestep_name(name)] or found
         if len(found) > 1:
             raise AdaCacheConfigError(f"adacache: block_guard='modules': several arguments could be the timestep "
                                       f"({found}); name it with AdaCacheConfig(timestep_arg=...)")
@@ -293,30 +294,26 @@ class ModuleBlockGuard:
         is_probe = self.probe == (r, j)
         path = region.paths[j]
 
+        def compute(args, kwargs, arguments):
+            """Run the block and record it: the probe block its own forward, its residual followed."""
+            if is_probe:
+                output, residual = self._probe_residual(self.probe_forward, streams, arguments, args, kwargs)
+            else:
+                output, residual = compiled(*args, **kwargs), None
+            self._record(r, j, last, is_probe, streams, arguments, output, residual)
+            return output
+
         @torch._dynamo.disable   # the decision is host state: Dynamo breaks the graph at the call
         def forward(*args, **kwargs):
             call = self.call
-            if not call.active or call.computing[r]:
-                if not (call.active and is_probe):
-                    output = compiled(*args, **kwargs)
-                    if call.active and j == 0:   # the inputs matter to the first block and the probe only
-                        self._record(r, j, last, is_probe, streams, bind_arguments(signature, args, kwargs), output)
-                    elif call.active:
-                        self._record(r, j, last, is_probe, streams, {}, output)
-                    return output
-                arguments = bind_arguments(signature, args, kwargs)
-                output, residual = self._probe_residual(self.probe_forward, streams, arguments, args, kwargs)
-                self._record(r, j, last, is_probe, streams, arguments, output, residual)
-                return output
+            if not call.active:
+                return compiled(*args, **kwargs)
+            if call.computing[r]:   # the inputs matter to the first block and the probe only
+                return compute(args, kwargs, bind_arguments(signature, args, kwargs) if j == 0 or is_probe else {})
             arguments = bind_arguments(signature, args, kwargs)
             if j == 0 and not self._reusable(r, arguments):
                 call.computing[r] = True   # the streams changed shape: this region computes (when in doubt)
-                if is_probe:
-                    output, residual = self._probe_residual(self.probe_forward, streams, arguments, args, kwargs)
-                else:
-                    output, residual = compiled(*args, **kwargs), None
-                self._record(r, j, last, is_probe, streams, arguments, output, residual)
-                return output
+                return compute(args, kwargs, arguments)
             if j == 0:   # the region's input, kept for its last block (a copy: glue may work in place)
                 call.reuse_inputs[r] = [None if key is None else (arguments[key] if last == 0 else arguments[key].clone())
                                         for key in region_streams]
@@ -411,10 +408,6 @@ def _where(module: torch.nn.Module) -> str:
         return f"{type(module).__name__}.forward at {inspect.getsourcefile(forward)}:{line}"
     except (OSError, TypeError):
         return f"{type(module).__name__}.forward"
-
-
-def _is_timestep_name(name: str) -> bool:
-    return "time" in name.lower() or name in ("t", "sigma", "sigmas")
 
 
 def _rebuild(structure: type, values: list):

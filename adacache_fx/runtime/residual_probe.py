@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["StreamResidual"]
+__all__ = ["StreamResidual", "run_with_residual"]
 
 _aten = torch.ops.aten
 _ADDS = {_aten.add.Tensor, _aten.add_.Tensor}

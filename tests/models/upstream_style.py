@@ -186,16 +186,23 @@ class RotaryListBlock(nn.Module):
         return x + self.ffn(self.norm(x))
 
 
-class RotaryListDiT(nn.Module):
-    """Wan 2.1's structure: ``forward(x (B, N, C_in), t (B,), grid_sizes (B, 3) long: frames, 1, 1)``."""
+class _TokenDiT(nn.Module):
+    """A patch embedding, a timestep MLP, ``depth`` blocks of ``block`` in ``blocks`` and a head."""
 
-    def __init__(self, dim: int = 32, depth: int = 4, in_dim: int = 8):
+    def __init__(self, block: type, dim: int, depth: int, in_dim: int):
         super().__init__()
         self.dim = dim
         self.patch = nn.Linear(in_dim, dim)
         self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(RotaryListBlock(dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(dim) for _ in range(depth))
         self.head = nn.Linear(dim, in_dim)
+
+
+class RotaryListDiT(_TokenDiT):
+    """Wan 2.1's structure: ``forward(x (B, N, C_in), t (B,), grid_sizes (B, 3) long: frames, 1, 1)``."""
+
+    def __init__(self, dim: int = 32, depth: int = 4, in_dim: int = 8):
+        super().__init__(RotaryListBlock, dim, depth, in_dim)
 
     def forward(self, x, t, grid_sizes):
         e = self.time(timestep_embedding(t, self.dim))
@@ -224,16 +231,11 @@ class PerFrameBlock(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-class PerFrameDiT(nn.Module):
+class PerFrameDiT(_TokenDiT):
     """``forward(x (B, F, P, C_in), timestep (B, F))``: each frame embeds its own timestep."""
 
     def __init__(self, dim: int = 32, depth: int = 4, in_dim: int = 8):
-        super().__init__()
-        self.dim = dim
-        self.patch = nn.Linear(in_dim, dim)
-        self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(PerFrameBlock(dim) for _ in range(depth))
-        self.head = nn.Linear(dim, in_dim)
+        super().__init__(PerFrameBlock, dim, depth, in_dim)
 
     def forward(self, x, timestep):
         B, Fr, P, _ = x.shape
@@ -245,17 +247,12 @@ class PerFrameDiT(nn.Module):
         return self.head(h).reshape(x.shape)
 
 
-class CheckpointedDiT(nn.Module):
+class CheckpointedDiT(_TokenDiT):
     """``forward(x (B, N, C_in), timestep (B,))``, every block through ``checkpoint``."""
 
     def __init__(self, dim: int = 32, depth: int = 4, in_dim: int = 8, use_reentrant: bool = False):
-        super().__init__()
-        self.dim = dim
+        super().__init__(PerFrameBlock, dim, depth, in_dim)
         self.use_reentrant = use_reentrant
-        self.patch = nn.Linear(in_dim, dim)
-        self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(PerFrameBlock(dim) for _ in range(depth))
-        self.head = nn.Linear(dim, in_dim)
 
     def forward(self, x, timestep):
         emb = self.time(timestep_embedding(timestep, self.dim))[:, None].expand(-1, x.shape[1], -1)

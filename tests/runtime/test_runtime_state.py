@@ -24,17 +24,53 @@ def _model(seed=0):
 
 
 def _euler(model, steps, x0, announce=None, make_t=None):
-    """A flow-Euler-like loop: the input changes every step with the model's output."""
+    """A flow-Euler-like loop: the input changes every step with the model's output. ``(x, outs)``."""
+    loop = _euler_calls(model, steps, x0, announce, make_t)
+    with torch.no_grad():
+        while True:
+            try:
+                next(loop)
+            except StopIteration as done:
+                return done.value
+
+
+def _solo(build, steps, seed, config):
+    """``(x, outs, computed steps)`` of ``build()`` alone on a fresh backend (the reference of an
+    interleaved run)."""
+    torch._dynamo.reset()
+    backend = adacache_backend(config, inner="eager")
+    return _euler(torch.compile(build(), backend=backend), steps, _x(seed)) + (backend.report().computed_steps,)
+
+
+def _interleaved(runs):
+    """``_euler`` loops of several models, one call each in turn: ``runs`` is ``[(compiled model,
+    steps, x0, first round)]``, a model joining at its first round. Returns each one's ``(x, outs)``."""
+    loops = [iter(_euler_calls(model, steps, x0)) for model, steps, x0, _start in runs]
+    results, pending, rounds = [None] * len(runs), set(range(len(runs))), 0
+    with torch.no_grad():
+        while pending:
+            for i, (_m, _s, _x0, start) in enumerate(runs):
+                if i in pending and rounds >= start:
+                    try:
+                        next(loops[i])
+                    except StopIteration as done:
+                        results[i] = done.value
+                        pending.discard(i)
+            rounds += 1
+    return results
+
+
+def _euler_calls(model, steps, x0, announce=None, make_t=None):
+    """``_euler`` one call at a time (a generator; its return value is ``(x, outs)``)."""
     x, outs = x0.clone(), []
     grid = list(steps) + [0.0]
-    with torch.no_grad():
-        for t, t_next in zip(grid, grid[1:]):
-            if announce is not None:
-                announce(t)
-            tt = make_t(t) if make_t else torch.full((x.shape[0],), float(t))
-            v = model(x, tt)
-            outs.append(v)
-            x = x + (t_next - t) / 1000.0 * v
+    for t, t_next in zip(grid, grid[1:]):
+        if announce is not None:
+            announce(t)
+        v = model(x, make_t(t) if make_t else torch.full((x.shape[0],), float(t)))
+        outs.append(v)
+        x = x + (t_next - t) / 1000.0 * v
+        yield
     return x, outs
 
 
@@ -154,29 +190,15 @@ def test_registered_name_keeps_two_models_apart(monkeypatch):
     steps_a = timesteps(12)
     steps_b = [t - 37.0 for t in timesteps(12)]
 
-    solo = []
-    for seed, steps in ((0, steps_a), (5, steps_b)):
-        torch._dynamo.reset()
-        b = adacache_backend(config, inner="eager")
-        solo.append(_euler(torch.compile(_model(seed), backend=b), steps, _x(seed)) + (b.report().computed_steps,))
+    solo = [_solo(lambda: _model(0), steps_a, 0, config), _solo(lambda: _model(5), steps_b, 5, config)]
 
     torch._dynamo.reset()
     monkeypatch.setattr(backend_module, "_default", backend_module.AdaCacheBackend(config, inner="eager"))
     model_a, model_b = _model(0), _model(5)
     compiled_a = torch.compile(model_a, backend="adacache")
     compiled_b = torch.compile(model_b, backend="adacache")
-    xa, xb = _x(0), _x(5)
-    outs_a, outs_b = [], []
-    grid_a, grid_b = steps_a + [0.0], steps_b + [0.0]
-    with torch.no_grad():
-        for k in range(12):
-            # model b starts its generation while model a is in the middle of its own
-            va = compiled_a(xa, torch.full((2,), grid_a[k]))
-            xa = xa + (grid_a[k + 1] - grid_a[k]) / 1000.0 * va
-            outs_a.append(va)
-            vb = compiled_b(xb, torch.full((2,), grid_b[k]))
-            xb = xb + (grid_b[k + 1] - grid_b[k]) / 1000.0 * vb
-            outs_b.append(vb)
+    # model b starts its generation while model a is in the middle of its own
+    (xa, outs_a), (xb, outs_b) = _interleaved([(compiled_a, steps_a, _x(0), 0), (compiled_b, steps_b, _x(5), 0)])
     default = backend_module.default_backend()
     assert len(default.graphs) == 1            # Dynamo did share the graph between the two
     assert default.report(model_a).computed_steps == solo[0][2] == CONTRACT_12
@@ -246,32 +268,14 @@ def test_two_model_classes_on_one_backend_keep_their_own_schedules():
     steps_b = [t - 37.0 for t in timesteps(12)]
     make = (lambda: _model(0), lambda: seeded(_OtherDiT().eval(), 5))
 
-    solo = []
-    for build, steps, seed in ((make[0], steps_a, 0), (make[1], steps_b, 5)):
-        torch._dynamo.reset()
-        b = adacache_backend(config, inner="eager")
-        solo.append(_euler(torch.compile(build(), backend=b), steps, _x(seed)) + (b.report().computed_steps,))
+    solo = [_solo(make[0], steps_a, 0, config), _solo(make[1], steps_b, 5, config)]
 
     torch._dynamo.reset()
     backend = adacache_backend(config, inner="eager")
     model_a, model_b = make[0](), make[1]()
     compiled_a, compiled_b = torch.compile(model_a, backend=backend), torch.compile(model_b, backend=backend)
-    xa, xb = _x(0), _x(5)
-    outs_a, outs_b = [], []
-    grid_a, grid_b = steps_a + [0.0], [steps_b[0]] * 3 + steps_b + [0.0]
-    with torch.no_grad():
-        for k in range(12):
-            va = compiled_a(xa, torch.full((2,), grid_a[k]))
-            xa = xa + (grid_a[k + 1] - grid_a[k]) / 1000.0 * va
-            outs_a.append(va)
-            if k >= 3:   # b starts 3 calls later
-                vb = compiled_b(xb, torch.full((2,), grid_b[k]))
-                xb = xb + (grid_b[k + 1] - grid_b[k]) / 1000.0 * vb
-                outs_b.append(vb)
-        for k in range(12, 15):
-            vb = compiled_b(xb, torch.full((2,), grid_b[k]))
-            xb = xb + (grid_b[k + 1] - grid_b[k]) / 1000.0 * vb
-            outs_b.append(vb)
+    (xa, outs_a), (xb, outs_b) = _interleaved([(compiled_a, steps_a, _x(0), 0),
+                                               (compiled_b, steps_b, _x(5), 3)])   # b starts 3 calls later
     assert len(backend.graphs) == 2
     assert backend.report(model_a).computed_steps == solo[0][2] == CONTRACT_12
     assert backend.report(model_b).computed_steps == solo[1][2] == CONTRACT_12

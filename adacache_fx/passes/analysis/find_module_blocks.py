@@ -238,7 +238,7 @@ def group_calls(calls: list) -> tuple:
              "previous call's outputs; no block list)" for name in sorted(unchained)]
     calls = [c for c in calls if c.container not in unchained]
     fed, _feeding = _links(calls)   # the blocks on either side of those calls are consecutive now
-    regions, run = [], []
+    regions, run, said = [], [], set()
 
     def close():
         if run:
@@ -252,8 +252,9 @@ def group_calls(calls: list) -> tuple:
     for call in calls:
         if call.streams is None:
             close()
-            if not any(note.endswith(f": {call.why_not}") and note.startswith(call.container) for note in notes):
-                notes.append(f"{call.path}: {call.why_not}")   # once per list and reason
+            if (call.container, call.why_not) not in said:   # once per list and reason
+                said.add((call.container, call.why_not))
+                notes.append(f"{call.path}: {call.why_not}")
             continue
         continues = (run and id(call) in fed
                      and len(call.outputs) == len(run[-1].outputs)

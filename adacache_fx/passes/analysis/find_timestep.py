@@ -93,7 +93,11 @@ def find_timestep(graph: fx.Graph, timestep_arg: Optional[str] = None) -> Option
 
 
 def _is_timestep_name(node: fx.Node) -> bool:
-    name = user_placeholder_name(node)
+    return is_timestep_name(user_placeholder_name(node))
+
+
+def is_timestep_name(name: str) -> bool:
+    """An argument named like a timestep (the graph guard's and the module guard's tie-break)."""
     return "time" in name.lower() or name in ("t", "sigma", "sigmas")
 
 
