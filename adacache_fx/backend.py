@@ -182,6 +182,24 @@ class AdaCacheBackend:
             if num_steps is not None:
                 self.set_num_steps(previous)
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """Make the model calls inside this scope the guidance branch ``name`` (as diffusers'
+        ``transformer.cache_context("cond")``, which a model compiled by ``compile_model`` /
+        ``enable_cache`` forwards here): each name keeps its own cached deltas whatever order the
+        calls come in. Without a context, the calls of one step are branches by call order.
+
+            with backend.cache_context("cond"):
+                v_cond = model(x, t, text)"""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"cache_context: name must be a non-empty string, got {name!r}")
+        previous = self.runtime.context_name
+        self.runtime.context_name = name
+        try:
+            yield self
+        finally:
+            self.runtime.context_name = previous
+
     def set_num_steps(self, num_steps: Optional[int]) -> None:
         """Tell the schedulers how many steps the coming generations have (kept across resets)."""
         self.runtime.set_num_steps(num_steps)
@@ -220,7 +238,8 @@ class AdaCacheBackend:
         )
 
     def _instance_of(self, model: torch.nn.Module) -> int:
-        weights = list(model.parameters())
+        # a graph numbers instances by its first weight, which may be a buffer (rotary tables)
+        weights = list(model.parameters()) + list(model.buffers())
         for g in self.graphs:
             found = g.instance_of(weights)
             if found is not None:

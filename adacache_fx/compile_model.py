@@ -24,6 +24,7 @@ plain ``torch.compile`` traces it, with an ``AdaCacheWarning``, and so are the m
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Callable, Optional, Union
@@ -42,6 +43,8 @@ __all__ = ["CompiledModel", "compile_model", "data_dependent_capture", "uncompil
 
 # The attribute of a model compiled by compile_model that holds its undo record.
 INSTALLED = "_adacache_compiled"
+# Marks the instance's cache_context that also enters the backend's (undone by uncompile_model).
+_FORWARDS_CONTEXT = "_adacache_forwards_context"
 
 
 class CompiledModel:
@@ -57,10 +60,12 @@ class CompiledModel:
         return self._guards[0]
 
     def undo(self) -> None:
-        """The model as before ``compile_model``: its own call (``module.compile`` undone) and,
-        under the block-list guard, every block's own forward."""
+        """The model as before ``compile_model``: its own call (``module.compile`` undone), its
+        ``cache_context`` and, under the block-list guard, every block's own forward."""
         if self.guard is not None:
             self.guard.uninstall()
+        if getattr(self._model.__dict__.get("cache_context"), _FORWARDS_CONTEXT, False):
+            del self._model.__dict__["cache_context"]
         self._model._compiled_call_impl = None
         self._model.__dict__.pop(INSTALLED, None)
 
@@ -180,8 +185,26 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             return output
 
     model._compiled_call_impl = call
+    _forward_cache_context(model, backend)
     model.__dict__[INSTALLED] = CompiledModel(model, backend, guards)
     return backend
+
+
+def _forward_cache_context(model: torch.nn.Module, backend: AdaCacheBackend) -> None:
+    """A model with diffusers' ``cache_context(name)`` (``CacheMixin``; pipelines wrap each
+    guidance call in ``cache_context("cond")`` / ``("uncond")``): this instance's context also
+    enters ``backend.cache_context(name)``, so the names key the guidance branches."""
+    original = getattr(model, "cache_context", None)
+    if not callable(original):
+        return
+
+    @contextlib.contextmanager
+    def cache_context(name, *args, **kwargs):
+        with original(name, *args, **kwargs) as value, backend.cache_context(name):
+            yield value
+
+    setattr(cache_context, _FORWARDS_CONTEXT, True)
+    model.__dict__["cache_context"] = cache_context
 
 
 def block_graph_break(exc: BaseException) -> Optional[str]:

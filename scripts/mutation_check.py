@@ -99,6 +99,10 @@ T_UPSTREAM = "tests/runtime/test_upstream_constructs.py"
 RESIDUAL_PROBE = "adacache_fx/runtime/residual_probe.py"
 BACKEND = "adacache_fx/backend.py"
 CONFIG = "adacache_fx/config.py"
+COMPILE_MODEL = "adacache_fx/compile_model.py"
+T_CACHE_CONTEXT = "tests/runtime/test_cache_context.py"
+T_LIFECYCLE = "tests/integrations/test_lifecycle_api.py"
+DIFFUSERS = "adacache_fx/integrations/diffusers.py"
 
 MUTATIONS = [
     # ----- the schedule contract ---------------------------------------------------------------
@@ -324,6 +328,15 @@ MUTATIONS = [
              [(MODULE_GUARD, "self.call.deltas = self.store.reused_deltas(cache, scheduler.clock.time)",
                "self.call.deltas = cache.deltas")],
              [T_MODULE_GUARD]),
+    Mutation("cache_context_name_ignored", "a call under cache_context(name) is that name's branch whatever the order",
+             [(STEP_CLOCK, "branch = count if name is None else (name, count)", "branch = count")],
+             [T_CACHE_CONTEXT]),
+    Mutation("diffusers_cache_context_not_forwarded", "a diffusers transformer's own cache_context names the branch",
+             [(COMPILE_MODEL, "    _forward_cache_context(model, backend)\n", "")],
+             [T_CACHE_CONTEXT]),
+    Mutation("dropped_pipeline_kept_alive", "a pipeline dropped without disable_cache is freed",
+             [(DIFFUSERS, "self._pipe = weakref.ref(pipe)", "self._pipe = (lambda p: lambda: p)(pipe)")],
+             [T_LIFECYCLE]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
              [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -81,7 +82,9 @@ class _SchedulerClock:
     """The pipeline scheduler's current timestep as a host float, without a device sync."""
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        # weakly: the backend holds the clock, and Dynamo's code cache holds the backend for the
+        # process's life; a strong reference would keep a dropped pipeline alive
+        self._pipe = weakref.ref(pipe)
         self.steps_taken = 0
         self.host_timesteps: Optional[torch.Tensor] = None
         self._source_of_copy = None
@@ -95,7 +98,7 @@ class _SchedulerClock:
         self.steps_taken += 1
 
     def __call__(self) -> Optional[float]:
-        scheduler = getattr(self.pipe, "scheduler", None)
+        scheduler = getattr(self._pipe(), "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
             return None

@@ -257,7 +257,7 @@ class CachedGraph:
         timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)
         if self.per_sample is not None:
             return self._user_outputs(self.per_sample(args, scheduler, branches, timestep))
-        decision = scheduler.begin_call(timestep, key=self)
+        decision = scheduler.begin_call(timestep, key=self, name=self.runtime.context_name)
         cache = branches.get(decision.branch)
         compute = decision.compute or not (cache is not None and cache.generation == decision.generation
                                            and cache.step == scheduler.last_computed_step)

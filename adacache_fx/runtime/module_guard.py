@@ -259,7 +259,7 @@ class ModuleBlockGuard:
         if self.timestep_name is not None:
             value = self.signature.bind_partial(*args, **kwargs).arguments.get(self.timestep_name)
         timestep = self.runtime.timesteps.timestep(value)
-        decision = scheduler.begin_call(timestep, key=self)
+        decision = scheduler.begin_call(timestep, key=self, name=self.runtime.context_name)
         cache = self.store.branches(self.instance).get(decision.branch)
         valid = (cache is not None and cache.generation == decision.generation
                  and cache.step == scheduler.last_computed_step)

@@ -75,7 +75,8 @@ class PerSampleCalls:
 
     def __call__(self, args, scheduler, branches: dict, timestep: Optional[float]):
         grouping = batch, num_samples, copies = self._grouping(args)
-        decision = scheduler.begin_call(timestep, key=self.graph, num_samples=num_samples)
+        decision = scheduler.begin_call(timestep, key=self.graph, num_samples=num_samples,
+                                       name=self.graph.runtime.context_name)
         time = scheduler.clock.time
         if len(decision.samples) != num_samples:   # another graph of this step sees another batch: compute
             self.call.compute, self.call.deltas = True, []

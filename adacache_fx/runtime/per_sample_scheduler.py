@@ -90,18 +90,18 @@ class PerSampleScheduler:
 
     # ----- per call ------------------------------------------------------------------
     def begin_call(self, timestep: Optional[float], key: object = None,
-                   num_samples: Optional[int] = None) -> SampleDecision:
+                   num_samples: Optional[int] = None, name: Optional[str] = None) -> SampleDecision:
         """``num_samples``: the call's sample count (None: a graph that does not know it, which follows
         the current samples). A count that changes at a new step restarts the generation; within a
         step (another graph of the model), the decision's ``samples`` keep the current count and the
         caller computes every row."""
-        tick = self.clock.tick(timestep, key)
+        tick = self.clock.tick(timestep, key, name)
         restarted = tick.restarted
         if num_samples is None:
             num_samples = len(self.samples) or 1
         elif self.samples and len(self.samples) != num_samples and not restarted and tick.advanced:
             self.clock.reset()   # the batch changed inside a generation: start a new one
-            tick, restarted = self.clock.tick(timestep, key), True
+            tick, restarted = self.clock.tick(timestep, key, name), True
         if restarted or not self.samples:
             self.samples = [self._new_sample() for _ in range(num_samples)]
             self.computed_steps = []

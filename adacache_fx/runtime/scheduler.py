@@ -78,10 +78,11 @@ class AdaCacheScheduler:
         self.clock.set_num_steps(num_steps)
 
     # ----- per call ------------------------------------------------------------------------
-    def begin_call(self, timestep: Optional[float], key: object = None) -> CallDecision:
+    def begin_call(self, timestep: Optional[float], key: object = None, name: Optional[str] = None) -> CallDecision:
         """Place one model call on the clock and return the step's decision (``timestep``: the
-        call's host timestep, None for a model without one; ``key``: the graph making the call)."""
-        tick = self.clock.tick(timestep, key)
+        call's host timestep, None for a model without one; ``key``: the graph making the call;
+        ``name``: the cache context the call is made under, None for none)."""
+        tick = self.clock.tick(timestep, key, name)
         if tick.restarted:
             self.policy.reset()
         if tick.advanced:

@@ -28,6 +28,7 @@ class RuntimeState:
         self.instances: dict = {}   # (owner, the owner's own instance number) -> backend-wide instance
         self.last_instance = 0
         self.requested_num_steps: Optional[int] = None
+        self.context_name: Optional[str] = None   # the cache context the coming calls are made under
         self.recorder = None   # a calibration.TrajectoryRecorder while adacache_fx.calibrate records
 
     def instance(self, key) -> int:

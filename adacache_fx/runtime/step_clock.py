@@ -2,7 +2,10 @@
 branch of that step it is. It decides nothing (the policy does, ``policies/``).
 
 * calls with the same timestep are branches of one step; ``key`` tells apart several graphs of
-  one forward (graph breaks), which count their branches separately;
+  one forward (graph breaks), which count their branches separately; a call made under a named
+  cache context (diffusers' ``cache_context("cond")``, ``backend.cache_context``) is the branch
+  of that name whatever the call order (``(name, k)`` for its k-th call in the step: Heun's two
+  calls per step under one name stay two branches);
 * a new generation starts on :meth:`StepClock.reset` or when the timestep moves against the
   direction learnt from the first two steps;
 * a model without a timestep input advances one step per call, and ``num_steps`` bounds a
@@ -20,7 +23,8 @@ class Tick:
     """Where one call falls."""
 
     step: int          # 1-indexed step of the current generation
-    branch: int        # 0 for the first call of this step (with this key), 1 for the second ...
+    branch: object     # 0 for the first call of this step (with this key), 1 for the second ...;
+                       # (name, k) for the k-th call under the cache context ``name``
     generation: int    # generations since the clock was made
     advanced: bool     # this call began its step
     restarted: bool    # this call began a new generation (the timestep moved back, or past num_steps)
@@ -58,8 +62,9 @@ class StepClock:
         """The sampler's variable at the current step: the host timestep, else the step index."""
         return float(self.timestep) if self.timestep is not None else float(self.step)
 
-    def tick(self, timestep: Optional[float], key: object = None) -> Tick:
-        """Place one model call whose host timestep is ``timestep`` (None: no timestep input)."""
+    def tick(self, timestep: Optional[float], key: object = None, name: Optional[str] = None) -> Tick:
+        """Place one model call whose host timestep is ``timestep`` (None: no timestep input);
+        ``name``: the cache context it is made under (None: branches by call order)."""
         before = (self.generation, self.step)
         if timestep is None and self.timestep is not None:
             pass  # a graph without the timestep input, after one with it (graph breaks): same step
@@ -88,8 +93,9 @@ class StepClock:
                 self.reset()
                 self.timestep = timestep
                 self._advance()
-        branch = self.branch_counts.get(key, 0)
-        self.branch_counts[key] = branch + 1
+        count = self.branch_counts.get((key, name), 0)
+        self.branch_counts[(key, name)] = count + 1
+        branch = count if name is None else (name, count)
         return Tick(self.step, branch, self.generation, advanced=(self.generation, self.step) != before,
                     restarted=self.generation != before[0])
 

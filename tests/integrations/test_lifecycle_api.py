@@ -81,3 +81,19 @@ def test_enable_cache_on_a_pipeline_follows_each_calls_step_count():
     assert backend_50.report().computed_steps == at_50
     out = io.StringIO()
     assert adacache_fx.summary(pipe_50, file=out).num_steps == 50 and "50 steps" in out.getvalue()
+
+
+def test_a_dropped_pipeline_is_freed():
+    """A pipeline enabled, run and dropped without ``disable_cache`` is freed: Dynamo's code cache
+    keeps the backend for the process's life, and the backend holds the pipeline's step clock."""
+    import gc
+    import weakref
+    pytest.importorskip("diffusers")
+    from models.pipelines import run, tiny_dit_pipeline
+    pipe = tiny_dit_pipeline()
+    adacache_fx.enable_cache(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
+    run(pipe, 6)
+    transformer, pipeline = weakref.ref(pipe.transformer), weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert pipeline() is None and transformer() is None
