@@ -200,9 +200,14 @@ class AdaCacheBackend:
         finally:
             self.runtime.context_name = previous
 
-    def set_num_steps(self, num_steps: Optional[int]) -> None:
-        """Tell the schedulers how many steps the coming generations have (kept across resets)."""
-        self.runtime.set_num_steps(num_steps)
+    def set_num_steps(self, num_steps: Optional[int], model: Optional[torch.nn.Module] = None) -> None:
+        """Tell the schedulers how many steps the coming generations have (kept across resets;
+        ``None``: back to ``config.num_steps``). With ``model``, that model's alone (it may not have
+        run yet): the experts of a two-expert pipeline each run a share of the steps, and each
+        expert's forced last steps are where its share ends. Without, every model's (their own
+        counts forgotten)."""
+        instance = self._instance_of(model, register=True) if model is not None else None
+        self.runtime.set_num_steps(num_steps, instance=instance)
 
     def step(self, timestep) -> None:
         """Announce the timestep of the coming model calls (a Python number or a CPU tensor), so
@@ -235,15 +240,21 @@ class AdaCacheBackend:
             total_flops=sum(g.total_flops for g in self.graphs) + self.uncached_flops,
             sample_computed_steps=scheduler.sample_computed_steps,
             sample_metrics=scheduler.sample_metrics,
+            forced_steps=max(self.config.first_computed_steps, 2) + self.config.last_computed_steps,
         )
 
-    def _instance_of(self, model: torch.nn.Module) -> int:
+    def _instance_of(self, model: torch.nn.Module, register: bool = False) -> int:
         # a graph numbers instances by its first weight, which may be a buffer (rotary tables)
         weights = list(model.parameters()) + list(model.buffers())
         for g in self.graphs:
             found = g.instance_of(weights)
             if found is not None:
                 return found
+        key = next((k for k in map(self.runtime.registered_key, weights) if k is not None), None)
+        if key is not None:   # compiled into this backend (compile_model registers it), not run yet
+            return self.runtime.instance(key)
+        if register:   # not run yet: its first call will find it by its weights
+            return self.runtime.instance(self.runtime.register_model(model))
         raise ValueError(f"report(model): this backend has not run {type(model).__name__} (or not with its weights)")
 
 

@@ -82,7 +82,8 @@ def uncompile_model(model: torch.nn.Module) -> None:
 def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = None, *,
                   inner: Union[str, Callable] = "inductor", mode: Optional[str] = None,
                   options: Optional[dict] = None, capture_data_dependent: bool = True,
-                  block_guard: str = "auto", **compile_kwargs) -> AdaCacheBackend:
+                  block_guard: str = "auto", backend: Optional[AdaCacheBackend] = None,
+                  **compile_kwargs) -> AdaCacheBackend:
     """Compile ``model`` in place (``model.compile``: the module keeps its class, attributes and
     state-dict keys) with the AdaCache backend, and return the backend.
 
@@ -96,8 +97,10 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     ``runtime/module_guard.py``; the blocks and the rest of the model are compiled by the inner
     compiler). ``"graph"`` / ``"modules"`` force one; ``backend.guard_choices`` says which each
     model got and why. ``compile_kwargs`` go to
-    ``model.compile`` (``dynamic=``, ``fullgraph=``). Raises ``RuntimeError`` when the model is
-    already compiled."""
+    ``model.compile`` (``dynamic=``, ``fullgraph=``). ``backend``: compile into this backend
+    instead of a new one (``config`` / ``inner`` / ``mode`` / ``options`` are then its own): the
+    models of one pipeline share the backend, each with its own schedule and cache, and models of
+    one class share its compiled code. Raises ``RuntimeError`` when the model is already compiled."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model takes an nn.Module, got {type(model).__name__}")
     if getattr(model, "_compiled_call_impl", None) is not None:
@@ -106,7 +109,11 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     if block_guard not in ("auto", "graph", "modules"):
         raise AdaCacheConfigError(f"compile_model: block_guard must be 'auto', 'graph' or 'modules', "
                                   f"got {block_guard!r}")
-    backend = adacache_backend(config, inner=inner, mode=mode, options=options)
+    if backend is None:
+        backend = adacache_backend(config, inner=inner, mode=mode, options=options)
+    elif config is not None and config != backend.config:
+        raise AdaCacheConfigError("compile_model: pass a config or a backend, not both (the backend has its config)")
+    backend.runtime.register_model(model)   # its own schedule from its first call, whatever graph runs it
     signature = frames_parameter(model, backend.config)
     prepare_hooks_for_tracing(model)
     name = type(model).__name__

@@ -14,7 +14,7 @@ generation, the step count and clock from its scheduler); a module through ``com
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -62,19 +62,33 @@ def disable_cache(obj) -> None:
 disable = disable_cache
 
 
-def summary(obj, file=None) -> Report:
+def summary(obj, file=None) -> Union[Report, dict]:
     """Print (to ``file``, default stdout) and return what the last generation of ``obj`` did: its
-    :class:`~adacache_fx.report.Report` (computed steps, metrics, cache bytes, regions)."""
+    :class:`~adacache_fx.report.Report` (computed steps, metrics, cache bytes, regions). A pipeline
+    with several denoisers (Wan 2.2's two experts) gives one report per denoiser, by attribute,
+    each with the steps it computed numbered by the pipeline's steps too."""
     backend = _backend_of(obj)
     if backend is None:
         raise ValueError(f"adacache_fx.summary: caching is not enabled on this {type(obj).__name__}")
-    module = diffusers.denoiser_of(obj) if diffusers.backend_of(obj) is not None else obj
+    if diffusers.backend_of(obj) is None:
+        report = _report(backend, obj)
+        print(report, file=file)
+        return report
+    denoisers, first_steps = diffusers.denoisers_of(obj), diffusers.first_steps_of(obj)
+    reports = {}
+    for name, module in denoisers.items():
+        report = reports[name] = _report(backend, module)
+        if len(denoisers) > 1:
+            report.model, report.first_step = name, first_steps.get(name, 1)
+        print(report, file=file)
+    return reports if len(reports) > 1 else next(iter(reports.values()))
+
+
+def _report(backend, module) -> Report:
     try:
-        report = backend.report(module)
+        return backend.report(module)
     except ValueError:   # enabled, but not run yet (or ran uncached)
-        report = backend.report()
-    print(report, file=file)
-    return report
+        return backend.report()
 
 
 def _backend_of(obj):

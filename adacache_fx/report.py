@@ -28,6 +28,21 @@ class Report:
     total_flops: int = 0            # FLOPs of one forward, every graph (cached or not)
     sample_computed_steps: Optional[list] = None   # per_sample: the computed steps of each sample
     sample_metrics: Optional[list] = None          # per_sample: each sample's [StepMetric]
+    model: Optional[str] = None     # which model of a pipeline (``summary``: its attribute)
+    first_step: int = 1             # the pipeline step of this model's step 1 (an expert's share)
+    forced_steps: int = 4           # steps computed whatever the metric: the first ones, the second, the last
+
+    @property
+    def pipeline_steps(self) -> list:
+        """The computed steps numbered by the pipeline's steps (an expert's step 1 is the pipeline's
+        ``first_step``)."""
+        return [self.first_step - 1 + s for s in self.computed_steps]
+
+    @property
+    def nothing_to_skip(self) -> bool:
+        """Whether this step count leaves no step that could be skipped (steps 1, 2 and the forced
+        last steps cover them all: at 4 steps, with the defaults)."""
+        return 0 < self.num_steps <= self.forced_steps
 
     @property
     def cached_flops_fraction(self) -> float:
@@ -39,10 +54,16 @@ class Report:
         return len(self.computed_steps) / self.num_steps if self.num_steps else 0.0
 
     def __str__(self) -> str:
-        lines = [f"AdaCache report: {len(self.computed_steps)}/{self.num_steps} steps computed "
-                 f"({self.computed_fraction:.0%}), cache {self.cache_bytes / 2**20:.2f} MiB, "
-                 f"{self.cached_flops_fraction:.0%} of a forward's FLOPs in cached regions"]
-        lines.append(f"computed steps: {self.computed_steps}")
+        lines = [f"AdaCache report{' of ' + self.model if self.model else ''}: {len(self.computed_steps)}/"
+                 f"{self.num_steps} steps computed ({self.computed_fraction:.0%}), cache "
+                 f"{self.cache_bytes / 2**20:.2f} MiB, {self.cached_flops_fraction:.0%} of a forward's FLOPs in "
+                 "cached regions"]
+        lines.append(f"computed steps: {self.computed_steps}" + (
+            f" (pipeline steps {self.first_step}-{self.first_step + self.num_steps - 1}: {self.pipeline_steps})"
+            if self.first_step != 1 or self.model else ""))
+        if self.nothing_to_skip:
+            lines.append(f"nothing to skip: at {self.num_steps} steps the forced steps (the first, the second "
+                         "and the last) are every step; caching costs its overhead only")
         for i, steps in enumerate(self.sample_computed_steps or []):
             lines.append(f"computed steps per sample: sample {i}: {len(steps)}/{self.num_steps} {steps}")
         for info in self.regions:

@@ -102,6 +102,8 @@ CONFIG = "adacache_fx/config.py"
 COMPILE_MODEL = "adacache_fx/compile_model.py"
 T_CACHE_CONTEXT = "tests/runtime/test_cache_context.py"
 T_LIFECYCLE = "tests/integrations/test_lifecycle_api.py"
+T_EXPERTS = "tests/integrations/test_two_experts.py"
+POLICY_BASE = "adacache_fx/runtime/policies/base.py"
 DIFFUSERS = "adacache_fx/integrations/diffusers.py"
 
 MUTATIONS = [
@@ -337,6 +339,20 @@ MUTATIONS = [
     Mutation("dropped_pipeline_kept_alive", "a pipeline dropped without disable_cache is freed",
              [(DIFFUSERS, "self._pipe = weakref.ref(pipe)", "self._pipe = (lambda p: lambda: p)(pipe)")],
              [T_LIFECYCLE]),
+    Mutation("experts_share_the_pipeline_step_count", "each expert's step count is its share of the steps",
+             [(DIFFUSERS, "        if len(self.modules) != 2 or boundary is None", "        if True or boundary is None")],
+             [T_EXPERTS]),
+    Mutation("second_expert_not_cached", "a two-expert pipeline has both experts cached",
+             [(DIFFUSERS, "    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]\n",
+               "    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)][:1]\n")],
+             [T_EXPERTS]),
+    Mutation("expert_steps_not_numbered_by_the_pipeline", "summary numbers an expert's steps by the pipeline's",
+             [(DIFFUSERS, "state.first_step[name] = state.clock.steps_taken + 1", "state.first_step[name] = 1")],
+             [T_EXPERTS]),
+    Mutation("few_steps_not_said", "a step count with nothing to skip is said in a warning",
+             [(POLICY_BASE, "if step == 1 and num_steps is not None and num_steps <= forced_count:",
+               "if step == 1 and num_steps is not None and num_steps < forced_count:")],
+             [T_EXPERTS]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
              [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],

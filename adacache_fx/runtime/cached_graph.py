@@ -182,15 +182,17 @@ class CachedGraph:
 
     # ----- which model, which step ----------------------------------------------
     def _instance(self, args) -> int:
-        """The backend-wide model instance of this call: by the graph's first weight, numbered in
-        order of first call within the graph's owner (``RuntimeState.instance``)."""
+        """The backend-wide model instance of this call: by the graph's first weight, the registered
+        model's it belongs to, else numbered in order of first call within the graph's owner
+        (``RuntimeState.instance``)."""
         index = self.layout.parameter_index
         if index is None:
             return self.runtime.instance((self.owner, 0))
         weight = args[index]
         entry = self._instances.get(id(weight))
         if entry is None or entry[0]() is not weight:
-            entry = (weakref.ref(weight), self.runtime.instance((self.owner, len(self._instances))))
+            key = self.runtime.registered_key(weight) or (self.owner, len(self._instances))
+            entry = (weakref.ref(weight), self.runtime.instance(key))
             self._instances[id(weight)] = entry
         return entry[1]
 

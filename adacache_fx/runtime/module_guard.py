@@ -98,7 +98,8 @@ class ModuleBlockGuard:
         self.probe_forward: Optional[Callable] = None   # the probe block's own forward (eager)
         self.timestep_name: Optional[str] = None
         self.call = _Call()
-        self.instance = runtime.instance((self, 0))   # one model instance: its own backend-wide schedule
+        # one model instance: its own backend-wide schedule (the registered model's, if it is)
+        self.instance = runtime.instance(runtime.register_model(model))
         self.store = BranchStore(runtime, self)
         self.originals: list = []      # (block, its forward attribute before install or None): the undo record
         if not self.containers:

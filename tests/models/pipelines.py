@@ -28,17 +28,25 @@ def run(pipe, steps, labels=(1, 2), seed=0, guidance_scale=4.0):
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
-def tiny_wan_pipeline():
-    pytest.importorskip("transformers")   # diffusers builds WanPipeline only with transformers present
+def _tiny_wan_transformer(seed):
     transformer = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
-    randomize_(transformer, seed=0)
+    randomize_(transformer, seed=seed)
+    return transformer.eval()
+
+
+def tiny_wan_pipeline(experts=1, boundary_ratio=None):
+    """A tiny WanPipeline; ``experts=2``: Wan 2.2 A14B's layout, a high-noise ``transformer`` and
+    a low-noise ``transformer_2`` (other weights) switched at ``boundary_ratio``."""
+    pytest.importorskip("transformers")   # diffusers builds WanPipeline only with transformers present
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
                                      temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     # no tokenizer / text encoder: the prompts come as embeddings (nothing to download)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer.eval(), vae=vae.eval(),
-                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=_tiny_wan_transformer(0),
+                                 transformer_2=_tiny_wan_transformer(1) if experts == 2 else None, vae=vae.eval(),
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                 boundary_ratio=boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)

@@ -72,6 +72,9 @@ class Policy:
         cfg = self.config
         if step == 1 and num_steps is not None and cfg.fitted_steps not in (None, num_steps):
             _warn_fitted_steps(cfg.fitted_steps, num_steps)
+        forced_count = max(cfg.first_computed_steps, 2) + cfg.last_computed_steps   # the second: rate 1 at first
+        if step == 1 and num_steps is not None and num_steps <= forced_count:
+            _warn_nothing_to_skip(num_steps, forced_count)
         forced = step <= cfg.first_computed_steps or (num_steps is not None and step > num_steps - cfg.last_computed_steps)
         compute = forced or step >= self.next_compute_step
         if compute:
@@ -127,3 +130,13 @@ def _warn_fitted_steps(fitted: int, num_steps: int) -> None:
     warnings.warn(f"adacache: this codebook was calibrated at {fitted} steps and this generation has {num_steps}: "
                   "its thresholds and rates were fitted to that step count; calibrate again at "
                   f"{num_steps} steps (or use the presets, which follow the step count)", AdaCacheWarning, stacklevel=4)
+
+
+def _warn_nothing_to_skip(num_steps: int, forced_count: int) -> None:
+    """Once per step count: the forced steps cover the whole generation (few-step sampling)."""
+    if ("nothing to skip", num_steps) in _warned_counts:
+        return
+    _warned_counts.add(("nothing to skip", num_steps))
+    warnings.warn(f"adacache: a generation of {num_steps} steps has no step to skip: the first, the second and the "
+                  "last steps are always computed (first_computed_steps, last_computed_steps), so caching only "
+                  f"adds its overhead; steps can be skipped from {forced_count + 1} steps on", AdaCacheWarning, stacklevel=4)
