@@ -265,6 +265,61 @@ def coverage_section() -> list:
     return lines
 
 
+#: the methods of the few-step rows shown on the results page (every method: the linked file)
+FEW_STEP_METHODS = ("baseline", "adacache-slow", "adacache-fast", "fixed-1", "taylorseer-3", "fbc-0.1",
+                    "magcache-0.24", "pab-2-6")
+
+
+def pipelines_section() -> list:
+    """Serving soak, two experts, few steps (docs/pipelines.md)."""
+    lines = []
+    soak = _load("serving_soak.json")
+    if soak is not None:
+        v, m, rows = soak["verdict"], soak["machine"], soak["rows"]
+        lines += [f"**Serving soak** ([benchmarks/results/serving_soak.md](benchmarks/results/serving_soak.md), "
+                  f"`{soak['command']}`; {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}): "
+                  f"{len(rows)} requests through one diffusers `WanPipeline` with `enable_cache(pipe, "
+                  f"AdaCacheConfig.fast())`, batches 1/2/4, 20/30/50 steps, two resolutions. Compiles only at a shape's "
+                  f"first request: {'yes' if v['compiles_only_at_a_new_shape'] else 'no'} (the first new shape served "
+                  f"without compiling: request {v['first_new_shape_without_compile']}); cache bytes flat per shape: "
+                  f"{'yes' if v['cache_bytes_flat_per_shape'] else 'no'}; resident memory after the warm-up "
+                  f"{v['rss_growth_after_warm_up_mb']:+.1f} MB; dropped pipelines freed: {v['dropped_pipelines_freed']}; "
+                  f"schedule contract violations: {len(v['contract_violations'])}.", ""]
+    experts = _load("two_experts_30.json")
+    if experts is not None:
+        m = experts["machine"]
+        lines += [f"**Two denoising experts (the reference model's weights in both, boundary_ratio "
+                  f"{experts['boundary_ratio']}: {experts['shares'][0]} + {experts['shares'][1]} of "
+                  f"{experts['steps']} steps)** ([benchmarks/results/two_experts_30.md](benchmarks/results/two_experts_30.md); "
+                  f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; "
+                  f"{len(experts['prompts'])} prompts, inner `{experts['inner']}`):", "",
+                  "| method | speedup | computed steps (mean) | PSNR mean / worst (dB) |", "|---|---|---|---|"]
+        for name, r in experts["rows"].items():
+            finite = [x for x in r["psnr"] if x != float("inf")]
+            quality = f"{sum(finite) / len(finite):.2f} / {min(finite):.2f}" if finite else "exact"
+            counts = [sum(len(c) for c in computed) for computed in r["computed"]]
+            ratios = sorted(r["ratios"])
+            lines.append(f"| {name} | {ratios[len(ratios) // 2]:.2f}x | {sum(counts) / len(counts):.1f} | {quality} |")
+        lines.append("")
+    few = _load("few_step/e2e.json")
+    if few is not None:
+        m = few["machine"]
+        lines += [f"**Few steps: every method at {' and '.join(str(r['steps']) for r in few['runs'])} steps** "
+                  f"([benchmarks/results/few_step/e2e.md](benchmarks/results/few_step/e2e.md), `{few['command']}`; "
+                  f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; "
+                  f"{len(few['runs'][0]['prompts'])} prompts; a selection of the methods):", "",
+                  "| steps | method | timed | speedup | computed | PSNR mean / worst (dB) |", "|---|---|---|---|---|---|"]
+        for run in few["runs"]:
+            for r in run["methods"]:
+                if r["method"] not in FEW_STEP_METHODS:
+                    continue
+                comp = "-" if r["computed_fraction"] is None else f"{r['computed_fraction']:.0%}"
+                psnr = ("exact" if r["psnr_mean"] in (float("inf"), "inf") else
+                        f"{r['psnr_mean']:.2f} / {r['psnr_worst']:.2f}")
+                lines.append(f"| {run['steps']} | {r['method']} | {r['timed']} | {r['speedup']:.2f}x | {comp} | {psnr} |")
+    return lines
+
+
 def block() -> str:
     parts = []
     for section in (demo_section(), e2e_section(), overhead_section(), graph_breaks_section(), kernels_section(),
@@ -273,7 +328,7 @@ def block() -> str:
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     text_section("distributed_cp.md", "diffusers' context parallelism (WanTransformer3DModel), 1/2 gloo "
                                  "processes on the 2-core CPU", "Results"),
-                    coverage_section()):
+                    pipelines_section(), coverage_section()):
         if section:
             parts.append("\n".join(section))
     return f"{BEGIN}\n" + for_docs("\n\n".join(parts)) + f"\n{END}"

@@ -12,6 +12,8 @@ from examples.machine import machine_markdown
 def fmt(v, spec=".2f"):
     if v is None:
         return "-"
+    if isinstance(v, str):   # already said ("inf" from a JSON round trip)
+        return v
     if isinstance(v, float) and math.isinf(v):
         return "inf"
     return format(v, spec)
