@@ -204,8 +204,9 @@ class AdaCacheBackend:
         """Tell the schedulers how many steps the coming generations have (kept across resets;
         ``None``: back to ``config.num_steps``). With ``model``, that model's alone (it may not have
         run yet): the experts of a two-expert pipeline each run a share of the steps, and each
-        expert's forced last steps are where its share ends. Without, every model's (their own
-        counts forgotten)."""
+        expert's forced last steps and MoReg window are where its share is, while a preset's
+        codebook stays the one at the backend-wide count (the steps are as large as the whole
+        generation's). Without, every model's (their own counts forgotten)."""
         instance = self._instance_of(model, register=True) if model is not None else None
         self.runtime.set_num_steps(num_steps, instance=instance)
 

@@ -128,6 +128,12 @@ class AdaCacheConfig:
         guidance_in_batch: how many guidance copies of the samples the batch holds, concatenated
             on dim 0 (diffusers' classifier-free guidance ``[uncond, cond]``: 2); the rows of one
             sample stay together. Guidance as separate calls: 1 (the calls are branches).
+        compile_blocks: how a region's computed step is compiled. ``"once"`` (default): cut into
+            one subgraph per block, the inner compiler run once per distinct block graph and its
+            code called for every block with that block's weights (``compile/compile_blocks.py``;
+            diffusers' ``compile_repeated_blocks``, found from the graph): the first call's compile
+            time no longer grows with the depth. ``"whole"``: the region as one graph (the inner
+            compiler may fuse across blocks).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
@@ -162,6 +168,7 @@ class AdaCacheConfig:
     policy: str = "adacache"
     per_sample: bool = field(default=False, metadata=SHAPES_GRAPHS)
     guidance_in_batch: int = field(default=1, metadata=SHAPES_GRAPHS)
+    compile_blocks: str = field(default="once", metadata=SHAPES_GRAPHS)
     first_computed_steps: int = 1
     last_computed_steps: int = 2
     preset: Optional[str] = None
@@ -197,6 +204,8 @@ class AdaCacheConfig:
             if self.num_steps is not None and w[1] > self.num_steps:
                 raise ValueError(f"moreg_window {w} must lie inside the {self.num_steps} steps")
             _set(self, "moreg_window", w)
+        if self.compile_blocks not in ("once", "whole"):
+            raise ValueError(f"compile_blocks must be 'once' or 'whole', got {self.compile_blocks!r}")
         if not isinstance(self.moreg_stride, int) or self.moreg_stride < 1:
             raise ValueError(f"moreg_stride must be a positive integer, got {self.moreg_stride!r}")
         for name in ("moreg_normalizer", "moreg_divisor"):

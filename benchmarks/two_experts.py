@@ -10,6 +10,8 @@ copies of the weights, interleaved per prompt (the baseline first):
   backend=backend)``), each told its share of the steps (``backend.set_num_steps(n, model=e)``, what
   the diffusers integration does from the pipeline's ``boundary_ratio``): each expert its own
   schedule, its own first computed step after the switch, its own forced last steps;
+* ``adacache-{slow,fast}-2x-share``: each expert its own backend told only its share, so a preset's
+  codebook is taken at the share's length (9 of 30 steps) instead of the generation's;
 * ``adacache-{slow,fast}-1x``: the same weights as one model over every step (what the switch costs:
   the second expert starts with an empty cache and computes its first two steps).
 
@@ -50,16 +52,20 @@ def shares(steps: int, boundary_ratio: float = BOUNDARY_RATIO) -> tuple:
 class Method:
     """Two experts (or one model) behind one ``model_fn`` that switches at the boundary."""
 
-    def __init__(self, name: str, transformer, config=None, experts: int = 2, inner: str = "inductor"):
+    def __init__(self, name: str, transformer, config=None, experts: int = 2, inner: str = "inductor",
+                 share_backends: bool = True):
         self.name, self.config, self.experts = name, config, experts
         models = [entry_module(copy.deepcopy(transformer), f"{name}-{i}") for i in range(experts)]
-        self.models, self.backend = models, None
+        self.models, self.backend, self.backends = models, None, []
         if config is None:
             self.calls = [torch.compile(m, backend=inner) for m in models]
-        else:
+        elif share_backends:
             for m in models:
                 self.backend = compile_model(m, config if self.backend is None else None, inner=inner,
                                              backend=self.backend)
+            self.calls = models
+        else:   # a backend per expert, each told only its share of the steps
+            self.backends = [compile_model(m, config, inner=inner) for m in models]
             self.calls = models
         self.boundary = BOUNDARY_RATIO * 1000.0
 
@@ -69,6 +75,9 @@ class Method:
 
     def generation(self, steps: int):
         """Set up one generation: every schedule reset, each expert's share of the steps."""
+        for backend, count in zip(self.backends, shares(steps)):
+            backend.reset()
+            backend.set_num_steps(count)
         if self.backend is None:
             return
         self.backend.reset()
@@ -79,10 +88,11 @@ class Method:
 
     def computed(self, steps: int) -> list:
         """Per expert, its computed steps numbered by the sampler's steps."""
-        if self.backend is None:
+        if self.backend is None and not self.backends:
             return [list(range(1, steps + 1))]
         offsets = [0, shares(steps)[0]] if self.experts == 2 else [0]
-        return [[offset + s for s in self.backend.report(m).computed_steps] for m, offset in zip(self.models, offsets)]
+        backends = self.backends or [self.backend] * len(self.models)
+        return [[offset + s for s in b.report(m).computed_steps] for b, m, offset in zip(backends, self.models, offsets)]
 
 
 def run(a) -> dict:
@@ -91,9 +101,10 @@ def run(a) -> dict:
     null = tokenizer([""])
     methods = [Method("baseline", transformer, inner=a.inner)]
     for preset in ("slow", "fast"):
-        for experts in (2, 1):
-            methods.append(Method(f"adacache-{preset}-{experts}x", transformer,
-                                  getattr(AdaCacheConfig, preset)(a.steps), experts=experts, inner=a.inner))
+        config = getattr(AdaCacheConfig, preset)(a.steps)
+        methods += [Method(f"adacache-{preset}-2x", transformer, config, inner=a.inner),
+                    Method(f"adacache-{preset}-2x-share", transformer, config, inner=a.inner, share_backends=False),
+                    Method(f"adacache-{preset}-1x", transformer, config, experts=1, inner=a.inner)]
     rows = {m.name: {"seconds": [], "ratios": [], "psnr": [], "computed": []} for m in methods}
     prompts = PROMPTS[:: max(1, len(PROMPTS) // a.prompts)][: a.prompts]   # still to fast motion
     for seed, prompt in enumerate([CALIBRATION_PROMPT] + prompts, start=-1):

@@ -103,6 +103,7 @@ COMPILE_MODEL = "adacache_fx/compile_model.py"
 T_CACHE_CONTEXT = "tests/runtime/test_cache_context.py"
 T_LIFECYCLE = "tests/integrations/test_lifecycle_api.py"
 T_EXPERTS = "tests/integrations/test_two_experts.py"
+T_COMPILE_BLOCKS = "tests/passes/test_compile_blocks.py"
 POLICY_BASE = "adacache_fx/runtime/policies/base.py"
 DIFFUSERS = "adacache_fx/integrations/diffusers.py"
 
@@ -353,6 +354,13 @@ MUTATIONS = [
              [(POLICY_BASE, "if step == 1 and num_steps is not None and num_steps <= forced_count:",
                "if step == 1 and num_steps is not None and num_steps < forced_count:")],
              [T_EXPERTS]),
+    Mutation("expert_preset_at_its_share", "an expert's preset codebook is the generation's step count's",
+             [(POLICY, "cfg.codebook_for(self.preset_steps or num_steps)", "cfg.codebook_for(num_steps)")],
+             [T_EXPERTS]),
+    Mutation("region_blocks_compiled_whole_share_wrong_code", "a block compiled once runs with its own weights",
+             [("adacache_fx/compile/compile_blocks.py", "fn = compiled.get(signature) if signature is not None else None",
+               "fn = next(iter(compiled.values()), None)")],
+             [T_COMPILE_BLOCKS]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
              [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],

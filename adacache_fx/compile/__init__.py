@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..passes.analysis.graph_nodes import example_value
 from ..passes.rewrite import Rewrite
+from .compile_blocks import compile_region
 from .inner import resolve_inner
 
 logger = logging.getLogger("adacache_fx")
@@ -41,6 +42,7 @@ class CompiledPieces:
     reuse_step: Optional[Callable] = None   # the fused reused step, compiled (None: piece by piece)
     graph: Optional[fx.GraphModule] = None       # the rewritten graph the pieces were cut from
     piece_nodes: dict = field(default_factory=dict)   # attribute name -> names of the piece's op nodes
+    block_compiles: dict = field(default_factory=dict)   # region index -> BlockCompile (compile_blocks="once")
 
     def count_flops(self) -> tuple:
         """``(FLOPs inside the regions, FLOPs of the graph)`` of one call (0 where not counted)."""
@@ -200,7 +202,12 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
         except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
             logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for r, name in rw.split.region_submods.items():
-        result.regions[r] = (name, inner(getattr(top, name), inputs[name]), rw.reuse[r])
+        if rw.analysis.config.compile_blocks == "once":
+            blocks = [{n.name for n in block.nodes} for block in rw.analysis.regions[r].blocks]
+            compute, result.block_compiles[r] = compile_region(getattr(top, name), blocks, inputs[name], inner)
+        else:
+            compute = inner(getattr(top, name), inputs[name])
+        result.regions[r] = (name, compute, rw.reuse[r])
     for name in rw.split.other_submods:
         setattr(top, name, _Compiled(inner(getattr(top, name), inputs[name])))
     return result

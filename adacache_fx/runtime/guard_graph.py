@@ -62,6 +62,7 @@ def guard_graph(rw: Rewrite, pieces, runtime: RuntimeState, owner=None) -> Cache
                          process_group=analysis.process_group, region_info=info,
                          probe_positions=probe_positions, sub_batch=sub_batch, flops=pieces.count_flops,
                          owner=owner)
+    cached.block_compiles = dict(pieces.block_compiles)   # region -> BlockCompile: how it was compiled
     if pieces.reuse_step is not None:
         cached.fuse_reused_steps(pieces.reuse_step, rw.fused.delta_inputs, rw.fused.terms)
     return cached

@@ -107,6 +107,8 @@ class PerSampleScheduler:
             self.computed_steps = []
         if tick.advanced:
             self._finalize_samples()   # before the samples decide: one read for all of them
+            for policy in self.samples:
+                policy.preset_steps = self.clock.preset_steps
             self._flags = tuple(policy.decide(tick.step, self.clock.num_steps) for policy in self.samples)
             if any(self._flags):
                 self.computed_steps.append(tick.step)

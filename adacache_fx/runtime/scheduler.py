@@ -87,6 +87,7 @@ class AdaCacheScheduler:
             self.policy.reset()
         if tick.advanced:
             self._finalize()
+            self.policy.preset_steps = self.clock.preset_steps
             self.compute_now = self.policy.decide(tick.step, self.clock.num_steps)
         return CallDecision(tick.step, tick.branch, self.compute_now, tick.generation)
 

@@ -73,6 +73,8 @@ class RuntimeState:
             steps = self.instance_num_steps.get(len(self.schedulers), self.requested_num_steps)
             if steps is not None:
                 scheduler.set_num_steps(steps)
+            if len(self.schedulers) in self.instance_num_steps:
+                scheduler.clock.preset_steps = self.requested_num_steps
             self.schedulers.append(scheduler)
         self.last_instance = instance
         return self.schedulers[instance]
@@ -88,14 +90,18 @@ class RuntimeState:
             scheduler.reset()
 
     def set_num_steps(self, num_steps: Optional[int], instance: Optional[int] = None) -> None:
-        """``num_steps`` for every model instance (clearing their own counts), or for ``instance`` alone."""
+        """``num_steps`` for every model instance (clearing their own counts), or for ``instance``
+        alone: the steps it runs of the generation's (its forced last steps and MoReg window follow
+        its count; a preset's codebook, the generation's step size, follows the backend-wide count)."""
         StepClock().set_num_steps(num_steps)   # validates before anything changes
         if instance is not None:
             self.instance_num_steps[instance] = num_steps
             if instance < len(self.schedulers):
                 self.schedulers[instance].set_num_steps(num_steps)
+                self.schedulers[instance].clock.preset_steps = self.requested_num_steps
             return
         self.requested_num_steps = num_steps
         self.instance_num_steps.clear()
         for scheduler in self.schedulers:
             scheduler.set_num_steps(num_steps)
+            scheduler.clock.preset_steps = None

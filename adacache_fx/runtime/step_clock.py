@@ -34,6 +34,9 @@ class StepClock:
     def __init__(self, num_steps: Optional[int] = None):
         self.default_num_steps = num_steps            # the config's
         self.requested_num_steps: Optional[int] = None   # set_num_steps: outlives reset()
+        # the generation's step count when this model runs a share of it (an expert): a preset's
+        # codebook follows the generation's step size, not the share's length; outlives reset()
+        self.preset_steps: Optional[int] = None
         self.generation = 0
         self.step = 0
         self.reset()

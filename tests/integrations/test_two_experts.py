@@ -114,9 +114,11 @@ def test_the_experts_share_one_compile():
 
 
 @pytest.mark.parametrize("steps", [4, 8])
-def test_few_steps(steps):
+def test_few_steps(steps, monkeypatch):
     """4 steps: the forced steps cover them all (said once, in a warning and in the report), and the
     video is the uncached pipeline's; 8 steps: the contract over 8 steps."""
+    import adacache_fx.runtime.policies.base as policy_base
+    monkeypatch.setattr(policy_base, "_warned_counts", set())   # said once per process: not yet, here
     pipe, embeds = tiny_wan_pipeline()
     plain = generate(pipe, embeds, steps)
     backend = adacache_fx.enable_cache(pipe, AdaCacheConfig(codebook={INF: 3}), inner="eager")
@@ -133,4 +135,25 @@ def test_few_steps(steps):
     else:
         assert report.computed_steps == contract(8) == [1, 2, 5, 7, 8] and not report.nothing_to_skip
         assert not said
+    adacache_fx.disable_cache(pipe)
+
+
+def test_an_experts_preset_is_the_generations():
+    """A preset's codebook for an expert is the one at the pipeline's step count (the expert's steps
+    are as large as the whole generation's), while its forced last steps are its share's."""
+    from adacache_fx.runtime import codebook_rate
+    pipe, embeds = tiny_wan_pipeline(experts=2, boundary_ratio=0.875)
+    torch._dynamo.reset()
+    adacache_fx.enable_cache(pipe, AdaCacheConfig.fast(), inner="eager")
+    generate(pipe, embeds, 20, output_type="latent")
+    shares = expert_shares(pipe)
+    reports = adacache_fx.summary(pipe, file=io.StringIO())
+    generation = AdaCacheConfig.fast(20).codebook
+    for (name, report), share in zip(reports.items(), shares):
+        assert report.num_steps == share and report.computed_steps[-2:] == [share - 1, share]
+        assert AdaCacheConfig.fast(share).codebook != generation   # the test tells the two apart
+        for m in report.metrics:
+            assert m.rate == codebook_rate(generation, m.reg_distance), (name, m)
+    assert any(codebook_rate(AdaCacheConfig.fast(s).codebook, m.reg_distance) != m.rate
+               for r, s in zip(reports.values(), shares) for m in r.metrics)
     adacache_fx.disable_cache(pipe)

@@ -40,7 +40,8 @@ class AdaCachePolicy(Policy):
             motion_grad = cfg.moreg_gradient_scale * (motion_reg - prev) / k
             self.prev_motion_reg = motion_reg
             reg = distance * (motion_reg + abs(motion_grad))
-        rate = codebook_rate(cfg.codebook_for(num_steps), reg)   # a preset follows the generation's step count
+        # a preset follows the generation's step count (for an expert, the whole generation's)
+        rate = codebook_rate(cfg.codebook_for(self.preset_steps or num_steps), reg)
         return StepMetric(s, distance, motion, motion_reg, motion_grad, reg, rate, s + rate)
 
 

@@ -58,6 +58,10 @@ class Policy:
         self.config = config
         self.reset()
 
+    #: the step count a preset's codebook is taken at when it is not ``num_steps`` (a model that runs a
+    #: share of a generation's steps: the generation's count), set by the scheduler before each decision
+    preset_steps: Optional[int] = None
+
     def reset(self) -> None:
         """Forget the current generation."""
         self.next_compute_step = 1

@@ -1,0 +1,185 @@
+"""Startup at real model size: compile time, step time and memory at the Wan 2.1 1.3B configuration.
+
+diffusers' ``WanTransformer3DModel`` at the Wan 2.1 T2V 1.3B configuration (30 blocks, dim 1536 =
+12 heads x 128, ffn 8960, text dim 4096; 1.42 B parameters) with seeded random weights, float32,
+and at 40 blocks of the same width (Wan 14B's depth; 14B's own width does not fit this machine's
+memory), on a tiny latent (1, 16, 3, 16, 16) = 192 tokens and 16 text tokens. Methods:
+
+* ``plain``: ``torch.compile(model)`` (inductor, the whole forward as one graph);
+* ``regional``: diffusers' ``model.compile_repeated_blocks(fullgraph=True)`` (each block class
+  compiled once, the rest eager);
+* ``adacache-off`` / ``adacache-inf3``: ``adacache_fx.compile_model`` with ``{inf: 1}`` (caching
+  off) / ``{inf: 3}`` (steps 1, 2, 5, 6 of 6 computed), ``compile_blocks="once"`` (the default: each
+  repeated block compiled once) or ``"whole"`` (the region as one graph).
+
+Each method runs in its own process (a fresh Dynamo, and a fresh inductor cache directory, so
+nothing is reused from an earlier compile), two generations of 6 steps with a changing latent.
+Reported: the first call (compile + run), the first reused call, the warm computed and reused steps
+(medians over the second generation), the process's peak resident memory and ``report().cache_bytes``.
+
+    python -m benchmarks.compile_time --threads 1                 # every method, 30 and 40 blocks
+    python -m benchmarks.compile_time --blocks 30 --methods plain adacache-off-once --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import command_line, machine, machine_markdown, write_results
+
+WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+LATENT = (1, 16, 3, 16, 16)
+TEXT = (1, 16, 4096)
+STEPS = 6
+METHODS = ("plain", "regional", "adacache-off-once", "adacache-inf3-once", "adacache-off-whole", "adacache-inf3-whole")
+
+
+def build(blocks: int, tiny: bool = False):
+    import diffusers
+    torch.manual_seed(0)
+    config = dict(WAN_13B, num_layers=blocks)
+    if tiny:   # the smoke test's size
+        config.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32)
+    return diffusers.WanTransformer3DModel(**config).eval().requires_grad_(False), config
+
+
+def prepare(model, method: str):
+    """The callable to run, and the backend (None for the baselines)."""
+    if method == "plain":
+        return torch.compile(model), None
+    if method == "regional":
+        model.compile_repeated_blocks(fullgraph=True)
+        return model, None
+    from adacache_fx import AdaCacheConfig, compile_model
+    _name, codebook, blocks = method.split("-")
+    config = AdaCacheConfig(codebook={math.inf: 1 if codebook == "off" else 3}, num_steps=STEPS, compile_blocks=blocks)
+    return model, compile_model(model, config)
+
+
+def measure(method: str, blocks: int, tiny: bool = False) -> dict:
+    model, config = build(blocks, tiny)
+    run, backend = prepare(model, method)
+    text_shape = TEXT if not tiny else (1, 16, config["text_dim"])
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(text_shape, generator=g)
+    calls = []
+    with torch.no_grad():
+        for generation in range(2):
+            x = torch.randn(LATENT, generator=torch.Generator().manual_seed(generation))
+            for step in range(STEPS):
+                t = torch.tensor([1000.0 * (1 - step / STEPS)])
+                start = time.perf_counter()
+                out = run(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                calls.append({"generation": generation, "step": step + 1, "seconds": time.perf_counter() - start})
+                x = x - 0.1 * out
+            if backend is not None:
+                computed = set(backend.report(model).computed_steps)
+                for c in calls[-STEPS:]:
+                    c["computed"] = c["step"] in computed
+    for c in calls:
+        c.setdefault("computed", True)
+    second = [c for c in calls if c["generation"] == 1]
+    reused_first = [c for c in calls if not c["computed"]]
+    return {
+        "method": method, "blocks": blocks, "parameters": sum(p.numel() for p in model.parameters()),
+        "first_call_s": calls[0]["seconds"],
+        "first_reused_s": reused_first[0]["seconds"] if reused_first else None,
+        "warm_computed_s": statistics.median(c["seconds"] for c in second if c["computed"]),
+        "warm_reused_s": (statistics.median(c["seconds"] for c in second if not c["computed"])
+                          if any(not c["computed"] for c in second) else None),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "cache_bytes": backend.report(model).cache_bytes if backend is not None else 0,
+        "compile_seconds": backend.report(model).compile_seconds if backend is not None else None,
+        "calls": calls,
+    }
+
+
+def run_in_process(method: str, blocks: int, threads: int, tiny: bool = False) -> dict:
+    """One method in a fresh process with a fresh inductor cache directory."""
+    with tempfile.TemporaryDirectory() as cache, tempfile.NamedTemporaryFile(suffix=".json") as out:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                   TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+        args = [sys.executable, "-m", "benchmarks.compile_time", "--one", method, "--blocks", str(blocks),
+                "--threads", str(threads), "--json", out.name] + (["--tiny"] if tiny else [])
+        subprocess.run(args, env=env, check=True)
+        with open(out.name) as f:
+            return json.load(f)
+
+
+def _s(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(result: dict, info: dict, command: str) -> list:
+    lines = ["# Startup at real size: compile time, step time, memory", "", machine_markdown(info), "",
+             f"Command: `{command}`", "",
+             "diffusers `WanTransformer3DModel` at the Wan 2.1 1.3B configuration (dim 1536, ffn 8960, text dim 4096) "
+             f"with 30 blocks and with 40 (Wan 14B's depth), seeded random weights, float32, latent {LATENT}, "
+             f"{TEXT[1]} text tokens, {STEPS} steps per generation, two generations; each method in its own "
+             "process with an empty inductor cache. First reused call: the first step that skips the blocks. Warm: "
+             "medians over the second generation.", "",
+             "| blocks | method | parameters | first call (s) | first reused call (s) | warm computed step (s) | "
+             "warm reused step (s) | peak RSS (GiB) | cache bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['blocks']} | {r['method']} | {r['parameters'] / 1e9:.2f} B | {_s(r['first_call_s'], '.1f')} | "
+                     f"{_s(r['first_reused_s'])} | {_s(r['warm_computed_s'])} | {_s(r['warm_reused_s'])} | "
+                     f"{r['peak_rss_gib']:.1f} | {r['cache_bytes']} |")
+    lines += ["", "## Goal", ""]
+    for blocks in sorted({r["blocks"] for r in result["rows"]}):
+        rows = {r["method"]: r for r in result["rows"] if r["blocks"] == blocks}
+        ours = rows.get("adacache-off-once")
+        if ours is None:
+            continue
+        if "regional" in rows:
+            lines.append(f"- {blocks} blocks: first call {ours['first_call_s']:.1f} s against compile_repeated_blocks' "
+                         f"{rows['regional']['first_call_s']:.1f} s "
+                         f"({ours['first_call_s'] / rows['regional']['first_call_s']:.2f}x; goal <= 1.00x)")
+        if "plain" in rows:
+            lines.append(f"- {blocks} blocks: warm computed step {ours['warm_computed_s']:.2f} s against plain "
+                         f"torch.compile's {rows['plain']['warm_computed_s']:.2f} s "
+                         f"({ours['warm_computed_s'] / rows['plain']['warm_computed_s']:.3f}x; goal <= 1.03x)")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[30, 40])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="a tiny width (the smoke test)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one method
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    a = parser.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.one:
+        with open(a.json, "w") as f:
+            json.dump(measure(a.one, a.blocks[0], a.tiny), f)
+        return
+    rows = []
+    for blocks in a.blocks:
+        for method in a.methods:
+            row = run_in_process(method, blocks, a.threads, a.tiny)
+            print(f"{blocks} blocks, {method}: first call {row['first_call_s']:.1f} s, warm computed "
+                  f"{row['warm_computed_s']:.2f} s, reused {_s(row['warm_reused_s'])} s, peak {row['peak_rss_gib']:.1f} GiB",
+                  flush=True)
+            rows.append(row)
+    info, command = machine(), command_line("benchmarks.compile_time", argv)
+    result = {"rows": rows, "machine": info, "command": command}
+    write_results(a.out, "compile_time" + ("_tiny" if a.tiny else ""), markdown(result, info, command), result)
+
+
+if __name__ == "__main__":
+    main()
