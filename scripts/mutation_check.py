@@ -177,12 +177,13 @@ MUTATIONS = [
                       "        timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)\n",
                "        ts = self.layout.timestep_index\n"
                "        timestep = self.runtime.timesteps.timestep(args[ts] if ts is not None else None)\n"
-               "        _branch = self.runtime.scheduler(instance).begin_call(timestep, key=self).branch\n"
+               "        _branch = self.runtime.scheduler(instance).begin_call(timestep, key=self, name=self.runtime.context_name).branch\n"
                "        scheduler = self.runtime.scheduler(64 * (1 + _branch) + instance)\n"
                "        if scheduler.process_group is None:\n"
                "            scheduler.process_group = self.process_group\n"),
-              (GRAPH, "        decision = scheduler.begin_call(timestep, key=self)\n",
-               "        decision = scheduler.begin_call(timestep, key=self)\n        decision.branch = _branch\n")],
+              (GRAPH, "        decision = scheduler.begin_call(timestep, key=self, name=self.runtime.context_name)\n",
+               "        decision = scheduler.begin_call(timestep, key=self, name=self.runtime.context_name)\n"
+               "        decision.branch = _branch\n")],
              [T_GUIDANCE, T_BACKEND]),
     # ----- shapes --------------------------------------------------------------------------------
     Mutation("shape_guard_skipped", "a shape change inside a generation computes",
@@ -357,9 +358,9 @@ MUTATIONS = [
     Mutation("expert_preset_at_its_share", "an expert's preset codebook is the generation's step count's",
              [(POLICY, "cfg.codebook_for(self.preset_steps or num_steps)", "cfg.codebook_for(num_steps)")],
              [T_EXPERTS]),
-    Mutation("region_blocks_compiled_whole_share_wrong_code", "a block compiled once runs with its own weights",
-             [("adacache_fx/compile/compile_blocks.py", "fn = compiled.get(signature) if signature is not None else None",
-               "fn = next(iter(compiled.values()), None)")],
+    Mutation("blocks_share_code_of_another_graph", "only subgraphs that match share a compile",
+             [("adacache_fx/compile/compile_blocks.py", "            fn = compiled[body]\n",
+               "            fn = next(iter(compiled.values()))\n")],
              [T_COMPILE_BLOCKS]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
