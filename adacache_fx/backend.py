@@ -27,6 +27,7 @@ from .passes.rewrite import copy_graph_module, rewrite
 from .report import RegionInfo, Report
 from .runtime import CachedGraph, RuntimeState
 from .runtime.forecasters import forecaster_class
+from .runtime.policies.base import forced_step_count
 from .runtime.guard_graph import guard_graph
 
 logger = logging.getLogger("adacache_fx")
@@ -241,7 +242,7 @@ class AdaCacheBackend:
             total_flops=sum(g.total_flops for g in self.graphs) + self.uncached_flops,
             sample_computed_steps=scheduler.sample_computed_steps,
             sample_metrics=scheduler.sample_metrics,
-            forced_steps=max(self.config.first_computed_steps, 2) + self.config.last_computed_steps,
+            forced_steps=forced_step_count(self.config),
         )
 
     def _instance_of(self, model: torch.nn.Module, register: bool = False) -> int:

@@ -362,6 +362,10 @@ MUTATIONS = [
              [("adacache_fx/compile/compile_blocks.py", "            fn = compiled[body]\n",
                "            fn = next(iter(compiled.values()))\n")],
              [T_COMPILE_BLOCKS]),
+    Mutation("few_steps_keep_the_bookkeeping", "a generation with nothing to skip takes no metric",
+             [(STORE, '        if getattr(scheduler, "nothing_to_skip", False) and self.runtime.recorder is None:',
+               '        if False:')],
+             [T_EXPERTS]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------
     Mutation("config_policy_ignored", "AdaCacheConfig(policy=...) chooses the registered policy",
              [(POLICIES, "return POLICIES.get(config.policy)(config)", "return POLICIES.get(\"adacache\")(config)")],

@@ -24,6 +24,7 @@ import torch
 
 from .collectives import all_reduce_sums
 from .policies import make_policy
+from .policies.base import forced_step_count
 from .scheduler import CallDecision
 from .step_clock import StepClock
 
@@ -87,6 +88,13 @@ class PerSampleScheduler:
     def _new_sample(self):
         """A fresh policy for one sample."""
         return make_policy(self.config)
+
+    @property
+    def nothing_to_skip(self) -> bool:
+        """This generation's step count leaves no step to skip (few-step sampling): the cache's
+        bookkeeping (the metric, the forecast terms) has nothing to decide."""
+        n = self.clock.num_steps
+        return n is not None and n <= forced_step_count(self.config)
 
     # ----- per call ------------------------------------------------------------------
     def begin_call(self, timestep: Optional[float], key: object = None,

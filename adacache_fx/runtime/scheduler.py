@@ -16,6 +16,7 @@ import torch
 
 from .collectives import all_reduce_sums
 from .policies import make_policy
+from .policies.base import forced_step_count
 from .step_clock import StepClock
 
 
@@ -76,6 +77,13 @@ class AdaCacheScheduler:
         """Set ``N`` for the current generation and the following ones, until set again
         (``None``: back to ``config.num_steps``). The diffusers integration does this per call."""
         self.clock.set_num_steps(num_steps)
+
+    @property
+    def nothing_to_skip(self) -> bool:
+        """This generation's step count leaves no step to skip (few-step sampling): the cache's
+        bookkeeping (the metric, the forecast terms) has nothing to decide."""
+        n = self.clock.num_steps
+        return n is not None and n <= forced_step_count(self.config)
 
     # ----- per call ------------------------------------------------------------------------
     def begin_call(self, timestep: Optional[float], key: object = None, name: Optional[str] = None) -> CallDecision:

@@ -131,9 +131,11 @@ def test_few_steps(steps, monkeypatch):
     if steps == 4:
         assert report.computed_steps == [1, 2, 3, 4] and report.nothing_to_skip and "nothing to skip" in str(report)
         assert said and "from 5 steps on" in said[0]
+        assert report.metrics == []   # nothing to decide: no metric taken, no forecast kept
         assert torch.equal(video, plain)
     else:
         assert report.computed_steps == contract(8) == [1, 2, 5, 7, 8] and not report.nothing_to_skip
+        assert report.metrics
         assert not said
     adacache_fx.disable_cache(pipe)
 

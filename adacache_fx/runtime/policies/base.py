@@ -76,7 +76,7 @@ class Policy:
         cfg = self.config
         if step == 1 and num_steps is not None and cfg.fitted_steps not in (None, num_steps):
             _warn_fitted_steps(cfg.fitted_steps, num_steps)
-        forced_count = max(cfg.first_computed_steps, 2) + cfg.last_computed_steps   # the second: rate 1 at first
+        forced_count = forced_step_count(cfg)
         if step == 1 and num_steps is not None and num_steps <= forced_count:
             _warn_nothing_to_skip(num_steps, forced_count)
         forced = step <= cfg.first_computed_steps or (num_steps is not None and step > num_steps - cfg.last_computed_steps)
@@ -121,6 +121,12 @@ class Policy:
     def measure(self, pending: PendingMetric, sums: list, num_steps: Optional[int]) -> StepMetric:
         """The step's metric and rate from its five host sums: what a policy decides."""
         raise NotImplementedError(f"{type(self).__name__}.measure")
+
+
+def forced_step_count(config) -> int:
+    """Steps computed in every generation whatever the metric: the first ones, the second (the
+    rate starts at 1) and the last ones. A generation of at most this many steps skips nothing."""
+    return max(config.first_computed_steps, 2) + config.last_computed_steps
 
 
 _warned_counts: set = set()
