@@ -103,6 +103,21 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list) -> tuple:
     return "\n".join(items), outputs
 
 
+def _return_tuple(sub: fx.GraphModule) -> bool:
+    """Make ``sub`` return a tuple (compilers such as ``aot_eager`` take only graphs that do);
+    True when it returned one value (its caller then takes the tuple's element)."""
+    output = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return False
+    output.args = ((output.args[0],),)
+    sub.recompile()
+    return True
+
+
+def _first(fn: Callable) -> Callable:
+    return lambda *args: fn(*args)[0]
+
+
 def _selecting(fn: Callable, positions) -> Callable:
     """``fn`` (a compiled subgraph returning more) returning what another subgraph returns:
     the outputs at ``positions`` (a tuple of them, or one position for a single value)."""
@@ -137,24 +152,25 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
     except Exception as exc:  # noqa: BLE001 - compiled whole, as before
         return whole(f"split_module failed ({type(exc).__name__}: {exc})")
     info = BlockCompile(True, blocks=len(block_nodes))
-    subs = []   # (attribute, body signature, outputs, example inputs)
+    subs = []   # (attribute, body signature, outputs, example inputs, returns one value)
     for node in top.graph.nodes:
         if node.op != "call_module":
             continue
         inputs = _inputs_of(top, node.target)
         if inputs is None:
             return whole(f"no example inputs recorded for {node.target}")
+        single = _return_tuple(getattr(top, node.target))
         body, outputs = graph_signature(getattr(top, node.target), inputs)
-        subs.append((node.target, body, outputs, inputs))
+        subs.append((node.target, body, outputs, inputs, single))
     # per body, the member returning the most nodes is compiled; a member whose outputs are among
     # them calls that code and picks its own (the probe block returns its residual as well)
     widest: dict = {}
-    for name, body, outputs, _inputs in subs:
+    for name, body, outputs, _inputs, _single in subs:
         if body is not None and len(_as_tuple(outputs)) > len(_as_tuple(widest.get(body, (None, ()))[1])):
             widest[body] = (name, outputs)
     compiled: dict = {}
     shared: dict = {}
-    for name, body, outputs, inputs in subs:
+    for name, body, outputs, inputs, single in subs:
         rep = widest.get(body)
         wide = _as_tuple(rep[1]) if rep is not None else ()
         if rep is None or not set(_as_tuple(outputs)) <= set(wide):
@@ -170,7 +186,7 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
                 fn = _selecting(fn, wide.index(outputs) if isinstance(outputs, int) else
                                 tuple(wide.index(o) for o in outputs))
             shared[body] = shared.get(body, 0) + 1
-        setattr(top, name, _Compiled(fn))
+        setattr(top, name, _Compiled(_first(fn) if single else fn))
     info.shared = sorted(shared.values(), reverse=True)
     top.recompile()
     logger.debug("adacache: region compiled by block: %d blocks, %d compiles", info.blocks, info.compiles)

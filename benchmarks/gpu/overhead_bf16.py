@@ -7,7 +7,10 @@ a flow-matching Euler loop whose input changes every step. Methods, on the same 
 
 * ``plain``: ``torch.compile(model)`` (inductor),
 * ``off``:   adacache backend, caching off (``AdaCacheConfig.no_cache``: every step computed),
-* ``fixed``: adacache backend, fixed codebook ``{inf: 3}`` (speedup vs the ideal steps / computed).
+* ``fixed``: adacache backend, fixed codebook ``{inf: 3}`` (speedup vs the ideal steps / computed),
+* ``regional``: diffusers' ``compile_repeated_blocks`` on a copy (each block class compiled once, the
+  rest eager): the startup a diffusers user compares against (adacache compiles each repeated block
+  once too, ``compile_blocks="once"``, the default).
 
 The first generation of each compiles (its first call is reported as the compile time); then
 the methods' generations are timed interleaved (order rotating every round), as many rounds as
@@ -17,6 +20,7 @@ the methods' generations are timed interleaved (order rotating every round), as 
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -57,9 +61,12 @@ def _run(rep: PartReport, args, device):
     sigmas = flow_sigmas(steps)
     backends = {"off": adacache_backend(AdaCacheConfig.no_cache(steps), inner=inner),
                 "fixed": adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=steps), inner=inner)}
+    regional = copy.deepcopy(model)
+    regional.compile_repeated_blocks(fullgraph=True, backend=inner, dynamic=False)
     fns = {"plain": torch.compile(model, backend=inner, dynamic=False),
            "off": torch.compile(model, backend=backends["off"], dynamic=False),
-           "fixed": torch.compile(model, backend=backends["fixed"], dynamic=False)}
+           "fixed": torch.compile(model, backend=backends["fixed"], dynamic=False),
+           "regional": regional}
     counters.clear()
     first = {}
     for name, fn in fns.items():  # the first generation compiles (first call) and warms up

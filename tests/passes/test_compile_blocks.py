@@ -72,3 +72,17 @@ def test_interleaved_blocks_are_compiled_whole():
     gm = fx.GraphModule(torch.nn.Module(), graph)
     assert _partition(gm, [{"a", "c"}, {"b"}]) is None
     assert _partition(gm, [{"a"}, {"b", "c"}]) == {"x": 0, "a": 1, "b": 3, "c": 3, "output": 4}
+
+
+def test_block_subgraphs_return_tuples_for_compilers_that_need_them():
+    """``aot_eager`` (as inductor's front end) takes only graphs returning a tuple: a block whose
+    subgraph returns one value is compiled returning a 1-tuple and unpacked by its caller."""
+    torch._dynamo.reset()
+    model = seeded(ToyDiT(depth=4), 0)
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="aot_eager")
+    run = euler_loop(torch.compile(model, backend=backend), _inputs, timesteps(12))
+    assert backend.report().uncached_graphs == [] and backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
+    (info,) = backend.graphs[0].block_compiles.values()
+    assert info.by_block and info.shared[0] == 4
+    plain = euler_loop(model, _inputs, timesteps(12))
+    torch.testing.assert_close(run.outputs()[0], plain.outputs()[0], rtol=1e-5, atol=1e-5)
