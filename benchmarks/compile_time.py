@@ -13,9 +13,11 @@ memory), on a tiny latent (1, 16, 3, 16, 16) = 192 tokens and 16 text tokens. Me
   repeated block compiled once) or ``"whole"`` (the region as one graph).
 
 Each method runs in its own process (a fresh Dynamo, and a fresh inductor cache directory, so
-nothing is reused from an earlier compile), two generations of 6 steps with a changing latent.
-Reported: the first call (compile + run), the first reused call, the warm computed and reused steps
-(medians over the second generation), the process's peak resident memory and ``report().cache_bytes``.
+nothing is reused from an earlier compile), one generation of 6 steps with a changing latent
+(``--generations 2`` for two). Reported: the first call (compile + run), the first reused call (step
+3), the warm computed and reused steps (medians over the calls after the first of the last
+generation: computed steps 2, 5, 6 and reused step 4 with ``{inf: 3}``), the process's peak
+resident memory and ``report().cache_bytes``.
 
     python -m benchmarks.compile_time --threads 1                 # every method, 30 and 40 blocks
     python -m benchmarks.compile_time --blocks 30 --methods plain adacache-off-once --threads 1
@@ -68,7 +70,7 @@ def prepare(model, method: str):
     return model, compile_model(model, config)
 
 
-def measure(method: str, blocks: int, tiny: bool = False) -> dict:
+def measure(method: str, blocks: int, tiny: bool = False, generations: int = 1) -> dict:
     model, config = build(blocks, tiny)
     run, backend = prepare(model, method)
     text_shape = TEXT if not tiny else (1, 16, config["text_dim"])
@@ -76,7 +78,7 @@ def measure(method: str, blocks: int, tiny: bool = False) -> dict:
     text = torch.randn(text_shape, generator=g)
     calls = []
     with torch.no_grad():
-        for generation in range(2):
+        for generation in range(generations):
             x = torch.randn(LATENT, generator=torch.Generator().manual_seed(generation))
             for step in range(STEPS):
                 t = torch.tensor([1000.0 * (1 - step / STEPS)])
@@ -90,8 +92,10 @@ def measure(method: str, blocks: int, tiny: bool = False) -> dict:
                     c["computed"] = c["step"] in computed
     for c in calls:
         c.setdefault("computed", True)
-    second = [c for c in calls if c["generation"] == 1]
     reused_first = [c for c in calls if not c["computed"]]
+    # warm: the last generation's calls, its first call left out when it is the very first (the compile)
+    second = [c for c in calls if c["generation"] == generations - 1 and c is not calls[0] and c is not
+              (reused_first[0] if reused_first else None)]
     return {
         "method": method, "blocks": blocks, "parameters": sum(p.numel() for p in model.parameters()),
         "first_call_s": calls[0]["seconds"],
@@ -106,13 +110,14 @@ def measure(method: str, blocks: int, tiny: bool = False) -> dict:
     }
 
 
-def run_in_process(method: str, blocks: int, threads: int, tiny: bool = False) -> dict:
+def run_in_process(method: str, blocks: int, threads: int, tiny: bool = False, generations: int = 1) -> dict:
     """One method in a fresh process with a fresh inductor cache directory."""
     with tempfile.TemporaryDirectory() as cache, tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                    TORCHINDUCTOR_AUTOGRAD_CACHE="0")
         args = [sys.executable, "-m", "benchmarks.compile_time", "--one", method, "--blocks", str(blocks),
-                "--threads", str(threads), "--json", out.name] + (["--tiny"] if tiny else [])
+                "--threads", str(threads), "--generations", str(generations), "--json", out.name] + \
+            (["--tiny"] if tiny else [])
         subprocess.run(args, env=env, check=True)
         with open(out.name) as f:
             return json.load(f)
@@ -127,9 +132,10 @@ def markdown(result: dict, info: dict, command: str) -> list:
              f"Command: `{command}`", "",
              "diffusers `WanTransformer3DModel` at the Wan 2.1 1.3B configuration (dim 1536, ffn 8960, text dim 4096) "
              f"with 30 blocks and with 40 (Wan 14B's depth), seeded random weights, float32, latent {LATENT}, "
-             f"{TEXT[1]} text tokens, {STEPS} steps per generation, two generations; each method in its own "
-             "process with an empty inductor cache. First reused call: the first step that skips the blocks. Warm: "
-             "medians over the second generation.", "",
+             f"{TEXT[1]} text tokens, {STEPS} steps per generation, {result.get('generations', 1)} generation(s); each "
+             "method in its own process with an empty inductor cache. First reused call: the first step that skips "
+             "the blocks. Warm: medians over the last generation's calls after the first call and the first reused "
+             "call.", "",
              "| blocks | method | parameters | first call (s) | first reused call (s) | warm computed step (s) | "
              "warm reused step (s) | peak RSS (GiB) | cache bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -159,25 +165,34 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a tiny width (the smoke test)")
+    parser.add_argument("--generations", type=int, default=1)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only combine earlier outputs (e.g. 30 and 40 blocks run as two commands)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one method
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.merge:
+        parts = [json.load(open(path)) for path in a.merge]
+        result = dict(parts[0], rows=[r for p in parts for r in p["rows"]],
+                      command=" ; ".join(p["command"] for p in parts))
+        write_results(a.out, "compile_time", markdown(result, result["machine"], result["command"]), result)
+        return
     if a.one:
         with open(a.json, "w") as f:
-            json.dump(measure(a.one, a.blocks[0], a.tiny), f)
+            json.dump(measure(a.one, a.blocks[0], a.tiny, a.generations), f)
         return
     rows = []
     for blocks in a.blocks:
         for method in a.methods:
-            row = run_in_process(method, blocks, a.threads, a.tiny)
+            row = run_in_process(method, blocks, a.threads, a.tiny, a.generations)
             print(f"{blocks} blocks, {method}: first call {row['first_call_s']:.1f} s, warm computed "
                   f"{row['warm_computed_s']:.2f} s, reused {_s(row['warm_reused_s'])} s, peak {row['peak_rss_gib']:.1f} GiB",
                   flush=True)
             rows.append(row)
     info, command = machine(), command_line("benchmarks.compile_time", argv)
-    result = {"rows": rows, "machine": info, "command": command}
+    result = {"rows": rows, "machine": info, "command": command, "generations": a.generations}
     write_results(a.out, "compile_time" + ("_tiny" if a.tiny else ""), markdown(result, info, command), result)
 
 
