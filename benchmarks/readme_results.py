@@ -320,6 +320,25 @@ def pipelines_section() -> list:
     return lines
 
 
+def compile_time_section() -> list:
+    """Startup at real size (benchmarks/compile_time.py)."""
+    d = _load("compile_time.json")
+    if d is None:
+        return []
+    m = d["machine"]
+    lines = [f"**Startup at real size: Wan 2.1 1.3B configuration, 30 and 40 blocks** "
+             f"([benchmarks/results/compile_time.md](benchmarks/results/compile_time.md), `{d['command']}`; {m['cpu']}, "
+             f"{m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; random weights, float32, 192 tokens; "
+             "each method in its own process, empty inductor cache):", "",
+             "| blocks | method | first call (s) | warm computed step (s) | warm reused step (s) | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        reused = "-" if r["warm_reused_s"] is None else f"{r['warm_reused_s']:.2f}"
+        lines.append(f"| {r['blocks']} | {r['method']} | {r['first_call_s']:.1f} | {r['warm_computed_s']:.2f} | "
+                     f"{reused} | {r['peak_rss_gib']:.1f} |")
+    return lines
+
+
 def block() -> str:
     parts = []
     for section in (demo_section(), e2e_section(), overhead_section(), graph_breaks_section(), kernels_section(),
@@ -328,7 +347,7 @@ def block() -> str:
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     text_section("distributed_cp.md", "diffusers' context parallelism (WanTransformer3DModel), 1/2 gloo "
                                  "processes on the 2-core CPU", "Results"),
-                    pipelines_section(), coverage_section()):
+                    compile_time_section(), pipelines_section(), coverage_section()):
         if section:
             parts.append("\n".join(section))
     return f"{BEGIN}\n" + for_docs("\n\n".join(parts)) + f"\n{END}"
