@@ -202,9 +202,10 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
         except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
             logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for r, name in rw.split.region_submods.items():
-        if rw.analysis.config.compile_blocks == "once":
+        if rw.analysis.config.compile_blocks != "whole":
             blocks = [{n.name for n in block.nodes} for block in rw.analysis.regions[r].blocks]
-            compute, result.block_compiles[r] = compile_region(getattr(top, name), blocks, inputs[name], inner)
+            compute, result.block_compiles[r] = compile_region(getattr(top, name), blocks, inputs[name], inner,
+                                                               rw.analysis.config.compile_blocks == "auto")
         else:
             compute = inner(getattr(top, name), inputs[name])
         result.regions[r] = (name, compute, rw.reuse[r])

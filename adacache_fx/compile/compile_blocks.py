@@ -31,7 +31,12 @@ from ..passes.analysis.graph_nodes import example_value
 
 logger = logging.getLogger("adacache_fx")
 
-__all__ = ["BlockCompile", "compile_region"]
+__all__ = ["BlockCompile", "COMPILE_ONCE_MIN_BLOCKS", "compile_region"]
+
+#: ``compile_blocks="auto"`` compiles block by block when at least this many blocks share one graph:
+#: below it the compile time saved is small and each block's call costs a few percent of a small
+#: model's step (``benchmarks/results/overhead.md``)
+COMPILE_ONCE_MIN_BLOCKS = 8
 
 
 @dataclass
@@ -136,9 +141,10 @@ def _inputs_of(top: fx.GraphModule, name: str) -> Optional[list]:
 
 
 def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: list,
-                   inner: Callable) -> tuple:
+                   inner: Callable, auto: bool = False) -> tuple:
     """``(callable, BlockCompile)``: ``piece`` compiled block by block (``block_nodes``: per block of
-    the region, the names of its nodes), or whole where it cannot be split."""
+    the region, the names of its nodes), or whole where it cannot be split (``auto``: or where
+    fewer than ``COMPILE_ONCE_MIN_BLOCKS`` blocks share one graph)."""
     def whole(why: str):
         return inner(piece, example_inputs), BlockCompile(False, compiles=1, blocks=len(block_nodes), why_whole=why)
 
@@ -168,6 +174,12 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
     for name, body, outputs, _inputs, _single in subs:
         if body is not None and len(_as_tuple(outputs)) > len(_as_tuple(widest.get(body, (None, ()))[1])):
             widest[body] = (name, outputs)
+    if auto:
+        counts: dict = {}
+        for _name, body, _outputs, _inputs, _single in subs:
+            counts[body] = counts.get(body, 0) + (body is not None)
+        if max(counts.values(), default=0) < COMPILE_ONCE_MIN_BLOCKS:
+            return whole(f"fewer than {COMPILE_ONCE_MIN_BLOCKS} blocks share one graph (compile_blocks='auto')")
     compiled: dict = {}
     shared: dict = {}
     for name, body, outputs, inputs, single in subs:

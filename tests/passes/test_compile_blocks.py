@@ -1,4 +1,5 @@
-"""Each repeated block compiled once (``AdaCacheConfig(compile_blocks="once")``, the default;
+"""Each repeated block compiled once (``AdaCacheConfig(compile_blocks="once")``, and by default
+(``"auto"``) where at least 8 blocks share one graph;
 ``compile/compile_blocks.py``): a region's piece cut into one subgraph per block, blocks whose
 subgraphs match share one compile, each called with its own weights. The compiles of a region do
 not grow with the depth; caching off is bit-identical to the uncached model (eager inner); cached
@@ -79,10 +80,20 @@ def test_block_subgraphs_return_tuples_for_compilers_that_need_them():
     subgraph returns one value is compiled returning a 1-tuple and unpacked by its caller."""
     torch._dynamo.reset()
     model = seeded(ToyDiT(depth=4), 0)
-    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12), inner="aot_eager")
+    backend = adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=12, compile_blocks="once"),
+                               inner="aot_eager")
     run = euler_loop(torch.compile(model, backend=backend), _inputs, timesteps(12))
     assert backend.report().uncached_graphs == [] and backend.report().computed_steps == [1, 2, 5, 8, 11, 12]
     (info,) = backend.graphs[0].block_compiles.values()
     assert info.by_block and info.shared[0] == 4
     plain = euler_loop(model, _inputs, timesteps(12))
     torch.testing.assert_close(run.outputs()[0], plain.outputs()[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth, by_block", [(4, False), (9, True)])
+def test_auto_compiles_block_by_block_from_eight_blocks(depth, by_block):
+    _model, backend, run, _sizes = _run(depth, "auto", {INF: 3})
+    (info,) = backend.graphs[0].block_compiles.values()
+    assert info.by_block == by_block
+    if not by_block:
+        assert "compile_blocks='auto'" in info.why_whole
