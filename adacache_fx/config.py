@@ -135,9 +135,10 @@ class AdaCacheConfig:
             time no longer grows with the depth. ``"whole"``: the region as one graph (the inner
             compiler may fuse across blocks; no call per block). ``"auto"`` (default): ``"once"``
             when at least ``COMPILE_ONCE_MIN_BLOCKS`` (8) blocks share one graph, else ``"whole"``
-            (measured: at the Wan 1.3B size, 30 blocks, once cuts the first call from 102 s to 45 s
-            for a warm step within noise; on a 6 + 6 block STDiT of width 192 it costs about 10% per
-            step, ``benchmarks/results/compile_time.md``, ``overhead.md``).
+            (measured on a CPU: at the Wan 1.3B size, 30 blocks, once cuts the first call from 102 s
+            to 45 s, its warm step within noise of whole's; on a 6 + 6 block STDiT of width 192 it
+            saves nothing and measured -1% to +7% per generation: ``benchmarks/results/
+            compile_time.md``, ``overhead.md``).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).
