@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -298,8 +299,8 @@ def pipelines_section() -> list:
             finite = [x for x in r["psnr"] if x != float("inf")]
             quality = f"{sum(finite) / len(finite):.2f} / {min(finite):.2f}" if finite else "exact"
             counts = [sum(len(c) for c in computed) for computed in r["computed"]]
-            ratios = sorted(r["ratios"])
-            lines.append(f"| {name} | {ratios[len(ratios) // 2]:.2f}x | {sum(counts) / len(counts):.1f} | {quality} |")
+            lines.append(f"| {name} | {statistics.median(r['ratios']):.2f}x | {sum(counts) / len(counts):.1f} | "
+                         f"{quality} |")
         lines.append("")
     few = _load("few_step/e2e.json")
     if few is not None:
