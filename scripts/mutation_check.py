@@ -363,7 +363,7 @@ MUTATIONS = [
                "            fn = next(iter(compiled.values()))\n")],
              [T_COMPILE_BLOCKS]),
     Mutation("few_steps_keep_the_bookkeeping", "a generation with nothing to skip takes no metric",
-             [(STORE, '        if getattr(scheduler, "nothing_to_skip", False) and self.runtime.recorder is None:',
+             [(STORE, '        if scheduler.nothing_to_skip and self.runtime.recorder is None:',
                '        if False:')],
              [T_EXPERTS]),
     # ----- the seams (tests/runtime/test_extension_points.py) ---------------------------------------------

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..passes.analysis.graph_nodes import example_value
 from ..passes.rewrite import Rewrite
-from .compile_blocks import compile_region
+from .compile_blocks import CompiledPiece, compile_region
 from .inner import resolve_inner
 
 logger = logging.getLogger("adacache_fx")
@@ -49,17 +49,6 @@ class CompiledPieces:
         per_node = {n.name: f for n, f in flops_by_node(self.graph, self.fake_inputs).items()}
         per_piece = {name: sum(per_node.get(n, 0) for n in nodes) for name, nodes in self.piece_nodes.items()}
         return sum(per_piece.get(name, 0) for name, _c, _r in self.regions.values()), sum(per_piece.values())
-
-
-class _Compiled(torch.nn.Module):
-    """A compiled piece, installed as a submodule of the top level."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def graph_inputs(gm: fx.GraphModule, example_inputs) -> list:
@@ -210,5 +199,5 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
             compute = inner(getattr(top, name), inputs[name])
         result.regions[r] = (name, compute, rw.reuse[r])
     for name in rw.split.other_submods:
-        setattr(top, name, _Compiled(inner(getattr(top, name), inputs[name])))
+        setattr(top, name, CompiledPiece(inner(getattr(top, name), inputs[name])))
     return result

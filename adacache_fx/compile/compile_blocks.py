@@ -50,7 +50,9 @@ class BlockCompile:
     why_whole: Optional[str] = None
 
 
-class _Compiled(torch.nn.Module):
+class CompiledPiece(torch.nn.Module):
+    """A compiled piece (or block subgraph), installed as a submodule of the split graph calling it."""
+
     def __init__(self, fn: Callable):
         super().__init__()
         self.fn = fn
@@ -100,7 +102,7 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list) -> tuple:
             return None, ()
         elif node.op == "output":
             value = node.args[0]
-            outputs = (tuple(index[v] for v in value) if isinstance(value, (tuple, list)) else index[value])
+            outputs = tuple(index[v] for v in value)   # a tuple: _return_tuple made it one
         else:
             target = getattr(node.target, "__qualname__", None) or str(node.target)
             args = fx.map_arg((node.args, node.kwargs), lambda a: f"%{index[a]}")
@@ -123,16 +125,10 @@ def _first(fn: Callable) -> Callable:
     return lambda *args: fn(*args)[0]
 
 
-def _selecting(fn: Callable, positions) -> Callable:
-    """``fn`` (a compiled subgraph returning more) returning what another subgraph returns:
-    the outputs at ``positions`` (a tuple of them, or one position for a single value)."""
-    if isinstance(positions, int):
-        return lambda *args: fn(*args)[positions]
+def _selecting(fn: Callable, positions: tuple) -> Callable:
+    """``fn`` (a compiled subgraph returning more) returning what another subgraph returns: the
+    outputs at ``positions``."""
     return lambda *args: tuple(fn(*args)[p] for p in positions)
-
-
-def _as_tuple(outputs) -> tuple:
-    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def _inputs_of(top: fx.GraphModule, name: str) -> Optional[list]:
@@ -172,7 +168,7 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
     # them calls that code and picks its own (the probe block returns its residual as well)
     widest: dict = {}
     for name, body, outputs, _inputs, _single in subs:
-        if body is not None and len(_as_tuple(outputs)) > len(_as_tuple(widest.get(body, (None, ()))[1])):
+        if body is not None and len(outputs) > len(widest.get(body, (None, ()))[1]):
             widest[body] = (name, outputs)
     if auto:
         counts: dict = {}
@@ -184,8 +180,8 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
     shared: dict = {}
     for name, body, outputs, inputs, single in subs:
         rep = widest.get(body)
-        wide = _as_tuple(rep[1]) if rep is not None else ()
-        if rep is None or not set(_as_tuple(outputs)) <= set(wide):
+        wide = rep[1] if rep is not None else ()
+        if rep is None or not set(outputs) <= set(wide):
             fn = inner(getattr(top, name), inputs)   # a subgraph of its own
             info.compiles += 1
             shared[name] = 1
@@ -195,10 +191,9 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
                 info.compiles += 1
             fn = compiled[body]
             if outputs != rep[1]:
-                fn = _selecting(fn, wide.index(outputs) if isinstance(outputs, int) else
-                                tuple(wide.index(o) for o in outputs))
+                fn = _selecting(fn, tuple(wide.index(o) for o in outputs))
             shared[body] = shared.get(body, 0) + 1
-        setattr(top, name, _Compiled(_first(fn) if single else fn))
+        setattr(top, name, CompiledPiece(_first(fn) if single else fn))
     info.shared = sorted(shared.values(), reverse=True)
     top.recompile()
     logger.debug("adacache: region compiled by block: %d blocks, %d compiles", info.blocks, info.compiles)

@@ -166,7 +166,7 @@ class BranchStore:
         """A computed call's cache: ``deltas`` (per region, per stream) and ``probe``, measured
         against ``previous`` (``view(probe) -> (view, has_frames)``: the guard's probe view)."""
         scheduled = decision.compute
-        if getattr(scheduler, "nothing_to_skip", False) and self.runtime.recorder is None:
+        if scheduler.nothing_to_skip and self.runtime.recorder is None:
             # a few-step generation computes every step: no metric to take, no forecast to keep
             return BranchCache(generation=decision.generation, step=scheduler.last_computed_step, deltas=deltas,
                                stream_shapes=stream_shapes, probe=None, time=scheduler.clock.time)
