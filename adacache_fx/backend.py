@@ -22,7 +22,7 @@ from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
 from .passes.analysis import analyze
 from .passes.analysis.choose_guard import BlockFrames, BlockGraphBreak, GuardChoice, block_frame_graph
-from .passes.inline_checkpoints import inline_checkpoints
+from .passes.inline_subgraphs import inline_subgraphs
 from .passes.rewrite import copy_graph_module, rewrite
 from .report import RegionInfo, Report
 from .runtime import CachedGraph, RuntimeState
@@ -105,7 +105,7 @@ class AdaCacheBackend:
         return fn
 
     def _cache(self, gm: fx.GraphModule, example_inputs) -> Optional[CachedGraph]:
-        work = inline_checkpoints(copy_graph_module(gm))
+        work = inline_subgraphs(copy_graph_module(gm))
         analysis = analyze(work.graph, self.config, self.call.frames)
         if not analysis.cacheable:
             return self._uncached(gm, analysis.why_uncacheable())

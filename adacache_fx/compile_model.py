@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
 from .backend import AdaCacheBackend, adacache_backend
+from .block_regions import BlockRegions, min_blocks_for, region_failed
 from .config import AdaCacheConfig
 from .errors import AdaCacheConfigError, AdaCacheWarning
 from .passes.analysis.choose_guard import BlockFrames, BlockGraphBreak, GuardChoice
 from .runtime.module_guard import ModuleBlockGuard
 from .tracing import (capture_failed, data_dependent_capture, frames_parameter, frames_value, mark_batch_dynamic,
                       prepare_hooks_for_tracing, trace_config)
+
+logger = logging.getLogger("adacache_fx")
 
 __all__ = ["CompiledModel", "compile_model", "data_dependent_capture", "uncompile_model"]
 
@@ -50,9 +54,10 @@ _FORWARDS_CONTEXT = "_adacache_forwards_context"
 class CompiledModel:
     """The undo record of one ``compile_model``: what it changed on the model, and the backend."""
 
-    def __init__(self, model: torch.nn.Module, backend: AdaCacheBackend, guards: list):
+    def __init__(self, model: torch.nn.Module, backend: AdaCacheBackend, guards: list, regions: list):
         self.backend = backend
         self._guards = guards   # [the module guard or None], set when the auto guard switches
+        self._regions = regions   # [the blocks marked as nested compile regions, or None]
         self._model = model
 
     @property
@@ -61,9 +66,11 @@ class CompiledModel:
 
     def undo(self) -> None:
         """The model as before ``compile_model``: its own call (``module.compile`` undone), its
-        ``cache_context`` and, under the block-list guard, every block's own forward."""
+        ``cache_context``, its blocks' own class (traced once each) and, under the block-list
+        guard, every block's own forward."""
         if self.guard is not None:
             self.guard.uninstall()
+        _drop_regions(self._regions)
         if getattr(self._model.__dict__.get("cache_context"), _FORWARDS_CONTEXT, False):
             del self._model.__dict__["cache_context"]
         self._model._compiled_call_impl = None
@@ -125,6 +132,9 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     elif not undecided[0]:
         backend.guard_choices.append(GuardChoice(name, "graph", "no module list of blocks" if not
                                                  backend.config.per_sample else "per_sample=True needs the graph guard"))
+    # each block traced once by Dynamo where the backend will compile it once (block_regions.py)
+    min_blocks = min_blocks_for(backend.config.compile_blocks)
+    regions = [BlockRegions(model, min_blocks) if min_blocks and block_guard != "modules" else None]
     # one compiled call under one backend whichever guard: the module guard's graphs go to the
     # inner compiler through it (TracedCall.modules), so switching guards recompiles no frame
     model.compile(backend=backend, **compile_kwargs)
@@ -133,6 +143,17 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
     hooks_prepared = [False]
 
     def run(args, kwargs):
+        try:
+            return run_traced(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - only a block that cannot be a nested region is retried
+            if not regions[0] or not region_failed(exc):
+                raise
+            logger.debug("adacache: a block of %s cannot be traced as a nested compile region; its blocks are "
+                         "inlined", type(model).__name__, exc_info=True)
+            _drop_regions(regions)
+            return run_traced(args, kwargs)
+
+    def run_traced(args, kwargs):
         if not capturing[0]:
             with trace_config(False):
                 return compiled(*args, **kwargs)
@@ -140,8 +161,8 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
             with trace_config(True):
                 return compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only Dynamo's own tracing failures are retried
-            if not capture_failed(exc) or block_graph_break(exc) is not None:
-                raise
+            if not capture_failed(exc) or block_graph_break(exc) is not None or (regions[0] and region_failed(exc)):
+                raise   # (a block that cannot be a region: run() traces it again without the marks)
             capturing[0] = False
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"adacache: tracing {type(model).__name__} with data-dependent ops captured failed "
@@ -170,6 +191,7 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
                     why = block_graph_break(exc)
                     if why is None:
                         raise
+                    _drop_regions(regions)   # the module guard compiles each block's own forward
                     guards[0] = _module_guard(model, backend, compile_kwargs)
                     backend.settle_guard(GuardChoice(name, "modules", why))
                 else:
@@ -193,8 +215,14 @@ def compile_model(model: torch.nn.Module, config: Optional[AdaCacheConfig] = Non
 
     model._compiled_call_impl = call
     _forward_cache_context(model, backend)
-    model.__dict__[INSTALLED] = CompiledModel(model, backend, guards)
+    model.__dict__[INSTALLED] = CompiledModel(model, backend, guards, regions)
     return backend
+
+
+def _drop_regions(regions: list) -> None:
+    if regions[0]:
+        regions[0].remove()
+    regions[0] = None
 
 
 def _forward_cache_context(model: torch.nn.Module, backend: AdaCacheBackend) -> None:

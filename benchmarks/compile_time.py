@@ -142,6 +142,31 @@ def _s(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def by_method(rows: list) -> list:
+    """One row per (blocks, method): the median of each time over its rounds, the largest peak,
+    the first calls of every round (``first_call_runs``), and the round whose first call is the
+    median's (``median_run``: where its first call went)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["blocks"], r["method"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        first = [r["first_call_s"] for r in runs]
+        median = statistics.median(first)
+        out.append(dict(runs[0], first_call_s=median, first_call_runs=first,
+                        first_reused_s=_median_or_none(r["first_reused_s"] for r in runs),
+                        warm_computed_s=statistics.median(r["warm_computed_s"] for r in runs),
+                        warm_reused_s=_median_or_none(r["warm_reused_s"] for r in runs),
+                        peak_rss_gib=max(r["peak_rss_gib"] for r in runs),
+                        median_run=min(runs, key=lambda r: abs(r["first_call_s"] - median))))
+    return out
+
+
 def markdown(result: dict, info: dict, command: str) -> list:
     lines = ["# Startup at real size: compile time, step time, memory", "", machine_markdown(info), "",
              f"Command: `{command}`", "",
@@ -150,14 +175,18 @@ def markdown(result: dict, info: dict, command: str) -> list:
              f"{TEXT[1]} text tokens, {STEPS} steps per generation, {result.get('generations', 1)} generation(s); each "
              "method in its own process with an empty inductor cache. First reused call: the first step that skips "
              "the blocks. Warm: medians over the last generation's calls after the first call and the first reused "
-             "call.", "",
+             f"call. {result.get('rounds', 1)} round(s): every method run once per round, the methods interleaved; "
+             "each time is the median over the rounds (first call: min-max in brackets).", "",
              "| blocks | method | parameters | first call (s) | first reused call (s) | warm computed step (s) | "
              "warm reused step (s) | peak RSS (GiB) | cache bytes |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['blocks']} | {r['method']} | {r['parameters'] / 1e9:.2f} B | {_s(r['first_call_s'], '.1f')} | "
+    summary = by_method(result["rows"])
+    for r in summary:
+        runs = r["first_call_runs"]
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+        lines.append(f"| {r['blocks']} | {r['method']} | {r['parameters'] / 1e9:.2f} B | {_s(r['first_call_s'], '.1f')}{spread} | "
                      f"{_s(r['first_reused_s'])} | {_s(r['warm_computed_s'])} | {_s(r['warm_reused_s'])} | "
                      f"{r['peak_rss_gib']:.1f} | {r['cache_bytes']} |")
-    why = [r for r in result["rows"] if r.get("inner_compiles")]
+    why = [r["median_run"] for r in summary if r["median_run"].get("inner_compiles")]
     if why:
         lines += ["", "## Where an adacache first call goes", ""]
         for r in why:
@@ -169,7 +198,7 @@ def markdown(result: dict, info: dict, command: str) -> list:
                          f"AOT pass and the first run {r['first_call_s'] - r['compile_seconds']:.1f} s")
     lines += ["", "## Goal", ""]
     for blocks in sorted({r["blocks"] for r in result["rows"]}):
-        rows = {r["method"]: r for r in result["rows"] if r["blocks"] == blocks}
+        rows = {r["method"]: r for r in summary if r["blocks"] == blocks}
         ours = rows.get("adacache-off-once")
         if ours is None:
             continue
@@ -191,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a tiny width (the smoke test)")
     parser.add_argument("--generations", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, interleaved (the table gives medians)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="only combine earlier outputs (e.g. 30 and 40 blocks run as two commands)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -202,8 +233,11 @@ def main(argv=None):
         parts = [json.load(open(path)) for path in a.merge]
         rows: dict = {}
         for part in parts:   # a later measurement of the same method and depth replaces the earlier
-            rows.update({(r["blocks"], r["method"]): r for r in part["rows"]})
-        result = dict(parts[0], rows=list(rows.values()),
+            latest: dict = {}
+            for r in part["rows"]:
+                latest.setdefault((r["blocks"], r["method"]), []).append(r)
+            rows.update(latest)
+        result = dict(parts[0], rows=[r for runs in rows.values() for r in runs],
                       command=" ; ".join(p["command"] for p in parts))
         write_results(a.out, "compile_time", markdown(result, result["machine"], result["command"]), result)
         return
@@ -212,15 +246,16 @@ def main(argv=None):
             json.dump(measure(a.one, a.blocks[0], a.tiny, a.generations), f)
         return
     rows = []
-    for blocks in a.blocks:
-        for method in a.methods:
-            row = run_in_process(method, blocks, a.threads, a.tiny, a.generations)
-            print(f"{blocks} blocks, {method}: first call {row['first_call_s']:.1f} s, warm computed "
-                  f"{row['warm_computed_s']:.2f} s, reused {_s(row['warm_reused_s'])} s, peak {row['peak_rss_gib']:.1f} GiB",
-                  flush=True)
-            rows.append(row)
+    for round_ in range(a.rounds):   # the methods interleaved, round after round: medians over rounds
+        for blocks in a.blocks:
+            for method in a.methods:
+                row = dict(run_in_process(method, blocks, a.threads, a.tiny, a.generations), round=round_)
+                print(f"round {round_ + 1}, {blocks} blocks, {method}: first call {row['first_call_s']:.1f} s, warm "
+                      f"computed {row['warm_computed_s']:.2f} s, reused {_s(row['warm_reused_s'])} s, "
+                      f"peak {row['peak_rss_gib']:.1f} GiB", flush=True)
+                rows.append(row)
     info, command = machine(), command_line("benchmarks.compile_time", argv)
-    result = {"rows": rows, "machine": info, "command": command, "generations": a.generations}
+    result = {"rows": rows, "machine": info, "command": command, "generations": a.generations, "rounds": a.rounds}
     write_results(a.out, "compile_time" + ("_tiny" if a.tiny else ""), markdown(result, info, command), result)
 
 

@@ -104,6 +104,8 @@ T_CACHE_CONTEXT = "tests/runtime/test_cache_context.py"
 T_LIFECYCLE = "tests/integrations/test_lifecycle_api.py"
 T_EXPERTS = "tests/integrations/test_two_experts.py"
 T_COMPILE_BLOCKS = "tests/passes/test_compile_blocks.py"
+T_REGIONS = "tests/passes/test_block_regions.py"
+INLINE = "adacache_fx/passes/inline_subgraphs.py"
 POLICY_BASE = "adacache_fx/runtime/policies/base.py"
 DIFFUSERS = "adacache_fx/integrations/diffusers.py"
 
@@ -307,7 +309,7 @@ MUTATIONS = [
                                       "            if False:   # nothing of this graph is compiled")],
              [T_MODULE_GUARD, T_UPSTREAM]),
     Mutation("checkpoint_bodies_not_inlined", "blocks inside torch.utils.checkpoint are seen and cached",
-             [(BACKEND, "work = inline_checkpoints(copy_graph_module(gm))", "work = copy_graph_module(gm)")],
+             [(BACKEND, "work = inline_subgraphs(copy_graph_module(gm))", "work = copy_graph_module(gm)")],
              [T_UPSTREAM]),
     Mutation("two_classes_share_a_schedule", "two model classes on one backend keep their own schedules",
              [(BACKEND, "owner=traced_owner())", "owner=None)")],
@@ -362,6 +364,19 @@ MUTATIONS = [
              [("adacache_fx/compile/compile_blocks.py", "            fn = compiled[body]\n",
                "            fn = next(iter(compiled.values()))\n")],
              [T_COMPILE_BLOCKS]),
+    Mutation("region_copies_keep_block_0s_stack", "each inlined copy of a nested region is its own block",
+             [(INLINE, "    if node.target is _REGION:\n", "    if False:\n")],
+             [T_REGIONS]),
+    Mutation("region_failure_not_retried", "a block that breaks Dynamo's graph is traced as before, capture on",
+             [(COMPILE_MODEL, " or (regions[0] and region_failed(exc)):", ":")],
+             [T_REGIONS]),
+    Mutation("regions_left_after_uncompile", "uncompile_model gives the blocks their class back",
+             [(COMPILE_MODEL, "        _drop_regions(self._regions)\n", "")],
+             [T_REGIONS]),
+    Mutation("fused_reuse_with_blocks_once", "the prologue and epilogue compile once where the blocks do",
+             [("adacache_fx/compile/__init__.py", "    if rw.fused is not None and not by_block:",
+               "    if rw.fused is not None:")],
+             [T_REGIONS]),
     Mutation("few_steps_keep_the_bookkeeping", "a generation with nothing to skip takes no metric",
              [(STORE, '        if scheduler.nothing_to_skip and self.runtime.recorder is None:',
                '        if False:')],

@@ -185,11 +185,6 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
     nodes = {name: [n.name for n in getattr(top, name).graph.nodes if n.op in ("call_function", "call_method",
                                                                                  "call_module")] for name in inputs}
     result = CompiledPieces(top=top, fake_inputs=fakes, example_inputs=inputs, graph=rw.gm, piece_nodes=nodes)
-    if rw.fused is not None:
-        try:
-            result.reuse_step = inner(rw.fused.gm, list(fakes) + _fused_inputs(rw.fused, fakes))
-        except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
-            logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for r, name in rw.split.region_submods.items():
         if rw.analysis.config.compile_blocks != "whole":
             blocks = [{n.name for n in block.nodes} for block in rw.analysis.regions[r].blocks]
@@ -198,6 +193,16 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
         else:
             compute = inner(getattr(top, name), inputs[name])
         result.regions[r] = (name, compute, rw.reuse[r])
+    # where the blocks were worth compiling once, the rest runs as traced (compile_blocks.py says
+    # why); elsewhere the prologue and epilogue are compiled, and the reused step fused: one call
+    # instead of a few matters on a small model
+    by_block = any(info.by_block for info in result.block_compiles.values())
+    if rw.fused is not None and not by_block:
+        try:
+            result.reuse_step = inner(rw.fused.gm, list(fakes) + _fused_inputs(rw.fused, fakes))
+        except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
+            logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
     for name in rw.split.other_submods:
-        setattr(top, name, CompiledPiece(inner(getattr(top, name), inputs[name])))
+        piece = getattr(top, name)
+        setattr(top, name, CompiledPiece(piece.forward if by_block else inner(piece, inputs[name])))
     return result

@@ -11,11 +11,18 @@ After (``split_module`` by block; one compile for every block whose graph matche
     x1 = compiled_block(x0, w0, temb)     # block 0's subgraph, compiled
     x2 = compiled_block(x1, w1, temb)     # the same compiled code, block 1's weights
     ...
-    delta = glue(xN, x0)                   # what is not a block: compiled on its own
+    delta = glue(xN, x0)                   # what is not a block: run as traced, uncompiled
 
 Blocks match when their subgraphs have the same nodes (ops, targets, arguments by position) and
 their inputs the same metadata (shape, stride, dtype, device): the weights differ only as inputs.
 A region whose blocks' nodes interleave in the graph, or whose split fails, is compiled whole.
+
+What is not a block (the glue here; the prologue, the epilogue and the reused step around the
+region, ``compile/__init__.py``) runs uncompiled where the blocks are compiled once, as under
+``compile_repeated_blocks``: at the Wan 1.3B size on a CPU the inner compiler took 0.9 s for the
+one-op glue, 1.8 s for the 4-op epilogue and 4.6 s for the prologue, and a fused reused step
+compiled them all again, for a warm step that was not measurably faster
+(``benchmarks/results/compile_time.md``).
 """
 from __future__ import annotations
 
@@ -131,6 +138,11 @@ def _selecting(fn: Callable, positions: tuple) -> Callable:
     return lambda *args: tuple(fn(*args)[p] for p in positions)
 
 
+def _is_block(attribute: str) -> bool:
+    """Whether ``split_module``'s ``submod_<partition>`` is a block's (``_partition``: odd ids)."""
+    return int(attribute.rsplit("_", 1)[1]) % 2 == 1
+
+
 def _inputs_of(top: fx.GraphModule, name: str) -> Optional[list]:
     values = [example_value(p) for p in getattr(top, name).graph.nodes if p.op == "placeholder"]
     return None if any(v is None for v in values) else values
@@ -162,6 +174,10 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
         if inputs is None:
             return whole(f"no example inputs recorded for {node.target}")
         single = _return_tuple(getattr(top, node.target))
+        if not _is_block(node.target):   # glue: run as traced (module docstring)
+            setattr(top, node.target, CompiledPiece(_first(getattr(top, node.target)) if single
+                                                    else getattr(top, node.target).forward))
+            continue
         body, outputs = graph_signature(getattr(top, node.target), inputs)
         subs.append((node.target, body, outputs, inputs, single))
     # per body, the member returning the most nodes is compiled; a member whose outputs are among
@@ -182,7 +198,7 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
         rep = widest.get(body)
         wide = rep[1] if rep is not None else ()
         if rep is None or not set(outputs) <= set(wide):
-            fn = inner(getattr(top, name), inputs)   # a subgraph of its own
+            fn = inner(getattr(top, name), inputs)   # a block of its own
             info.compiles += 1
             shared[name] = 1
         else:

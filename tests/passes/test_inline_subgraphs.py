@@ -1,11 +1,11 @@
-"""``passes/inline_checkpoints.py``: Dynamo's activation-checkpoint op (``tag_activation_checkpoint``,
+"""``passes/inline_subgraphs.py``: Dynamo's activation-checkpoint op (``tag_activation_checkpoint``,
 a body subgraph per call) is inlined before the analysis, nested ones included, the tuple it
 returns used whole or by item; the inlined graph computes exactly what Dynamo's graph computes."""
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from adacache_fx.passes.inline_checkpoints import inline_checkpoints, is_checkpoint
+from adacache_fx.passes.inline_subgraphs import inline_subgraphs, is_wrapper
 from adacache_fx.passes.rewrite import copy_graph_module
 
 
@@ -59,9 +59,9 @@ def _graph():
 
 def test_every_checkpoint_is_inlined_and_the_graph_computes_the_same():
     gm, example_inputs = _graph()
-    assert any(is_checkpoint(n) for n in gm.graph.nodes)
-    work = inline_checkpoints(copy_graph_module(gm))
-    assert not any(is_checkpoint(n) for n in work.graph.nodes)
+    assert any(is_wrapper(n) for n in gm.graph.nodes)
+    work = inline_subgraphs(copy_graph_module(gm))
+    assert not any(is_wrapper(n) for n in work.graph.nodes)
     assert not any(n.op == "get_attr" and "wrap_body" in str(n.target) for n in work.graph.nodes)
     assert sum(n.target is torch.tanh for n in work.graph.nodes) == 3   # the nested bodies too
     with torch.no_grad():
@@ -72,6 +72,6 @@ def test_every_checkpoint_is_inlined_and_the_graph_computes_the_same():
 
 def test_a_graph_without_checkpoints_is_returned_unchanged():
     gm, _ = _graph()
-    work = inline_checkpoints(copy_graph_module(gm))
-    again = inline_checkpoints(work)
+    work = inline_subgraphs(copy_graph_module(gm))
+    again = inline_subgraphs(work)
     assert again is work and [n.name for n in again.graph.nodes] == [n.name for n in work.graph.nodes]
