@@ -12,8 +12,9 @@ MoReg can lower the compute of every video whose motion score sits below 0.385. 
 3. predicts, for every scale of the base codebook's thresholds and every cap on its rates, the
    schedule the backend's own scheduler would take on those trajectories (``fit.candidates``);
 4. picks the candidate that meets the target, checked by running the cached generations themselves:
-   a computed-step fraction (at most that much compute), or a mean PSNR against the uncached
-   outputs (at least that many dB, searched by bisection over the predicted schedules).
+   a computed-step fraction (at most that much compute), a mean PSNR against the uncached outputs
+   (at least that many dB) or a mean MS-GMSD against them (at most that much; perceptual, see
+   ``quality``), the last two searched by bisection over the predicted schedules.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import torch
 
 from ..config import AdaCacheConfig
 from .fit import MOREG_SPREAD, candidates, moreg_power, scaled, typical_motion
+from .measure import as_images, output_ms_gmsd
+from .quality import MIN_SIDE
 from .record import Trajectory, TrajectoryRecorder
 
 
@@ -37,14 +40,15 @@ class CalibrationResult:
     """What ``calibrate`` measured and chose. ``config`` is the calibrated config."""
 
     config: AdaCacheConfig
-    target: dict                     # {"computed_fraction": f} or {"min_psnr": dB}
+    target: dict                     # {"computed_fraction": f}, {"min_psnr": dB} or {"max_ms_gmsd": d}
     met: bool                        # the measured result meets the target
     threshold_scale: float           # the base codebook's thresholds were multiplied by this
     max_rate: int                    # and its rates capped at this
     moreg_normalizer: Optional[float]   # the calibrated normaliser (None: MoReg off or no frames)
     moreg_power: Optional[float]        # the calibrated power (None: MoReg off or no frames)
     predicted_computed_fraction: float
-    measured: dict                   # of the chosen config: computed_fraction, psnr_mean, psnr_worst, psnr
+    measured: dict                   # of the chosen config: computed_fraction, psnr_mean, psnr_worst, psnr,
+    #                                  ms_gmsd_mean, ms_gmsd_worst, ms_gmsd (None: outputs not images)
     evaluations: list = field(default_factory=list)   # every config run: scale, predicted, measured
     trajectories: list = field(default_factory=list)  # [Trajectory] of the uncached runs
 
@@ -57,7 +61,9 @@ class CalibrationResult:
                  f"  computed fraction: predicted {self.predicted_computed_fraction:.3f}, "
                  f"measured {m['computed_fraction']:.3f}",
                  f"  PSNR vs uncached: mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB "
-                 f"({len(m['psnr'])} runs)"]
+                 f"({len(m['psnr'])} runs)",
+                 "  MS-GMSD vs uncached: " + (f"mean {m['ms_gmsd_mean']:.4f}, worst {m['ms_gmsd_worst']:.4f}"
+                                              if m.get("ms_gmsd_mean") is not None else "not measured")]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -85,8 +91,8 @@ class CalibrationResult:
 
 def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
               computed_fraction: Optional[float] = None, min_psnr: Optional[float] = None,
-              base: Optional[AdaCacheConfig] = None, data_range: Optional[float] = None,
-              max_checks: int = 8, apply: bool = True,
+              max_ms_gmsd: Optional[float] = None, base: Optional[AdaCacheConfig] = None,
+              data_range: Optional[float] = None, max_checks: int = 8, apply: bool = True,
               progress: Union[bool, Callable[[str], None]] = True) -> CalibrationResult:
     """Calibrate ``backend`` (an ``AdaCacheBackend`` the model is compiled with) on ``runs``
     generations ``sample(0) .. sample(runs - 1)``.
@@ -94,12 +100,15 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     ``sample(i)`` runs the user's own generation ``i`` (its prompt and seed) with the compiled
     model and returns the output: a tensor, a tuple/list whose first item is one, or a diffusers
     output with ``.frames`` or ``.images``. Exactly one target: ``computed_fraction`` (at most that
-    share of steps computed, in (0, 1]) or ``min_psnr`` (mean PSNR in dB against the uncached output
-    of the same run, over ``data_range``: default each reference's max - min). ``base``: the config
+    share of steps computed, in (0, 1]), ``min_psnr`` (mean PSNR in dB against the uncached output
+    of the same run, over ``data_range``: default each reference's max - min) or ``max_ms_gmsd``
+    (mean MS-GMSD against it, ``quality.ms_gmsd``: lower = closer; the outputs must read as images
+    of at least 17x17, ``measure.as_images``; shifted by the reference's minimum and measured over
+    ``data_range``). MS-GMSD is measured and recorded whatever the target. ``base``: the config
     whose codebook shape (rates), reuse and MoReg settings are kept (default: the backend's).
     ``max_checks``: at most that many cached evaluations (``runs`` generations each). ``apply``:
     leave the backend on the calibrated config (else on the one it had)."""
-    _check_target(computed_fraction, min_psnr)
+    _check_target(computed_fraction, min_psnr, max_ms_gmsd)
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
     if not isinstance(max_checks, int) or max_checks < 1:
@@ -112,6 +121,11 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     original = backend.config
     try:
         references, trajectories = _record(sample, backend, base, runs, log)
+        not_images = [r for r in references if as_images(r) is None] if max_ms_gmsd is not None else []
+        if not_images:   # the target cannot be measured: say so before any cached run
+            raise ValueError(f"calibrate: max_ms_gmsd needs outputs that are images or videos of at least "
+                             f"{MIN_SIDE}x{MIN_SIDE} pixels; sample(i) returned shape {tuple(not_images[0].shape)} "
+                             "(return the decoded frames, or use min_psnr)")
         normalizer = typical_motion(base, trajectories) if base.moreg else None
         power = moreg_power(base, trajectories) if normalizer else None
         family = replace(base, moreg_normalizer=normalizer, moreg_power=power) if normalizer else base
@@ -122,14 +136,18 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
         evaluate = _Evaluator(sample, backend, family, references, data_range, log)
         if computed_fraction is not None:
             chosen, met = _meet_fraction(options, computed_fraction, evaluate, max_checks)
+            target = {"computed_fraction": computed_fraction}
+        elif min_psnr is not None:
+            chosen, met = _meet_quality(options, lambda m: m["psnr_mean"] >= min_psnr, evaluate, max_checks)
+            target = {"min_psnr": min_psnr}
         else:
-            chosen, met = _meet_psnr(options, min_psnr, evaluate, max_checks)
+            chosen, met = _meet_quality(options, lambda m: m["ms_gmsd_mean"] <= max_ms_gmsd, evaluate, max_checks)
+            target = {"max_ms_gmsd": max_ms_gmsd}
         # the step count it was fitted at (a generation of another count warns)
         fitted = max(set(t.num_steps for t in trajectories), key=[t.num_steps for t in trajectories].count)
         config = scaled(family, chosen.scale, chosen.max_rate, fitted_steps=fitted)
         result = CalibrationResult(
-            config=config, target={"computed_fraction": computed_fraction} if computed_fraction is not None
-            else {"min_psnr": min_psnr}, met=met, threshold_scale=chosen.scale, max_rate=chosen.max_rate,
+            config=config, target=target, met=met, threshold_scale=chosen.scale, max_rate=chosen.max_rate,
             moreg_normalizer=normalizer,
             moreg_power=power,
             predicted_computed_fraction=chosen.predicted, measured=evaluate.results[chosen],
@@ -178,19 +196,24 @@ class _Evaluator:
     def __call__(self, c) -> dict:
         if c not in self.results:
             self.backend.set_config(scaled(self.family, c.scale, c.max_rate))
-            psnrs, fractions = [], []
+            psnrs, fractions, distances = [], [], []
             for i, ref in enumerate(self.references):
                 self.backend.reset()
                 out = _output(self.sample(i))
                 report = self.backend.report()
                 fractions.append(len(report.computed_steps) / max(report.num_steps, 1))
                 psnrs.append(_psnr(out, ref, self.data_range))
+                distances.append(output_ms_gmsd(out, ref, self.data_range))
+            all_images = None not in distances   # else the outputs are not images (as_images)
             self.results[c] = {"predicted_computed_fraction": c.predicted,
-                                   "computed_fraction": statistics.mean(fractions),
-                                   "psnr_mean": _mean_db(psnrs), "psnr_worst": min(psnrs), "psnr": psnrs}
+                               "computed_fraction": statistics.mean(fractions),
+                               "psnr_mean": _mean_db(psnrs), "psnr_worst": min(psnrs), "psnr": psnrs,
+                               "ms_gmsd_mean": statistics.mean(distances) if all_images else None,
+                               "ms_gmsd_worst": max(distances) if all_images else None, "ms_gmsd": distances}
             m = self.results[c]
             self.log(f"thresholds x{c.scale:.3f}, rates <= {c.max_rate}: computed {m['computed_fraction']:.3f} "
-                     f"(predicted {c.predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB")
+                     f"(predicted {c.predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB"
+                     + (f", MS-GMSD mean {m['ms_gmsd_mean']:.4f}" if all_images else ""))
         return self.results[c]
 
 
@@ -207,27 +230,28 @@ def _meet_fraction(options: list, target: float, evaluate, max_checks: int) -> t
     return option, False
 
 
-def _meet_psnr(options: list, target: float, evaluate, max_checks: int) -> tuple:
-    """The least compute whose measured mean PSNR is at least ``target``, by bisection over the
-    predicted schedules (ordered by compute: PSNR falls as compute does)."""
+def _meet_quality(options: list, meets: Callable[[dict], bool], evaluate, max_checks: int) -> tuple:
+    """The least compute whose measurement ``meets`` the target (PSNR at least, MS-GMSD at most),
+    by bisection over the predicted schedules (ordered by compute, most first: quality falls as
+    compute does)."""
     lo, hi, best, checks = 0, len(options) - 1, None, 0
     while lo <= hi and checks < max_checks:
         mid = (lo + hi) // 2
         checks += 1
-        if evaluate(options[mid])["psnr_mean"] >= target:
+        if meets(evaluate(options[mid])):
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     if best is not None:
         return options[best], True
     # nothing tried meets it: the most compute, measured (the target may be out of reach)
-    return options[0], evaluate(options[0])["psnr_mean"] >= target
+    return options[0], meets(evaluate(options[0]))
 
 
 # ----- helpers ---------------------------------------------------------------------------------
-def _check_target(computed_fraction, min_psnr) -> None:
-    if (computed_fraction is None) == (min_psnr is None):
-        raise ValueError("calibrate: give exactly one target, computed_fraction=... or min_psnr=...")
+def _check_target(computed_fraction, min_psnr, max_ms_gmsd) -> None:
+    if [computed_fraction, min_psnr, max_ms_gmsd].count(None) != 2:
+        raise ValueError("calibrate: give exactly one target, computed_fraction=..., min_psnr=... or max_ms_gmsd=...")
     if computed_fraction is not None and not (isinstance(computed_fraction, (int, float))
                                               and not isinstance(computed_fraction, bool)
                                               and 0 < computed_fraction <= 1):
@@ -235,6 +259,9 @@ def _check_target(computed_fraction, min_psnr) -> None:
     if min_psnr is not None and not (isinstance(min_psnr, (int, float)) and not isinstance(min_psnr, bool)
                                      and math.isfinite(min_psnr) and min_psnr > 0):
         raise ValueError(f"min_psnr must be a positive finite number of dB, got {min_psnr!r}")
+    if max_ms_gmsd is not None and not (isinstance(max_ms_gmsd, (int, float)) and not isinstance(max_ms_gmsd, bool)
+                                        and math.isfinite(max_ms_gmsd) and max_ms_gmsd > 0):
+        raise ValueError(f"max_ms_gmsd must be a positive finite number, got {max_ms_gmsd!r}")
 
 
 def _output(value) -> torch.Tensor:

@@ -16,9 +16,10 @@ Protocol, per step count: build and warm up every method (compiles, MagCache cal
 then for each prompt run every method once, in an order rotated per prompt (interleaved, so
 that load drifts hit every method alike), ``--repeats`` times. Reported per method: the median
 latency of a generation, the median of the per-prompt speedups (baseline time / method time,
-measured back to back), the computed-step fraction, PSNR and SSIM of each video against the
-baseline video of the same prompt and seed (mean and worst), the peak cache memory, the graphs
-compiled (a graph break adds one) and the compiles after the warm-up generation (recompiles).
+measured back to back), the computed-step fraction, PSNR, SSIM and MS-GMSD (perceptual) of each
+video against the baseline video of the same prompt and seed (mean and worst), the peak cache
+memory, the graphs compiled (a graph break adds one) and the compiles after the warm-up
+generation (recompiles). Across methods: whether PSNR and MS-GMSD order them alike.
 
 From the repository root::
 

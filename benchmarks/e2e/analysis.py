@@ -1,7 +1,9 @@
 """Statistics of the end-to-end benchmark: per-method rows against the baseline, Spearman's
-rank correlation, dominance of AdaCache's points and the motion questions."""
+rank correlation, dominance of AdaCache's points, the motion questions, and whether PSNR and the
+perceptual MS-GMSD order the methods alike."""
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from typing import Optional
@@ -12,7 +14,7 @@ def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
     ``baseline`` (plain torch.compile), eagerly timed ones against ``eager-baseline``.
 
     ``results``: :class:`benchmarks.e2e.protocol.MethodResult` of every method."""
-    from examples.reference.quality import motion_level, psnr, ssim
+    from examples.reference.quality import motion_level, ms_gmsd, psnr, ssim
 
     bases = {}
     for name, eager in (("baseline", False), ("eager-baseline", True)):
@@ -28,6 +30,7 @@ def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
         ratios = [base_time[r.eager][(rec.prompt, rec.repeat)] / rec.seconds for rec in res.records]
         ps = {i: psnr(v, base.videos[i]) for i, v in res.videos.items()}
         ss = {i: ssim(v, base.videos[i]) for i, v in res.videos.items()}
+        gm = {i: ms_gmsd(v, base.videos[i]) for i, v in res.videos.items()}
         computed = [rec.computed for rec in res.records if rec.repeat == 0]
         finite = [p for p in ps.values() if math.isfinite(p)]
         rows.append({
@@ -41,7 +44,9 @@ def summarize(results: list, steps: int, prompts: list, fixed_info) -> dict:
             "psnr_mean": statistics.mean(finite) if finite else float("inf"),
             "psnr_worst": min(ps.values()),
             "ssim_mean": statistics.mean(ss.values()), "ssim_worst": min(ss.values()),
+            "ms_gmsd_mean": statistics.mean(gm.values()), "ms_gmsd_worst": max(gm.values()),
             "psnr": [ps[i] for i in sorted(ps)], "ssim": [ss[i] for i in sorted(ss)],
+            "ms_gmsd": [gm[i] for i in sorted(gm)],
             "cache_mib": max(rec.cache_bytes for rec in res.records) / 2**20,
             "graphs": res.warmup_graphs, "graph_breaks": res.warmup_graph_breaks,
             "recompiles": (res.check_recompiles if r.eager and res.check_recompiles is not None
@@ -118,8 +123,22 @@ def moreg_pairs(rows: list, motion_rows: dict) -> list:
     return out
 
 
+def metric_agreement(rows: list) -> dict:
+    """Do PSNR and MS-GMSD order the methods alike? Over the methods whose videos differ from the
+    baseline's (finite mean PSNR) and that have an MS-GMSD: Spearman's rho of mean PSNR against mean
+    MS-GMSD (-1: the same order, since a higher PSNR and a lower MS-GMSD both mean closer), and
+    the pairs the two order differently (one metric says the first is closer, the other the second)."""
+    points = [r for r in rows if r.get("ms_gmsd_mean") is not None and math.isfinite(r["psnr_mean"])]
+    rho = spearman([r["psnr_mean"] for r in points], [r["ms_gmsd_mean"] for r in points])
+    discordant = [[a["method"], b["method"]] for a, b in itertools.combinations(points, 2)
+                  if (a["psnr_mean"] - b["psnr_mean"]) * (a["ms_gmsd_mean"] - b["ms_gmsd_mean"]) > 0]
+    return {"spearman_psnr_vs_ms_gmsd": rho, "methods": len(points),
+            "pairs": len(points) * (len(points) - 1) // 2, "ordered_differently": discordant}
+
+
 def analyse(rows: list, motion: list) -> dict:
-    """Dominance of AdaCache's points over every other cache's, and the motion questions."""
+    """Dominance of AdaCache's points over every other cache's, the motion questions, and the
+    agreement of PSNR and MS-GMSD."""
     ada = [r for r in rows if r["family"] == "adacache"]
     others = [r for r in rows if r["family"] in ("diffusers", "fixed")]
     dominance = []
@@ -141,4 +160,5 @@ def analyse(rows: list, motion: list) -> dict:
                 "high_motion_mean_computed": statistics.mean(r["computed_steps"][i] for i in half) if half else None,
             }
     return {"dominance": dominance, "all_dominated": all(d["dominated_by"] for d in dominance),
-            "motion": motion_rows, "moreg": moreg_pairs(rows, motion_rows), "frontier": frontier(rows)}
+            "motion": motion_rows, "moreg": moreg_pairs(rows, motion_rows), "frontier": frontier(rows),
+            "metric_agreement": metric_agreement(rows)}

@@ -31,8 +31,11 @@ def markdown(out: dict) -> str:
              "which costs minutes per setting here). Their graph / break / recompile counts come from a separate "
              f"check run of the same method under torch.compile (inner `{out['check_inner']}`, two generations "
              f"of {out['check_steps']} steps). "
-             "PSNR/SSIM: against the baseline video of the same prompt and seed; the PSNR mean is over the "
-             "videos that differ from the baseline (an identical video has infinite PSNR). Computed: the mean "
+             "PSNR/SSIM/MS-GMSD: against the baseline video of the same prompt and seed; the PSNR mean is over "
+             "the videos that differ from the baseline (an identical video has infinite PSNR). MS-GMSD: the "
+             "perceptual multi-scale gradient similarity deviation (`adacache_fx.calibration.quality`), lower is "
+             "closer, 0 when identical; its mean is over every video (an identical one counts 0), its worst the "
+             "largest. Computed: the mean "
              "fraction of steps that ran the blocks ('-': not a step-skipping method). Cache MiB: the peak of "
              "the tensors a method keeps between steps. Graphs: compiled by the first generation (a graph break "
              "adds one); recompiles: graphs compiled after it.\n")
@@ -43,14 +46,15 @@ def markdown(out: dict) -> str:
     for run in out["runs"]:
         lines.append(f"## {run['steps']} steps\n")
         lines.append("| method | setting | timed | latency (s) | speedup (min-max) | computed | PSNR mean / worst (dB) | "
-                     "SSIM mean / worst | cache MiB | graphs / breaks / recompiles |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     "SSIM mean / worst | MS-GMSD mean / worst | cache MiB | graphs / breaks / recompiles |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in run["methods"]:
             comp = "-" if r["computed_fraction"] is None else f"{r['computed_fraction']:.0%}"
             lines.append(
                 f"| {r['method']} | {r['setting']} | {r['timed']} | {fmt(r['latency_s'], '.3f')} | {fmt(r['speedup'])}x "
                 f"({fmt(r['speedup_min'])}-{fmt(r['speedup_max'])}) | {comp} | {fmt(r['psnr_mean'])} / "
                 f"{fmt(r['psnr_worst'])} | {fmt(r['ssim_mean'], '.3f')} / {fmt(r['ssim_worst'], '.3f')} | "
+                f"{fmt(r.get('ms_gmsd_mean'), '.4f')} / {fmt(r.get('ms_gmsd_worst'), '.4f')} | "
                 f"{fmt(r['cache_mib'], '.2f')} | {r['graphs']} / {r['graph_breaks']} / {r['recompiles']} |")
         if run["fixed"]:
             f = run["fixed"]
@@ -65,6 +69,8 @@ def markdown(out: dict) -> str:
                 + "; more speed at its PSNR from " + (", ".join(d["more_speed_at_its_psnr"]) or "none"))
             lines.append(f"- {d['method']}: {verdict}")
         lines.append(f"\nEvery other point dominated: **{'yes' if an['all_dominated'] else 'no'}**.\n")
+        if an.get("metric_agreement"):
+            lines.append(agreement_line(an["metric_agreement"]) + "\n")
         lines.append("Motion: Spearman correlation of the baseline video's motion level with computed steps; "
                      "worst PSNR and mean computed steps over the higher-motion half of the prompts:\n")
         for name, mr in an["motion"].items():
@@ -95,9 +101,18 @@ def markdown(out: dict) -> str:
                          f"{'met' if c['met'] else 'NOT met'}; thresholds x{c['threshold_scale']:.3f}, rates <= {c.get('max_rate')}, MoReg normaliser "
                          f"{fmt(c['moreg_normalizer'], '.3f')}, power {fmt(c.get('moreg_power'), '.2f')}; on the calibration prompts computed "
                          f"{fmt(m['computed_fraction'], '.0%')} (predicted {fmt(c['predicted_computed_fraction'], '.0%')}), "
-                         f"PSNR mean {fmt(m['psnr_mean'])} dB.")
+                         f"PSNR mean {fmt(m['psnr_mean'])} dB, MS-GMSD mean {fmt(m.get('ms_gmsd_mean'), '.4f')}.")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def agreement_line(agreement: dict) -> str:
+    """``analysis.metric_agreement`` in a sentence."""
+    pairs = agreement["ordered_differently"]
+    return (f"PSNR vs MS-GMSD over the {agreement['methods']} methods that differ from the baseline: Spearman rho "
+            f"of mean PSNR and mean MS-GMSD {fmt(agreement['spearman_psnr_vs_ms_gmsd'])} (-1: the same order); "
+            f"{len(pairs)} of {agreement['pairs']} pairs ordered differently"
+            + (": " + ", ".join(f"{a} / {b}" for a, b in pairs) if pairs else "") + ".")
 
 
 def plots(out: dict, prefix: str):

@@ -1,4 +1,4 @@
-"""Video quality metrics against a reference video: PSNR and SSIM, on videos in [-1, 1].
+"""Video quality metrics against a reference video: PSNR, SSIM and MS-GMSD, on videos in [-1, 1].
 
 Used by the demo (examples/generate.py) and the end-to-end benchmark (benchmarks/e2e/).
 """
@@ -8,6 +8,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from adacache_fx.calibration.quality import ms_gmsd as _ms_gmsd_per_sample
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,6 +34,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     return s.mean().item()
+
+
+def ms_gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """MS-GMSD (``adacache_fx.calibration.quality``: perceptual, lower = closer, 0 when identical)
+    of videos ``(B, C, F, H, W)`` or images in [-1, 1], measured on [0, 1]; the mean over the batch."""
+    return _ms_gmsd_per_sample((a.double() + 1) / 2, (b.double() + 1) / 2, data_range=1.0).mean().item()
 
 
 def motion_level(video: torch.Tensor) -> float:

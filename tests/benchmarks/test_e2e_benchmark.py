@@ -4,6 +4,7 @@ inner, 2 prompts, 8 steps), and its pieces.
 Timings are not checked (no timing asserts); what is checked is that every method family
 really runs on the reference model and that the measured columns mean what they say.
 """
+import itertools
 import json
 import math
 import subprocess
@@ -17,9 +18,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
 from benchmarks.e2e import cli  # noqa: E402
-from benchmarks.e2e.analysis import analyse, frontier, spearman, spearman_ci  # noqa: E402
-from benchmarks.e2e.methods import closest_fixed_rate, fixed_config, fixed_schedule, fixed_schedule_size  # noqa: E402
-from benchmarks.e2e.report import merge, write_outputs  # noqa: E402
+from benchmarks.e2e.analysis import analyse, frontier, metric_agreement, spearman, spearman_ci, summarize  # noqa: E402
+from benchmarks.e2e.methods import (Runner, closest_fixed_rate, fixed_config, fixed_schedule,  # noqa: E402
+                                    fixed_schedule_size)
+from benchmarks.e2e.protocol import MethodResult, Record  # noqa: E402
+from benchmarks.e2e.report import markdown, merge, write_outputs  # noqa: E402
 
 from adacache_fx import adacache_backend  # noqa: E402
 from helpers import sample_loop, timesteps  # noqa: E402
@@ -206,6 +209,77 @@ def test_dominance_analysis():
     assert by["y"]["dominated_by"] == [] and by["y"]["more_speed_at_its_psnr"] == []
     assert by["y"]["higher_psnr_at_its_speed"] == []
     assert an["all_dominated"] is False
+
+
+def test_metric_agreement():
+    """PSNR up and MS-GMSD down mean the same (closer); the baseline (infinite PSNR) and a row
+    without MS-GMSD (an old result) are left out."""
+    rows_ = [{"method": "baseline", "psnr_mean": math.inf, "ms_gmsd_mean": 0.0},
+             {"method": "a", "psnr_mean": 40.0, "ms_gmsd_mean": 0.01},
+             {"method": "b", "psnr_mean": 30.0, "ms_gmsd_mean": 0.05},
+             {"method": "c", "psnr_mean": 35.0, "ms_gmsd_mean": 0.06},
+             {"method": "old", "psnr_mean": 25.0}]
+    assert metric_agreement(rows_) == {"spearman_psnr_vs_ms_gmsd": pytest.approx(-0.5), "methods": 3, "pairs": 3,
+                                       "ordered_differently": [["b", "c"]]}   # PSNR: c closer; MS-GMSD: b
+    same = metric_agreement(rows_[:3] + [{"method": "c", "psnr_mean": 35.0, "ms_gmsd_mean": 0.03}])
+    assert same["spearman_psnr_vs_ms_gmsd"] == pytest.approx(-1.0) and same["ordered_differently"] == []
+
+
+def _fake_result(name, family, videos, seconds):
+    runner = Runner(name=name, family=family, setting="s", model_fn=None, counter=None, reset=None,
+                    on_step=None, end=None)
+    records = [Record(i, 0, seconds, None, 0, 0) for i in videos]
+    return MethodResult(runner, warmup_graphs=1, records=records, videos=videos)
+
+
+def test_summary_and_report_have_ms_gmsd_columns():
+    """``summarize`` scores every video with MS-GMSD beside PSNR/SSIM (0 for the baseline itself,
+    larger for a noisier method), the analysis compares the two metrics' orders, and the report
+    shows a column and the agreement."""
+    g = torch.Generator().manual_seed(0)
+    base = {i: torch.rand(1, 3, 4, 32, 32, generator=g) * 2 - 1 for i in range(3)}
+
+    def noisy(sigma):
+        return {i: (v + sigma * torch.randn(v.shape, generator=g)).clamp(-1, 1) for i, v in base.items()}
+    results = [_fake_result("baseline", "baseline", base, 1.0), _fake_result("adacache-x", "adacache", noisy(0.02), 0.5),
+               _fake_result("fixed-3", "fixed", noisy(0.2), 0.4)]
+    out = summarize(results, 8, ["p0", "p1", "p2"], None)
+    by = {r["method"]: r for r in out["methods"]}
+    assert by["baseline"]["ms_gmsd"] == [0.0, 0.0, 0.0] and by["baseline"]["ms_gmsd_worst"] == 0.0
+    for r in (by["adacache-x"], by["fixed-3"]):
+        assert len(r["ms_gmsd"]) == 3 and r["ms_gmsd_worst"] == max(r["ms_gmsd"]) > 0
+        assert r["ms_gmsd_mean"] == pytest.approx(sum(r["ms_gmsd"]) / 3)
+    assert by["adacache-x"]["ms_gmsd_worst"] < min(by["fixed-3"]["ms_gmsd"])
+    agreement = out["analysis"]["metric_agreement"]
+    assert agreement["methods"] == 2 and agreement["ordered_differently"] == []
+    out["calibrations"] = []
+    md = markdown({"machine": {}, "model": "m", "guidance": 1, "inner": "eager", "check_inner": "eager",
+                   "check_steps": 3, "repeats": 1, "recompile_limit": 8, "command": "c", "runs": [out]})
+    header = next(line for line in md.splitlines() if line.startswith("| method |")).split(" | ")
+    row = next(line for line in md.splitlines() if line.startswith("| fixed-3 |")).split(" | ")
+    column = header.index("MS-GMSD mean / worst")
+    assert row[column] == f"{by['fixed-3']['ms_gmsd_mean']:.4f} / {by['fixed-3']['ms_gmsd_worst']:.4f}"
+    assert "PSNR vs MS-GMSD over the 2 methods" in md and "0 of 1 pairs ordered differently" in md
+
+
+def test_report_of_results_without_ms_gmsd():
+    """A result file written before MS-GMSD was measured still renders: '-' in its column."""
+    saved = json.loads((ROOT / "benchmarks" / "results" / "e2e.json").read_text())
+    for run in saved["runs"]:
+        run["analysis"].pop("metric_agreement", None)
+        for r in run["methods"]:
+            for key in ("ms_gmsd_mean", "ms_gmsd_worst", "ms_gmsd"):
+                r.pop(key, None)
+        for c in run.get("calibrations", []):
+            for key in ("ms_gmsd_mean", "ms_gmsd_worst", "ms_gmsd"):
+                c["measured"].pop(key, None)
+    lines = markdown(saved).splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| method |")))
+    column = lines[start].split(" | ").index("MS-GMSD mean / worst")
+    table = [line.split(" | ") for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])]
+    assert len(table) == len(saved["runs"][0]["methods"])
+    assert all(r[column] == "- / -" for r in table)
+    assert not any("PSNR vs MS-GMSD" in line for line in lines)
 
 
 def test_runs_as_a_module_from_the_repository_root():

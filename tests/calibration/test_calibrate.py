@@ -1,13 +1,16 @@
 """``adacache_fx.calibrate``: recorded trajectories predict the scheduler exactly, targets are met
-(computed fraction, PSNR), MoReg's normaliser comes from the model's own motion, JSON round trip,
-bad targets raise naming the field, and the backend changes config without recompiling."""
+(computed fraction, PSNR, MS-GMSD), MoReg's normaliser comes from the model's own motion, JSON round
+trip, bad targets raise naming the field, and the backend changes config without recompiling."""
+import json
 import math
 import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adacache_fx import AdaCacheConfig, CalibrationResult, adacache_backend, calibrate
+from adacache_fx.calibration import ms_gmsd
 from adacache_fx.calibration import TrajectoryRecorder, simulate
 from adacache_fx.calibration.fit import MOREG_SPREAD, typical_motion
 from helpers import INF, euler_loop, no_recompiles, timesteps
@@ -33,6 +36,19 @@ def _sampler(compiled):
     """sample(i): a seeded flow-Euler generation of STEPS steps (the latent follows the output)."""
     def sample(i):
         return euler_loop(compiled, _inputs(i), timesteps(STEPS), batch=1).final
+    return sample
+
+
+def _decoded_sampler(compiled):
+    """sample(i) returning decoded frames, as a pipeline with a VAE does: the generation's latent
+    (1, 3, 4, 5, 5) upsampled to 24x24 and squashed into [-1, 1] (MS-GMSD needs 17x17 or more)."""
+    latent_sample = _sampler(compiled)
+
+    def sample(i):
+        out = latent_sample(i)
+        n, c, f, h, w = out.shape
+        frames = F.interpolate(out.reshape(n, c * f, h, w), size=(24, 24), mode="bilinear", align_corners=False)
+        return torch.tanh(frames).reshape(n, c, f, 24, 24)
     return sample
 
 
@@ -116,6 +132,66 @@ def test_min_psnr_target_is_met_with_the_least_compute_found():
     assert [e for e in high.evaluations if e["psnr_mean"] < high_target]   # the target did bind
 
 
+def test_max_ms_gmsd_target_is_met_with_the_least_compute_found(tmp_path):
+    _, compiled, backend = _compiled(BASE)
+    sample = _decoded_sampler(compiled)
+    # both from BASE (not from the config the previous call left): the same candidates
+    loose = calibrate(sample, backend, runs=2, max_ms_gmsd=0.05, base=BASE, progress=False)
+    strict_target = loose.measured["ms_gmsd_mean"] / 2     # what loose's choice misses: another candidate
+    strict = calibrate(sample, backend, runs=2, max_ms_gmsd=strict_target, base=BASE, progress=False)
+    # a looser target is met with fewer computed steps
+    assert loose.measured["computed_fraction"] < strict.measured["computed_fraction"]
+    for result, target in ((loose, 0.05), (strict, strict_target)):
+        assert result.target == {"max_ms_gmsd": target}
+        assert result.met and result.measured["ms_gmsd_mean"] <= target
+        # checked independently: rerun the chosen config and measure MS-GMSD here
+        backend.set_config(AdaCacheConfig.no_cache(num_steps=STEPS, reuse="constant"))
+        refs = [sample(i) for i in range(2)]
+        backend.set_config(result.config)
+        outs = [sample(i) for i in range(2)]
+        scores = [ms_gmsd(o.double() - float(r.min()), r.double() - float(r.min()),
+                          data_range=float(r.max() - r.min())).item() for o, r in zip(outs, refs)]
+        assert result.measured["ms_gmsd"] == pytest.approx(scores, rel=1e-6)
+        assert result.measured["ms_gmsd_mean"] == pytest.approx(statistics.mean(scores), rel=1e-6)
+        assert result.measured["ms_gmsd_worst"] == pytest.approx(max(scores), rel=1e-6)
+        # bisection: every candidate tried with less compute than the chosen one missed the target
+        cheaper = [e for e in result.evaluations if e["predicted_computed_fraction"] < result.predicted_computed_fraction]
+        assert all(e["ms_gmsd_mean"] > target for e in cheaper)
+    assert [e for e in strict.evaluations if e["ms_gmsd_mean"] > strict_target]   # the target did bind
+    assert "MS-GMSD vs uncached: mean" in strict.summary()
+    # out of reach: with every rate at least 2 no candidate computes every step, so none gives the
+    # uncached output; NOT met, and said so
+    skipping = AdaCacheConfig(codebook={0.5: 3, INF: 4}, num_steps=STEPS, reuse="constant")
+    unreachable = calibrate(sample, backend, runs=2, max_ms_gmsd=1e-9, base=skipping, max_checks=2, progress=False)
+    assert not unreachable.met and unreachable.measured["ms_gmsd_mean"] > 1e-9
+    assert all(e["ms_gmsd_mean"] > 1e-9 for e in unreachable.evaluations)
+    assert "NOT met" in unreachable.summary()
+    # JSON round trip, and a file saved before MS-GMSD was measured still loads
+    path = tmp_path / "calibration.json"
+    strict.save(path)
+    loaded = CalibrationResult.load(path)
+    assert loaded.measured == strict.measured and loaded.evaluations == strict.evaluations
+    assert loaded.target == {"max_ms_gmsd": strict_target}
+    old = strict.to_dict()
+    for m in [old["measured"], *old["evaluations"]]:
+        for key in ("ms_gmsd_mean", "ms_gmsd_worst", "ms_gmsd"):
+            del m[key]
+    path.write_text(json.dumps(old))
+    assert "MS-GMSD vs uncached: not measured" in CalibrationResult.load(path).summary()
+
+
+def test_max_ms_gmsd_needs_outputs_that_are_images():
+    """Latents of 5x5 cannot be scored (MS-GMSD's four scales need 17x17): a clear error after
+    the uncached runs, with the backend restored; other targets record MS-GMSD as not measured."""
+    _, compiled, backend = _compiled(BASE)
+    with pytest.raises(ValueError, match="at least 17x17 pixels; sample\\(i\\) returned shape \\(1, 3, 4, 5, 5\\)"):
+        calibrate(_sampler(compiled), backend, runs=1, max_ms_gmsd=0.05, progress=False)
+    assert backend.config == BASE and backend.runtime.recorder is None
+    result = calibrate(_sampler(compiled), backend, runs=1, computed_fraction=0.5, progress=False)
+    assert result.measured["ms_gmsd_mean"] is None and result.measured["ms_gmsd"] == [None]
+    assert "MS-GMSD vs uncached: not measured" in result.summary()
+
+
 def test_moreg_normalizer_is_the_models_typical_motion():
     _, compiled, backend = _compiled(BASE)
     result = calibrate(_sampler(compiled), backend, runs=3, computed_fraction=0.6, progress=False)
@@ -153,6 +229,8 @@ def test_json_round_trip(tmp_path):
     ({"computed_fraction": True}, "computed_fraction"), ({"min_psnr": -3.0}, "min_psnr"),
     ({"min_psnr": math.inf}, "min_psnr"), ({}, "exactly one target"),
     ({"computed_fraction": 0.5, "min_psnr": 30.0}, "exactly one target"),
+    ({"max_ms_gmsd": 0.0}, "max_ms_gmsd"), ({"max_ms_gmsd": math.nan}, "max_ms_gmsd"),
+    ({"max_ms_gmsd": True}, "max_ms_gmsd"), ({"min_psnr": 30.0, "max_ms_gmsd": 0.1}, "exactly one target"),
     ({"computed_fraction": 0.5, "runs": 0}, "runs"), ({"computed_fraction": 0.5, "data_range": -1}, "data_range"),
 ])
 def test_bad_targets_raise_naming_the_field(kwargs, field):
