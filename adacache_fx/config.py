@@ -132,13 +132,14 @@ class AdaCacheConfig:
             subgraph per block, the inner compiler run once per distinct block graph and its code
             called for every block with that block's weights (``compile/compile_blocks.py``;
             diffusers' ``compile_repeated_blocks``, found from the graph): the first call's compile
-            time no longer grows with the depth. ``"whole"``: the region as one graph (the inner
-            compiler may fuse across blocks; no call per block). ``"auto"`` (default): ``"once"``
-            when at least ``COMPILE_ONCE_MIN_BLOCKS`` (8) blocks share one graph, else ``"whole"``
-            (measured on a CPU: at the Wan 1.3B size, 30 blocks, once cuts the first call from 102 s
-            to 45 s, its warm step within noise of whole's; on a 6 + 6 block STDiT of width 192 it
-            saves nothing and measured -1% to +7% per generation: ``benchmarks/results/
-            compile_time.md``, ``overhead.md``).
+            time no longer grows with the depth; what is not a block then runs as traced,
+            uncompiled, and ``compile_model`` has Dynamo trace one block for all
+            (``block_regions.py``). ``"whole"``: the region as one graph (the inner compiler may
+            fuse across blocks; no call per block). ``"auto"`` (default): ``"once"`` when at least
+            ``COMPILE_ONCE_MIN_BLOCKS`` (8) blocks share one graph, else ``"whole"`` (measured on
+            a CPU at the Wan 1.3B size and on a 6 + 6 block STDiT of width 192, where once saved
+            nothing and cost -1% to +7% per generation, measured before once left the rest
+            uncompiled: ``benchmarks/results/compile_time.md``, ``overhead.md``).
         first_computed_steps: steps always computed at the start (official: 1).
         last_computed_steps: steps always computed at the end when ``num_steps`` is
             known (official: 2).

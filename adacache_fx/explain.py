@@ -11,6 +11,9 @@ import torch.fx as fx
 from .config import AdaCacheConfig
 from .passes.analysis import analyze
 from .passes.analysis.choose_guard import BlockFrames, GuardChoice, block_frame_graph
+from .passes.analysis.find_branch_cores import find_branch_cores
+from .passes.analysis.graph_nodes import example_value, numel_hint
+from .runtime.forecasters import forecaster_class
 from .compile import flops_by_node
 from .tracing import capture_failed, frames_argument, prepare_hooks_for_tracing, trace_config
 
@@ -22,6 +25,8 @@ class Explanation:
     block_flops: list = field(default_factory=list)   # per graph: (FLOPs of the blocks inside regions, of all blocks)
     capture_failed: Optional[str] = None   # why tracing with data-dependent ops captured failed (then traced without)
     guard: Optional[GuardChoice] = None   # the guard compile_model's default (block_guard="auto") would choose, and why
+    branch_cores: list = field(default_factory=list)   # per graph: [BranchCore] (find_branch_cores)
+    forecast_terms: int = 0   # tensors the config's forecast keeps per cached tensor besides it
 
     @property
     def cached_flops_fraction(self) -> float:
@@ -53,6 +58,16 @@ class Explanation:
     def frame_layout(self):
         return next((g.frame_layout for g in self.graphs if g.frame_layout is not None), None)
 
+    def cache_bytes(self) -> dict:
+        """Bytes the cache would hold per guidance branch at the traced call's shape, by what it
+        caches: ``"stack"`` (one delta per stream of each region, what the backend caches) and
+        ``"branch"`` (one output per residual branch's core of each block, issue 29's branch
+        granularity), each with the forecast's extra terms."""
+        copies = 1 + self.forecast_terms
+        stack = sum(_nbytes(stream.output) for r in self.regions for stream in r.streams)
+        branch = sum(core.bytes for cores in self.branch_cores for core in cores)
+        return {"stack": copies * stack, "branch": copies * branch}
+
     def __str__(self) -> str:
         parts = [f"{len(self.graphs)} graph(s); {self.cached_flops_fraction:.1%} of one forward's FLOPs "
                  f"({self.cached_block_flops_fraction:.1%} of the blocks' FLOPs) inside the regions that would be cached"]
@@ -61,9 +76,20 @@ class Explanation:
         if self.capture_failed:
             parts.append(f"(tracing with data-dependent ops captured failed: {self.capture_failed}; traced as plain "
                          "torch.compile traces it)")
+        if self.regions:
+            size = self.cache_bytes()
+            cores = sum(len(c) for c in self.branch_cores)
+            parts.append(f"cache per guidance branch at this shape: {size['stack'] / 2**20:.2f} MiB caching the stack's "
+                         f"deltas (the backend); {size['branch'] / 2**20:.2f} MiB caching each of the {cores} residual "
+                         "branches' cores (branch granularity)")
         for i, g in enumerate(self.graphs):
             parts.append(f"-- graph {i} ({len(g.graph.nodes)} nodes)\n{g.describe()}")
         return "\n".join(parts)
+
+
+def _nbytes(node) -> int:
+    value = example_value(node)
+    return numel_hint(value) * value.element_size() if value is not None else 0
 
 
 def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, capture_data_dependent: bool = True,
@@ -72,7 +98,7 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
     ``capture_data_dependent`` traces as :func:`adacache_fx.compile_model` does (``.item()``,
     ``nonzero`` ... captured into the graph); False: as plain ``torch.compile``."""
     config = config or AdaCacheConfig()
-    result = Explanation()
+    result = Explanation(forecast_terms=forecaster_class(config.reuse).terms)
 
     frames = frames_argument(model, config, args, kwargs)
     prepare_hooks_for_tracing(model)   # as compile_model: hooks that would break the graph on a first call
@@ -85,6 +111,7 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
             result.guard = GuardChoice(type(model).__name__, "modules", why)
         analysis = analyze(gm.graph, config, frames)
         result.graphs.append(analysis)
+        result.branch_cores.append(find_branch_cores(analysis.regions))
         per_node = flops_by_node(gm, example_inputs)
         inside = {n for region in analysis.regions for n in region.nodes}
         result.flops.append((sum(f for n, f in per_node.items() if n in inside), sum(per_node.values())))
@@ -104,7 +131,7 @@ def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, captur
         except Exception as exc:  # noqa: BLE001 - as compile_model: retraced without capture
             if not (capture_data_dependent and capture_failed(exc)):
                 raise
-            result.graphs.clear(), result.flops.clear(), result.block_flops.clear()
+            result.graphs.clear(), result.flops.clear(), result.block_flops.clear(), result.branch_cores.clear()
             result.guard = None
             result.capture_failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
             torch._dynamo.reset()

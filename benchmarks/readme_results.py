@@ -330,13 +330,41 @@ def compile_time_section() -> list:
     lines = [f"**Startup at real size: Wan 2.1 1.3B configuration, 30 and 40 blocks** "
              f"([benchmarks/results/compile_time.md](benchmarks/results/compile_time.md), `{d['command']}`; {m['cpu']}, "
              f"{m['torch_threads']} thread(s), torch {m['torch']}, {m['date']}; random weights, float32, 192 tokens; "
-             "each method in its own process, empty inductor cache):", "",
+             f"each method in its own process, empty inductor cache; {d.get('rounds', 1)} round(s), medians, first "
+             "call min-max in brackets):", "",
              "| blocks | method | first call (s) | warm computed step (s) | warm reused step (s) | peak RSS (GiB) |",
              "|---|---|---|---|---|---|"]
-    for r in d["rows"]:
+    from benchmarks.compile_time import by_method
+    for r in by_method(d["rows"]):   # medians over the rounds, the methods interleaved
         reused = "-" if r["warm_reused_s"] is None else f"{r['warm_reused_s']:.2f}"
-        lines.append(f"| {r['blocks']} | {r['method']} | {r['first_call_s']:.1f} | {r['warm_computed_s']:.2f} | "
+        runs = r["first_call_runs"]
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+        lines.append(f"| {r['blocks']} | {r['method']} | {r['first_call_s']:.1f}{spread} | {r['warm_computed_s']:.2f} | "
                      f"{reused} | {r['peak_rss_gib']:.1f} |")
+    return lines
+
+
+def branch_study_section() -> list:
+    """What a reused step computes: the stack's delta vs each branch's core (benchmarks/branch_study.py)."""
+    parts = [d for d in (_load("branch_study.json"), _load("branch_study_step.json")) if d is not None]
+    if not parts:
+        return []
+    m = parts[0]["machine"]
+    rows = [r for d in parts for r in d["rows"]]
+    gains = [r["branch"]["psnr_mean"] - r["stack"]["psnr_mean"] for r in rows]
+    lines = [f"**What a reused step computes: the stack's delta or each branch's core (emulated, reference model)** "
+             f"([benchmarks/results/branch_study.md](benchmarks/results/branch_study.md), "
+             f"`{'` and `'.join(d['command'].strip() for d in parts)}`; {m['cpu']}, {m['torch_threads']} thread(s), "
+             f"{m['date']}; {len(parts[0]['prompts'])} prompts, 30 steps, the same computed steps for both; cores: "
+             f"{', '.join(parts[0]['cores'])}). Forecasting each core with the glue run fresh changed the mean PSNR by "
+             f"{min(gains):+.2f} to {max(gains):+.2f} dB against forecasting the stack's delta:", "",
+             "| rate | computed | forecast | stack PSNR mean / worst | branch PSNR mean / worst | cache stack / branch (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        st, br = r["stack"], r["branch"]
+        lines.append(f"| {r['rate']} | {st['computed']}/30 | {st['mode']} | {st['psnr_mean']:.2f} / {st['psnr_worst']:.2f} | "
+                     f"{br['psnr_mean']:.2f} / {br['psnr_worst']:.2f} | {st['cache_bytes'] / 2**20:.2f} / "
+                     f"{br['cache_bytes'] / 2**20:.2f} |")
     return lines
 
 
@@ -348,7 +376,7 @@ def block() -> str:
                     text_section("distributed.md", "Sequence parallel, 1/2/4 gloo processes on the 2-core CPU", "Results"),
                     text_section("distributed_cp.md", "diffusers' context parallelism (WanTransformer3DModel), 1/2 gloo "
                                  "processes on the 2-core CPU", "Results"),
-                    compile_time_section(), pipelines_section(), coverage_section()):
+                    compile_time_section(), branch_study_section(), pipelines_section(), coverage_section()):
         if section:
             parts.append("\n".join(section))
     return f"{BEGIN}\n" + for_docs("\n\n".join(parts)) + f"\n{END}"
