@@ -139,6 +139,21 @@ class BranchStudy:
                 "cache_bytes": self.cache_bytes(granularity)}
 
 
+def metric_agreement(rows: list) -> dict:
+    """How PSNR and MS-GMSD order the study's points (every granularity, rate and forecast):
+    Spearman's rho of the means and of the worst values (-1: the same order, as lower MS-GMSD is
+    closer), and the pairs of points the two means order differently."""
+    from benchmarks.e2e.analysis import spearman
+    points = [r[g] | {"rate": r["rate"]} for r in rows for g in ("stack", "branch")]
+    return {"points": len(points),
+            "rho_mean": spearman([p["psnr_mean"] for p in points], [p["ms_gmsd_mean"] for p in points]),
+            "rho_worst": spearman([p["psnr_worst"] for p in points], [p["ms_gmsd_worst"] for p in points]),
+            "discordant": [(f"{a['granularity']} {a['mode']} rate {a['rate']}", f"{b['granularity']} {b['mode']} rate "
+                            f"{b['rate']}", round(a["psnr_mean"] - b["psnr_mean"], 2))
+                           for i, a in enumerate(points) for b in points[i + 1:]
+                           if (a["psnr_mean"] - b["psnr_mean"]) * (a["ms_gmsd_mean"] - b["ms_gmsd_mean"]) > 0]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.branch_study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +195,10 @@ def main(argv=None) -> dict:
                 f"{1e3 * stack['computed_step_s']:.1f} | "
                 f"{stack['cache_bytes'] / 2**20:.2f} / {branch['cache_bytes'] / 2**20:.2f} |")
             print(lines[-1], flush=True)
+    out["metric_agreement"] = agree = metric_agreement(out["rows"])
+    lines += ["", f"PSNR and MS-GMSD over the {agree['points']} points: Spearman {agree['rho_mean']:.3f} (means), "
+              f"{agree['rho_worst']:.3f} (worst); {len(agree['discordant'])} pair(s) ordered differently by the means: "
+              + ("; ".join(f"{a} / {b} ({d:+.2f} dB)" for a, b, d in agree["discordant"]) or "none")]
     write_results(a.out, "branch_study", lines + [""], out)
     return out
 

@@ -360,11 +360,17 @@ def branch_study_section() -> list:
              f"{min(gains):+.2f} to {max(gains):+.2f} dB against forecasting the stack's delta:", "",
              "| rate | computed | forecast | stack PSNR mean / worst | branch PSNR mean / worst | cache stack / branch (MiB) |",
              "|---|---|---|---|---|---|"]
+    from benchmarks.branch_study import metric_agreement
+    agree = metric_agreement(rows)
     for r in rows:
         st, br = r["stack"], r["branch"]
         lines.append(f"| {r['rate']} | {st['computed']}/30 | {st['mode']} | {st['psnr_mean']:.2f} / {st['psnr_worst']:.2f} | "
                      f"{br['psnr_mean']:.2f} / {br['psnr_worst']:.2f} | {st['cache_bytes'] / 2**20:.2f} / "
                      f"{br['cache_bytes'] / 2**20:.2f} |")
+    lines += ["", f"MS-GMSD (perceptual, `adacache_fx.calibration.quality`) orders these {agree['points']} points as PSNR "
+              f"does: Spearman {agree['rho_mean']:.3f} (means), {agree['rho_worst']:.3f} (worst); "
+              f"{len(agree['discordant'])} pair(s) ordered differently, each within "
+              f"{max([abs(d) for _a, _b, d in agree['discordant']], default=0):.2f} dB of PSNR."]
     return lines
 
 

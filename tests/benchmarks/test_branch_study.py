@@ -35,3 +35,16 @@ def test_a_core_computes_on_the_schedule_and_forecasts_between():
     assert calls == [1, 2, 5]
     assert torch.allclose(outputs[2], torch.full((3,), 0.6)) and torch.allclose(outputs[3], torch.full((3,), 0.4))
     assert torch.allclose(outputs[4], torch.full((3,), 0.2))
+
+
+def test_metric_agreement_finds_the_pairs_the_metrics_order_differently():
+    from benchmarks.branch_study import metric_agreement
+
+    def point(granularity, psnr, gmsd):
+        return {"granularity": granularity, "mode": "linear", "psnr_mean": psnr, "psnr_worst": psnr - 5,
+                "ms_gmsd_mean": gmsd, "ms_gmsd_worst": gmsd * 2}
+    rows = [{"rate": 3, "stack": point("stack", 35.0, 0.02), "branch": point("branch", 34.0, 0.03)},
+            {"rate": 5, "stack": point("stack", 30.0, 0.05), "branch": point("branch", 29.0, 0.04)}]
+    agree = metric_agreement(rows)
+    assert agree["points"] == 4 and agree["rho_mean"] < 0
+    assert agree["discordant"] == [("stack linear rate 5", "branch linear rate 5", 1.0)]
