@@ -29,11 +29,12 @@ import torch
 import torch.nn as nn
 from torch._dynamo.exc import UncapturedHigherOrderOpError
 
+from .compile.compile_blocks import COMPILE_ONCE_MIN_BLOCKS
 from .passes.analysis.find_module_blocks import block_containers
 
 logger = logging.getLogger("adacache_fx")
 
-__all__ = ["BlockRegions", "region_failed"]
+__all__ = ["BlockRegions", "min_blocks_for", "region_failed"]
 
 _REGION_OF = "_adacache_region_of"    # on a marked subclass: the class it marks
 _MARKED: dict = {}                     # class -> its marked subclass (one per class, shared by models)
@@ -83,7 +84,6 @@ class BlockRegions:
 def min_blocks_for(compile_blocks: str) -> Optional[int]:
     """How many members a module list needs for its blocks to be traced once under
     ``AdaCacheConfig.compile_blocks`` (None: never)."""
-    from .compile.compile_blocks import COMPILE_ONCE_MIN_BLOCKS
     return {"once": 2, "auto": COMPILE_ONCE_MIN_BLOCKS}.get(compile_blocks)
 
 
