@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch._dynamo.exc import UncapturedHigherOrderOpError
 
 from .compile.compile_blocks import COMPILE_ONCE_MIN_BLOCKS
+from .errors import find_in_chain
 from .passes.analysis.find_module_blocks import block_containers
 
 logger = logging.getLogger("adacache_fx")
@@ -90,10 +91,4 @@ def min_blocks_for(compile_blocks: str) -> Optional[int]:
 def region_failed(exc: BaseException) -> bool:
     """Whether ``exc`` is Dynamo failing to trace a nested compile region (a graph break inside a
     block: Dynamo cannot stamp it out)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, UncapturedHigherOrderOpError):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return find_in_chain(exc, UncapturedHigherOrderOpError) is not None

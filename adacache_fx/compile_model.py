@@ -35,7 +35,7 @@ import torch
 from .backend import AdaCacheBackend, adacache_backend
 from .block_regions import BlockRegions, min_blocks_for, region_failed
 from .config import AdaCacheConfig
-from .errors import AdaCacheConfigError, AdaCacheWarning
+from .errors import AdaCacheConfigError, AdaCacheWarning, find_in_chain
 from .passes.analysis.choose_guard import BlockFrames, BlockGraphBreak, GuardChoice
 from .runtime.module_guard import ModuleBlockGuard
 from .tracing import (capture_failed, data_dependent_capture, frames_parameter, frames_value, mark_batch_dynamic,
@@ -245,13 +245,8 @@ def _forward_cache_context(model: torch.nn.Module, backend: AdaCacheBackend) -> 
 def block_graph_break(exc: BaseException) -> Optional[str]:
     """Why the call stopped when ``exc`` (Dynamo's wrapper of the backend's error) carries the
     backend's :class:`BlockGraphBreak`, else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, BlockGraphBreak):
-            return exc.why
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
-    return None
+    found = find_in_chain(exc, BlockGraphBreak)
+    return found.why if found is not None else None
 
 
 def _module_guard(model: torch.nn.Module, backend: AdaCacheBackend, compile_kwargs: dict):

@@ -15,3 +15,15 @@ class AdaCacheWarning(UserWarning):
 
 class AdaCacheSyncWarning(UserWarning):
     """The timestep is read from a device tensor on every call (a host sync per call)."""
+
+
+def find_in_chain(exc, kind: type):
+    """The first exception of type ``kind`` in ``exc``'s chain (Dynamo's ``inner_exception``, then
+    ``__cause__`` / ``__context__``), or None: Dynamo wraps the errors raised while it traces."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kind):
+            return exc
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return None

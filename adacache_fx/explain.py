@@ -12,7 +12,7 @@ from .config import AdaCacheConfig
 from .passes.analysis import analyze
 from .passes.analysis.choose_guard import BlockFrames, GuardChoice, block_frame_graph
 from .passes.analysis.find_branch_cores import find_branch_cores
-from .passes.analysis.graph_nodes import example_value, numel_hint
+from .passes.analysis.graph_nodes import nbytes_hint
 from .runtime.forecasters import forecaster_class
 from .compile import flops_by_node
 from .tracing import capture_failed, frames_argument, prepare_hooks_for_tracing, trace_config
@@ -64,7 +64,7 @@ class Explanation:
         ``"branch"`` (one output per residual branch's core of each block, issue 29's branch
         granularity), each with the forecast's extra terms."""
         copies = 1 + self.forecast_terms
-        stack = sum(_nbytes(stream.output) for r in self.regions for stream in r.streams)
+        stack = sum(nbytes_hint(stream.output) for r in self.regions for stream in r.streams)
         branch = sum(core.bytes for cores in self.branch_cores for core in cores)
         return {"stack": copies * stack, "branch": copies * branch}
 
@@ -86,10 +86,6 @@ class Explanation:
             parts.append(f"-- graph {i} ({len(g.graph.nodes)} nodes)\n{g.describe()}")
         return "\n".join(parts)
 
-
-def _nbytes(node) -> int:
-    value = example_value(node)
-    return numel_hint(value) * value.element_size() if value is not None else 0
 
 
 def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, capture_data_dependent: bool = True,

@@ -31,7 +31,7 @@ import time
 import torch
 
 from benchmarks.common import command_line, machine, machine_markdown, write_results
-from benchmarks.schedule_study import STEPS, StackWithCache, _Emulation, fixed
+from benchmarks.schedule_study import STEPS, StackWithCache, _Emulation, fixed, forecast
 from examples.reference import load_reference_model, sample
 from examples.reference.data import all_specs
 from examples.reference.quality import ms_gmsd, psnr
@@ -55,16 +55,6 @@ class CoreWithCache(torch.nn.Module):
         if e.schedule is not None:
             self.history = (self.history + [(e.t, out)])[-2:]
         return out
-
-
-def forecast(history: list, t: float, mode: str) -> torch.Tensor:
-    """The last computed output (constant), or extrapolated linearly in the timestep from the
-    last two (``schedule_study``'s linear forecast of the stack's delta, for one core)."""
-    t1, y1 = history[-1]
-    if mode == "constant" or len(history) < 2:
-        return y1
-    t0, y0 = history[-2]
-    return y1 + (t - t1) / (t1 - t0) * (y1 - y0)
 
 
 def cores_of(block: torch.nn.Module) -> list:

@@ -73,19 +73,23 @@ class StackWithCache(torch.nn.Module):
 
 
 def _forecast(e: _Emulation):
-    t1, d1 = e.history[-1]
-    if e.mode == "constant" or len(e.history) < 2:
+    return forecast(e.history, e.t, e.mode, e.damping)
+
+
+def forecast(history: list, t: float, mode: str, damping: float = 1.0):
+    """The value at ``t`` from ``history`` (``[(t, value)]`` of the last computed steps): the last
+    one (constant), or extrapolated linearly (``fitted``: damped), or to second order."""
+    t1, d1 = history[-1]
+    if mode == "constant" or len(history) < 2:
         return d1
-    t0, d0 = e.history[-2]
-    r = (e.t - t1) / (t1 - t0)
-    if e.mode == "linear":
-        return d1 + r * (d1 - d0)
-    if e.mode == "fitted":
-        return d1 + e.damping * r * (d1 - d0)
-    if e.mode == "second_order" and len(e.history) >= 3:
-        tm, dm = e.history[-3]
+    t0, d0 = history[-2]
+    r = (t - t1) / (t1 - t0)
+    if mode == "fitted":
+        return d1 + damping * r * (d1 - d0)
+    if mode == "second_order" and len(history) >= 3:
+        tm, dm = history[-3]
         f01, f12 = (d1 - d0) / (t1 - t0), (d0 - dm) / (t0 - tm)
-        return d1 + f01 * (e.t - t1) + (f01 - f12) / (t1 - tm) * (e.t - t1) * (e.t - t0)
+        return d1 + f01 * (t - t1) + (f01 - f12) / (t1 - tm) * (t - t1) * (t - t0)
     return d1 + r * (d1 - d0)
 
 

@@ -202,7 +202,6 @@ def compile_pieces(rw: Rewrite, example_inputs, inner: Callable) -> CompiledPiec
             result.reuse_step = inner(rw.fused.gm, list(fakes) + _fused_inputs(rw.fused, fakes))
         except Exception:  # noqa: BLE001 - reused steps then run piece by piece, as before
             logger.debug("adacache: compiling the fused reused step failed", exc_info=True)
-    for name in rw.split.other_submods:
-        piece = getattr(top, name)
-        setattr(top, name, CompiledPiece(piece.forward if by_block else inner(piece, inputs[name])))
+    for name in ([] if by_block else rw.split.other_submods):   # by block: the traced pieces stay
+        setattr(top, name, CompiledPiece(inner(getattr(top, name), inputs[name])))
     return result

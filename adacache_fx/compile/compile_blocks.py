@@ -168,16 +168,12 @@ def compile_region(piece: fx.GraphModule, block_nodes: list, example_inputs: lis
     info = BlockCompile(True, blocks=len(block_nodes))
     subs = []   # (attribute, body signature, outputs, example inputs, returns one value)
     for node in top.graph.nodes:
-        if node.op != "call_module":
-            continue
+        if node.op != "call_module" or not _is_block(node.target):
+            continue   # glue stays the traced subgraph split_module made (module docstring)
         inputs = _inputs_of(top, node.target)
         if inputs is None:
             return whole(f"no example inputs recorded for {node.target}")
         single = _return_tuple(getattr(top, node.target))
-        if not _is_block(node.target):   # glue: run as traced (module docstring)
-            setattr(top, node.target, CompiledPiece(_first(getattr(top, node.target)) if single
-                                                    else getattr(top, node.target).forward))
-            continue
         body, outputs = graph_signature(getattr(top, node.target), inputs)
         subs.append((node.target, body, outputs, inputs, single))
     # per body, the member returning the most nodes is compiled; a member whose outputs are among

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .graph_nodes import example_value, is_tensor_node, numel_hint, op_kind
+from .graph_nodes import example_value, is_tensor_node, nbytes_hint, op_kind
 
 HEAVY_KINDS = ("matmul", "conv", "last_dim")   # linear, matmul / bmm, convolutions, attention
 
@@ -43,8 +43,7 @@ class BranchCore:
     @property
     def bytes(self) -> int:
         """Bytes of one cached copy of the output, at the traced call's shape."""
-        value = example_value(self.output)
-        return numel_hint(value) * value.element_size()
+        return nbytes_hint(self.output)
 
 
 def _is_heavy(node: fx.Node) -> bool:

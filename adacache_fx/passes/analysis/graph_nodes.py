@@ -241,3 +241,9 @@ def numel_hint(value) -> int:
     for size in value.shape:
         total *= size_hint(size)
     return total
+
+
+def nbytes_hint(node: fx.Node) -> int:
+    """Bytes of ``node``'s recorded tensor value from its size hints (0 without one)."""
+    value = example_value(node)
+    return numel_hint(value) * value.element_size() if isinstance(value, torch.Tensor) else 0
