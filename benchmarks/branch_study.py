@@ -21,6 +21,8 @@ PSNR and MS-GMSD against the uncached video; the cache each mode holds (bytes of
 for the forecast); the eager time of a reused step against a computed one.
 
     python -m benchmarks.branch_study --threads 1     # writes benchmarks/results/branch_study.{md,json}
+    python -m benchmarks.branch_study --threads 1 --rates 3 5 --modes linear linear-step \
+        --schedule taylorseer --name branch_study_taylorseer   # TaylorSeer's own schedule, interval = rate
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import time
 import torch
 
 from benchmarks.common import command_line, machine, machine_markdown, write_results
-from benchmarks.schedule_study import STEPS, StackWithCache, _Emulation, fixed, forecast
+from benchmarks.schedule_study import STEPS, StackWithCache, _Emulation, fixed, forecast, taylorseer_schedule
 from examples.reference import load_reference_model, sample
 from examples.reference.data import all_specs
 from examples.reference.quality import ms_gmsd, psnr
@@ -151,8 +153,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--rates", type=int, nargs="+", default=list(RATES))
     ap.add_argument("--modes", nargs="+", default=["constant", "linear"], choices=["constant", "linear", "linear-step"])
     ap.add_argument("--prompts", type=int, default=12, help="the first N of the schedule study's 12")
+    ap.add_argument("--schedule", default="fixed", choices=["fixed", "taylorseer"],
+                    help="the computed steps: the backend's {inf: rate}, or diffusers' TaylorSeer at interval rate")
+    ap.add_argument("--name", default="branch_study", help="the results' file name (without .md / .json)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
+    steps_of = fixed if a.schedule == "fixed" else taylorseer_schedule
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -162,8 +168,10 @@ def main(argv=None) -> dict:
     lines = ["# What a reused step computes: the stack's delta or each branch's core (reference model)", "",
              f"Command: `{out['command'].strip()}`", "", machine_markdown(out["machine"]), "",
              "An emulation (see the script's docstring): 30 steps, guidance 3, the first "
-             f"{len(study.prompts)} of the schedule study's 12 prompts; both modes compute the steps of the "
-             "backend's `{inf: rate}` schedule. Cores per block (children "
+             f"{len(study.prompts)} of the schedule study's 12 prompts; both modes compute the steps of "
+             + ("the backend's `{inf: rate}` schedule" if a.schedule == "fixed" else
+                "diffusers' TaylorSeer at interval `rate` (its 3 warm-up steps, then every `rate`-th, none forced "
+                "at the end)") + ". Cores per block (children "
              f"with at least {CORE_SHARE:.0%} of its weights): {', '.join(study.core_names)}. PSNR (dB) and MS-GMSD "
              "(lower is closer) against the uncached video, mean / worst; eager step times are medians over the "
              "study's calls (one thread); cache: the bytes a linear forecast keeps.", "",
@@ -171,7 +179,7 @@ def main(argv=None) -> dict:
              "branch MS-GMSD | reused step, stack / branch (ms) | computed step (ms) | cache, stack / branch (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate in a.rates:
-        schedule = fixed(rate)
+        schedule = steps_of(rate)
         for mode in a.modes:
             stack, branch = study.score(schedule, "stack", mode), study.score(schedule, "branch", mode)
             out["rows"].append({"rate": rate, "schedule": schedule, "stack": stack, "branch": branch})
@@ -189,7 +197,7 @@ def main(argv=None) -> dict:
     lines += ["", f"PSNR and MS-GMSD over the {agree['points']} points: Spearman {agree['rho_mean']:.3f} (means), "
               f"{agree['rho_worst']:.3f} (worst); {len(agree['discordant'])} pair(s) ordered differently by the means: "
               + ("; ".join(f"{a} / {b} ({d:+.2f} dB)" for a, b, d in agree["discordant"]) or "none")]
-    write_results(a.out, "branch_study", lines + [""], out)
+    write_results(a.out, a.name, lines + [""], out)
     return out
 
 

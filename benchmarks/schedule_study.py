@@ -15,7 +15,11 @@ the same prompt and seed; 12 prompts that neither the e2e benchmark nor the cali
    last three computed steps), and linear with its damping fitted at each computed step to how
    well the last forecast did (least squares, clamped to [0, 1.5]);
 4. the gaps before the forced last steps evened out (each gap at most the rate);
-5. per video: the distance against the PSNR at fixed rates (Spearman).
+5. per video: the distance against the PSNR at fixed rates (Spearman);
+6. the steps always computed: at fixed rates 3, 4 and 5, the official first step and last two
+   against warm-ups of 2 to 5 steps with 0 or 1 forced last steps (``first_computed_steps``,
+   ``last_computed_steps``), and TaylorSeer's own schedule at interval 3 (diffusers' default
+   warm-up of 3 steps, then every third step, none forced at the end).
 
     python -m benchmarks.schedule_study --threads 1     # writes benchmarks/results/schedule_study.{md,json}
 
@@ -93,10 +97,20 @@ def forecast(history: list, t: float, mode: str, damping: float = 1.0):
     return d1 + r * (d1 - d0)
 
 
-def fixed(rate: int, n: int = STEPS) -> list:
+def fixed(rate: int, n: int = STEPS, first: int = 1, last: int = 2) -> list:
     """The backend's ``{inf: rate}`` schedule (its own scheduler decides it): 1, 2, then every
-    ``rate``, and the last two."""
-    return fixed_schedule(rate, n)
+    ``rate``, and the last two (``first`` / ``last``: the steps always computed at the start and end)."""
+    return fixed_schedule(rate, n, first_computed_steps=first, last_computed_steps=last)
+
+
+# (first_computed_steps, last_computed_steps) compared in section 6: the official split first
+SPLITS = [(1, 2), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1), (5, 0)]
+
+
+def taylorseer_schedule(interval: int, n: int = STEPS, warmup: int = 3) -> list:
+    """The steps diffusers' TaylorSeer computes (1-indexed): the first ``warmup``, then those whose
+    0-indexed step ``i`` has ``(i - warmup - 1) % interval == 0`` (its ``_measure_should_compute``)."""
+    return [i + 1 for i in range(n) if i < warmup or (i - warmup - 1) % interval == 0]
 
 
 def evened(rate: int, n: int = STEPS) -> list:
@@ -216,6 +230,21 @@ def main(argv=None) -> dict:
     lines += ["", f"Spearman, distance 2-7 against the PSNR at 9 computed steps: "
               f"{out['per_video']['spearman_distance_2_7_vs_psnr_rate_5']:.2f}; against the gain from 8 to 10 "
               f"computed steps: {out['per_video']['spearman_distance_2_7_vs_gain_8_to_10_steps']:.2f} (12 prompts).", ""]
+    # 6. forced steps
+    out["forced_steps"] = []
+    lines += ["## 6. The steps always computed: warm-up and end (linear forecast)", "",
+              "At fixed rates, the backend's schedule with `first_computed_steps` / `last_computed_steps` "
+              "other than the official 1 / 2; TaylorSeer's schedule (interval 3) for comparison.", "",
+              "| rate | first / last | computed | schedule | PSNR mean / worst |", "|---|---|---|---|---|"]
+    rows = [(rate, f"{first} / {last}", fixed(rate, first=first, last=last))
+            for rate in (3, 4, 5) for first, last in SPLITS]
+    rows.append((3, "TaylorSeer", taylorseer_schedule(3)))
+    for rate, split, schedule in rows:
+        r = study.score(schedule)
+        out["forced_steps"].append({"rate": rate, "split": split, "schedule": schedule,
+                                    "linear": [r["psnr_mean"], r["psnr_worst"]], "psnr": r["psnr"]})
+        lines.append(f"| {rate} | {split} | {len(schedule)} | {schedule} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} |")
+    lines.append("")
     write_results(a.out, "schedule_study", lines, out)
     return out
 

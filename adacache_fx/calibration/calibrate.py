@@ -14,7 +14,13 @@ MoReg can lower the compute of every video whose motion score sits below 0.385. 
 4. picks the candidate that meets the target, checked by running the cached generations themselves:
    a computed-step fraction (at most that much compute), a mean PSNR against the uncached outputs
    (at least that many dB) or a mean MS-GMSD against them (at most that much; perceptual, see
-   ``quality``), the last two searched by bisection over the predicted schedules.
+   ``quality``), the last two searched by bisection over the predicted schedules;
+5. tries the steps always computed at the start and the end (``forced_steps``: by default the
+   base's own and warm-ups of 10-20% of the steps with 0 or 1 forced last steps,
+   ``fit.forced_step_splits``): each split's candidate with at most the chosen one's predicted compute
+   is run, and the best measured one is kept (within a compute target: the best quality; for a
+   quality target: the least compute, the winning split then bisected further down). Where a
+   reused step costs most depends on the model: on the reference model, near the start.
 """
 from __future__ import annotations
 
@@ -24,12 +30,12 @@ import statistics
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..config import AdaCacheConfig
-from .fit import MOREG_SPREAD, candidates, moreg_power, scaled, typical_motion
+from .fit import MOREG_SPREAD, Candidate, candidates, forced_step_splits, moreg_power, simulate, typical_motion
 from .measure import as_images, output_ms_gmsd
 from .quality import MIN_SIDE
 from .record import Trajectory, TrajectoryRecorder
@@ -56,6 +62,8 @@ class CalibrationResult:
         m = self.measured
         lines = [f"calibrated for {self.target}: {'met' if self.met else 'NOT met'}",
                  f"  thresholds x{self.threshold_scale:.3f}, rates capped at {self.max_rate}: {self.config.codebook}",
+                 f"  always computed: the first {self.config.first_computed_steps} step(s), the last "
+                 f"{self.config.last_computed_steps}",
                  "  MoReg normaliser, power: " + (f"{self.moreg_normalizer:.4f}, {self.moreg_power:.3f}"
                                                    if self.moreg_normalizer is not None else "unchanged"),
                  f"  computed fraction: predicted {self.predicted_computed_fraction:.3f}, "
@@ -92,7 +100,8 @@ class CalibrationResult:
 def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
               computed_fraction: Optional[float] = None, min_psnr: Optional[float] = None,
               max_ms_gmsd: Optional[float] = None, base: Optional[AdaCacheConfig] = None,
-              data_range: Optional[float] = None, max_checks: int = 8, apply: bool = True,
+              data_range: Optional[float] = None, max_checks: int = 8,
+              forced_steps: Union[str, Sequence, None] = "auto", apply: bool = True,
               progress: Union[bool, Callable[[str], None]] = True) -> CalibrationResult:
     """Calibrate ``backend`` (an ``AdaCacheBackend`` the model is compiled with) on ``runs``
     generations ``sample(0) .. sample(runs - 1)``.
@@ -106,8 +115,11 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     of at least 17x17, ``measure.as_images``; shifted by the reference's minimum and measured over
     ``data_range``). MS-GMSD is measured and recorded whatever the target. ``base``: the config
     whose codebook shape (rates), reuse and MoReg settings are kept (default: the backend's).
-    ``max_checks``: at most that many cached evaluations (``runs`` generations each). ``apply``:
-    leave the backend on the calibrated config (else on the one it had)."""
+    ``max_checks``: at most that many cached evaluations (``runs`` generations each) to meet the
+    target, plus one per other forced-step split and, for a quality target, up to ``max_checks``
+    more in the winning split. ``forced_steps``: the ``(first_computed_steps, last_computed_steps)``
+    pairs tried: ``"auto"`` (``fit.forced_step_splits``), a list of pairs, or None (only the
+    base's). ``apply``: leave the backend on the calibrated config (else on the one it had)."""
     _check_target(computed_fraction, min_psnr, max_ms_gmsd)
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
@@ -115,6 +127,7 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
         raise ValueError(f"max_checks must be a positive integer, got {max_checks!r}")
     if data_range is not None and not (isinstance(data_range, (int, float)) and data_range > 0):
         raise ValueError(f"data_range must be a positive number or None, got {data_range!r}")
+    _check_forced_steps(forced_steps)
     log = progress if callable(progress) else ((lambda msg: print(f"adacache calibrate: {msg}", file=sys.stderr))
                                                if progress else (lambda msg: None))
     base = base if base is not None else backend.config
@@ -134,24 +147,33 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
                 f"power {power:.3f} (the runs' motion spread mapped to {MOREG_SPREAD}x; was {base.moreg_power})")
         options = candidates(family, trajectories)
         evaluate = _Evaluator(sample, backend, family, references, data_range, log)
+        # the step count it was fitted at (a generation of another count warns)
+        fitted = max(set(t.num_steps for t in trajectories), key=[t.num_steps for t in trajectories].count)
         if computed_fraction is not None:
+            goal = _Goal(lambda m: m["computed_fraction"] <= computed_fraction + 1e-9, "psnr_mean", True)
             chosen, met = _meet_fraction(options, computed_fraction, evaluate, max_checks)
             target = {"computed_fraction": computed_fraction}
         elif min_psnr is not None:
-            chosen, met = _meet_quality(options, lambda m: m["psnr_mean"] >= min_psnr, evaluate, max_checks)
+            goal = _Goal(lambda m: m["psnr_mean"] >= min_psnr, "psnr_mean", False)
+            chosen, met = _meet_quality(options, goal.meets, evaluate, max_checks)
             target = {"min_psnr": min_psnr}
         else:
-            chosen, met = _meet_quality(options, lambda m: m["ms_gmsd_mean"] <= max_ms_gmsd, evaluate, max_checks)
+            goal = _Goal(lambda m: m["ms_gmsd_mean"] <= max_ms_gmsd, "ms_gmsd_mean", False, higher_is_better=False)
+            chosen, met = _meet_quality(options, goal.meets, evaluate, max_checks)
             target = {"max_ms_gmsd": max_ms_gmsd}
-        # the step count it was fitted at (a generation of another count warns)
-        fitted = max(set(t.num_steps for t in trajectories), key=[t.num_steps for t in trajectories].count)
-        config = scaled(family, chosen.scale, chosen.max_rate, fitted_steps=fitted)
+        splits = (forced_step_splits(family, fitted) if forced_steps == "auto"
+                  else [(family.first_computed_steps, family.last_computed_steps)] + list(forced_steps or []))
+        if len(splits) > 1:
+            chosen, met = _search_forced_steps(family, trajectories, splits, chosen, met, goal, evaluate,
+                                               max_checks, log)
+        config = chosen.config(family, fitted_steps=fitted)
         result = CalibrationResult(
             config=config, target=target, met=met, threshold_scale=chosen.scale, max_rate=chosen.max_rate,
             moreg_normalizer=normalizer,
             moreg_power=power,
             predicted_computed_fraction=chosen.predicted, measured=evaluate.results[chosen],
-            evaluations=[{"scale": c.scale, "max_rate": c.max_rate, **m} for c, m in evaluate.results.items()],
+            evaluations=[{"scale": c.scale, "max_rate": c.max_rate, "first_computed_steps": c.first,
+                          "last_computed_steps": c.last, **m} for c, m in evaluate.results.items()],
             trajectories=trajectories)
         log(result.summary())
         backend.set_config(config if apply else original)
@@ -195,7 +217,7 @@ class _Evaluator:
 
     def __call__(self, c) -> dict:
         if c not in self.results:
-            self.backend.set_config(scaled(self.family, c.scale, c.max_rate))
+            self.backend.set_config(c.config(self.family))
             psnrs, fractions, distances = [], [], []
             for i, ref in enumerate(self.references):
                 self.backend.reset()
@@ -211,7 +233,8 @@ class _Evaluator:
                                "ms_gmsd_mean": statistics.mean(distances) if all_images else None,
                                "ms_gmsd_worst": max(distances) if all_images else None, "ms_gmsd": distances}
             m = self.results[c]
-            self.log(f"thresholds x{c.scale:.3f}, rates <= {c.max_rate}: computed {m['computed_fraction']:.3f} "
+            self.log(f"thresholds x{c.scale:.3f}, rates <= {c.max_rate}, first {c.first} / last {c.last} "
+                     f"always computed: computed {m['computed_fraction']:.3f} "
                      f"(predicted {c.predicted:.3f}), PSNR mean {m['psnr_mean']:.2f} dB, worst {m['psnr_worst']:.2f} dB"
                      + (f", MS-GMSD mean {m['ms_gmsd_mean']:.4f}" if all_images else ""))
         return self.results[c]
@@ -248,7 +271,75 @@ def _meet_quality(options: list, meets: Callable[[dict], bool], evaluate, max_ch
     return options[0], meets(evaluate(options[0]))
 
 
+@dataclass
+class _Goal:
+    """The target as a rule over measurements: ``meets``; ``quality``, the measurement compared
+    between candidates (``higher_is_better``); ``compute_bound``: the target bounds compute (the
+    best quality within it wins) rather than quality (the least compute meeting it wins)."""
+
+    meets: Callable[[dict], bool]
+    quality: str
+    compute_bound: bool
+    higher_is_better: bool = True
+
+    def best(self, results: dict, incumbent: Candidate) -> Candidate:
+        """The best candidate measured so far that meets the target (``incumbent`` when none does)."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        meeting = [c for c, m in results.items() if self.meets(m)]
+        if not meeting:
+            return incumbent
+        if self.compute_bound:
+            return max(meeting, key=lambda c: (sign * results[c][self.quality], -results[c]["computed_fraction"]))
+        return min(meeting, key=lambda c: (results[c]["computed_fraction"], c.predicted,
+                                           -sign * results[c][self.quality]))
+
+
+def _search_forced_steps(family, trajectories, splits: list, chosen: Candidate, met: bool, goal: _Goal,
+                         evaluate, max_checks: int, log) -> tuple:
+    """Each other ``(first, last)`` split's candidate with at most ``chosen``'s predicted compute,
+    run; the best measured one kept (``_Goal.best``). For a quality target the winning split is then
+    bisected over its cheaper candidates."""
+    family_options = {}
+    # a split whose candidate takes the very steps of one already run (near full compute the forced
+    # steps are computed anyway) is not run again
+    seen = {_schedules(c, family, trajectories) for c in evaluate.results}
+    for first, last in splits[1:]:
+        options = candidates(replace(family, first_computed_steps=first, last_computed_steps=last), trajectories)
+        family_options[(first, last)] = options
+        at_most = [o for o in options if o.predicted <= chosen.predicted + 1e-9]
+        if at_most and _schedules(at_most[0], family, trajectories) not in seen:
+            seen.add(_schedules(at_most[0], family, trajectories))
+            evaluate(at_most[0])
+    best = goal.best(evaluate.results, chosen)
+    if not goal.compute_bound and (best.first, best.last) in family_options:
+        cheaper = [o for o in family_options[(best.first, best.last)] if o.predicted < best.predicted - 1e-9]
+        if cheaper:
+            _meet_quality(cheaper, goal.meets, evaluate, max_checks)
+            best = goal.best(evaluate.results, chosen)
+    if (best.first, best.last) != (chosen.first, chosen.last):
+        log(f"forced steps: first {best.first}, last {best.last} beat first {chosen.first}, last {chosen.last} "
+            f"({goal.quality} {evaluate.results[best][goal.quality]:.4g} vs {evaluate.results[chosen][goal.quality]:.4g}, "
+            f"computed {evaluate.results[best]['computed_fraction']:.3f} vs {evaluate.results[chosen]['computed_fraction']:.3f})")
+    return best, (goal.meets(evaluate.results[best]) if best is not chosen else met)
+
+
+def _schedules(c: Candidate, family, trajectories) -> tuple:
+    """The steps ``c`` is predicted to compute in each recorded run."""
+    return tuple(tuple(simulate(c.config(family), t)) for t in trajectories)
+
+
 # ----- helpers ---------------------------------------------------------------------------------
+def _check_forced_steps(forced_steps) -> None:
+    if forced_steps is None or forced_steps == "auto":
+        return
+    if isinstance(forced_steps, str) or not all(
+            isinstance(p, (tuple, list)) and len(p) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in p) and p[0] >= 1 and p[1] >= 0
+            for p in forced_steps):
+        raise ValueError("forced_steps must be 'auto', None or a list of (first_computed_steps >= 1, "
+                         f"last_computed_steps >= 0) integer pairs, got {forced_steps!r}")
+
+
 def _check_target(computed_fraction, min_psnr, max_ms_gmsd) -> None:
     if [computed_fraction, min_psnr, max_ms_gmsd].count(None) != 2:
         raise ValueError("calibrate: give exactly one target, computed_fraction=..., min_psnr=... or max_ms_gmsd=...")

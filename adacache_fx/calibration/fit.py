@@ -1,6 +1,7 @@
 """Predict a config's schedule on recorded trajectories, and the family that calibration searches:
 the base codebook with every threshold scaled by one factor and its rates capped, MoReg's
-normaliser and power set from the model's own motion scores."""
+normaliser and power set from the model's own motion scores, and the steps always computed at the
+start and the end (``first_computed_steps``, ``last_computed_steps``)."""
 from __future__ import annotations
 
 import math
@@ -94,6 +95,13 @@ class Candidate:
     scale: float            # the base codebook's thresholds are multiplied by this
     max_rate: int           # its rates are capped at this
     predicted: float        # predicted computed fraction (mean over the recorded runs)
+    first: int = 1          # first_computed_steps
+    last: int = 2           # last_computed_steps
+
+    def config(self, family: AdaCacheConfig, **overrides) -> AdaCacheConfig:
+        """``family`` with this candidate's thresholds, rate cap and forced steps."""
+        return scaled(family, self.scale, self.max_rate, first_computed_steps=self.first,
+                      last_computed_steps=self.last, **overrides)
 
 
 def candidates(base: AdaCacheConfig, trajectories: list) -> list:
@@ -115,5 +123,28 @@ def candidates(base: AdaCacheConfig, trajectories: list) -> list:
     for (max_rate, key), members in sorted(plateaus.items()):
         if key not in best:
             scale, fraction = members[len(members) // 2]
-            best[key] = Candidate(scale, max_rate, fraction)
+            best[key] = Candidate(scale, max_rate, fraction, base.first_computed_steps, base.last_computed_steps)
     return sorted(best.values(), key=lambda c: (-c.predicted, c.max_rate, c.scale))
+
+
+# Warm-ups calibration tries, as shares of the generation's steps (3, 4 and 6 of 30), each with
+# 0 and 1 forced last steps. On the reference model a reused step right after the start costs
+# far more than one at the end, where the linear forecast holds: at 30 steps, 12 computed, the
+# official split (first 1, last 2) gave 35.30 / 27.29 dB mean / worst PSNR and a warm-up of 4
+# with no forced end 36.86 / 32.33; at 10 computed 32.11 / 21.00 vs 33.25 / 27.99
+# (``benchmarks/results/schedule_study.md``, section 6). Peers warm up too: TaylorSeer computes the
+# first 3 steps, MagCache the first 20%.
+WARMUP_SHARES = (0.1, 0.133, 0.2)
+
+
+def forced_step_splits(base: AdaCacheConfig, num_steps: int) -> list:
+    """``[(first_computed_steps, last_computed_steps)]`` that calibration tries at ``num_steps``:
+    ``base``'s own first, then each warm-up of ``WARMUP_SHARES`` (at least 2 steps) with 0 and 1
+    forced last steps, those that leave at least half the steps to decide."""
+    splits = [(base.first_computed_steps, base.last_computed_steps)]
+    for share in WARMUP_SHARES:
+        first = max(2, round(share * num_steps))
+        for last in (0, 1):
+            if (first, last) not in splits and max(first, 2) + last <= num_steps // 2:
+                splits.append((first, last))
+    return splits

@@ -86,19 +86,20 @@ def diffusers_hook_states(model: torch.nn.Module) -> list:
 
 
 # ----- the fixed-interval control --------------------------------------------------------------
-def fixed_config(rate: int, steps: int) -> AdaCacheConfig:
-    """The fixed control: codebook ``{inf: rate}`` (every finite distance picks ``rate``), MoReg off."""
-    return AdaCacheConfig(codebook={math.inf: rate}, num_steps=steps, moreg=False)
+def fixed_config(rate: int, steps: int, **forced) -> AdaCacheConfig:
+    """The fixed control: codebook ``{inf: rate}`` (every finite distance picks ``rate``), MoReg off
+    (``forced``: ``first_computed_steps`` / ``last_computed_steps`` other than the official 1 / 2)."""
+    return AdaCacheConfig(codebook={math.inf: rate}, num_steps=steps, moreg=False, **forced)
 
 
-def fixed_schedule(rate: int, steps: int) -> list:
+def fixed_schedule(rate: int, steps: int, **forced) -> list:
     """The steps the fixed control computes in a ``steps``-step generation, as the backend's
     own scheduler decides them (``adacache_fx.calibration.simulate``, which drives it as the cached
     graph does). Under ``{inf: rate}`` any finite distance picks ``rate``, so the trajectory is a
     placeholder: distance 0 at every step and gap, no motion."""
     placeholder = Trajectory(num_steps=steps, sums={(s, g): [0.0, 1.0, 0.0, 0.0, 0.0]
                                                     for s in range(1, steps + 1) for g in range(1, rate + 1)})
-    return simulate(fixed_config(rate, steps), placeholder)
+    return simulate(fixed_config(rate, steps, **forced), placeholder)
 
 
 def fixed_schedule_size(rate: int, steps: int) -> int:
@@ -127,7 +128,7 @@ def adacache_settings(steps: int) -> list:
                     preset(num_steps=steps, reuse="constant"), None))
     out.append(("adacache-fast-damped", "fast, damped forecast (0.5), MoReg on",
                 AdaCacheConfig.fast(num_steps=steps, reuse="damped"), None))
-    for fraction in (0.3, 0.5):
+    for fraction in (0.3, 0.4, 0.5):   # 0.4: TaylorSeer-3's compute at 30 steps
         out.append((f"adacache-cal-{fraction}", f"calibrated to compute <= {fraction:.0%}, linear forecast, MoReg on",
                     AdaCacheConfig.fast(num_steps=steps), {"computed_fraction": fraction}))
     out.append(("adacache-cal-0.3-nomoreg", "calibrated to compute <= 30%, linear forecast, MoReg off",

@@ -14,3 +14,23 @@ def test_fixed_is_the_backend_schedule_and_evened_only_moves_steps(rate, steps):
     assert ev[:2] == [1, 2] and ev[-2:] == [steps - 1, steps]
     gaps = [b - a for a, b in zip(ev[1:-1], ev[2:-1])]
     assert all(1 <= g <= rate for g in gaps) and max(gaps, default=0) - min(gaps, default=0) <= 1
+
+
+@pytest.mark.parametrize("first,last", [(1, 2), (2, 0), (3, 1), (4, 0), (5, 0)])
+@pytest.mark.parametrize("rate", [3, 4, 5])
+def test_forced_steps_are_computed_in_the_fixed_schedule(rate, first, last):
+    schedule = fixed(rate, 30, first=first, last=last)
+    assert schedule[:max(first, 2)] == list(range(1, max(first, 2) + 1))
+    assert all(s in schedule for s in range(31 - last, 31))
+    gaps = [b - a for a, b in zip(schedule, schedule[1:])]
+    assert max(gaps) <= rate
+
+
+def test_taylorseer_schedule_is_diffusers_own():
+    """diffusers' hook counts ``current_step`` from 0 and computes below ``disable_cache_before_step``
+    (3) or where ``(current_step - 3 - 1) % cache_interval == 0``."""
+    from benchmarks.schedule_study import taylorseer_schedule
+
+    assert taylorseer_schedule(3, 30) == [1, 2, 3, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert len(taylorseer_schedule(3, 30)) == 12
+    assert taylorseer_schedule(5, 12) == [1, 2, 3, 5, 10]

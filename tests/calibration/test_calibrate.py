@@ -278,3 +278,70 @@ def test_worked_example_on_the_reference_model(tmp_path):
     part = tmp_path / "part.json"
     part.write_text(json.dumps(saved["calibration"]))
     assert CalibrationResult.load(part).config == res["result"].config
+
+
+def test_forced_steps_search_keeps_the_best_measured_split():
+    """Each split tried is run at no more than the base split's predicted compute; the result is
+    the best PSNR among the runs within the compute target, with that split's first / last steps
+    in its config, and rerunning it gives what was measured."""
+    _, compiled, backend = _compiled(BASE)
+    sample = _sampler(compiled)
+    splits = [(4, 0), (3, 1)]
+    result = calibrate(sample, backend, runs=2, computed_fraction=0.5, base=BASE, forced_steps=splits, progress=False)
+    tried = {(e["first_computed_steps"], e["last_computed_steps"]) for e in result.evaluations}
+    assert tried == {(1, 2), *splits}
+    base_runs = [e for e in result.evaluations if (e["first_computed_steps"], e["last_computed_steps"]) == (1, 2)]
+    within = [e for e in result.evaluations if e["computed_fraction"] <= 0.5]
+    best = max(within, key=lambda e: e["psnr_mean"])
+    chosen = (result.config.first_computed_steps, result.config.last_computed_steps)
+    assert chosen == (best["first_computed_steps"], best["last_computed_steps"])
+    assert result.measured["psnr_mean"] == best["psnr_mean"] and result.met
+    # every other split was run at no more predicted compute than the base split's choice
+    base_choice = max(e["predicted_computed_fraction"] for e in base_runs if e["computed_fraction"] <= 0.5)
+    assert all(e["predicted_computed_fraction"] <= base_choice + 1e-9 for e in result.evaluations if e not in base_runs)
+    # the forced steps really are computed: rerun and read the schedule
+    fractions = []
+    for i in range(2):
+        sample(i)
+        steps = backend.report().computed_steps
+        assert steps[:chosen[0]] == list(range(1, chosen[0] + 1))
+        assert all(s in steps for s in range(STEPS - chosen[1] + 1, STEPS + 1))
+        fractions.append(len(steps) / STEPS)
+    assert statistics.mean(fractions) == pytest.approx(result.measured["computed_fraction"])
+    assert f"the first {chosen[0]} step(s), the last {chosen[1]}" in result.summary()
+    # None: only the base's split
+    only = calibrate(sample, backend, runs=2, computed_fraction=0.5, base=BASE, forced_steps=None, progress=False)
+    assert {(e["first_computed_steps"], e["last_computed_steps"]) for e in only.evaluations} == {(1, 2)}
+
+
+def test_forced_steps_search_for_a_quality_target_takes_the_least_compute():
+    """On this toy a warm-up of 2 without forced last steps meets 53 dB at the compute the base
+    split needs, with a better PSNR; its cheaper candidates are then bisected (and miss here)."""
+    _, compiled, backend = _compiled(BASE)
+    sample = _sampler(compiled)
+    result = calibrate(sample, backend, runs=2, min_psnr=53.0, base=BASE, forced_steps=[(2, 0)], progress=False)
+    meeting = [e for e in result.evaluations if e["psnr_mean"] >= 53.0]
+    assert result.met and meeting
+    least = min(e["computed_fraction"] for e in meeting)
+    assert result.measured["computed_fraction"] == least
+    best_at_least = max(e["psnr_mean"] for e in meeting if e["computed_fraction"] == least)
+    assert result.measured["psnr_mean"] == best_at_least
+    assert (result.config.first_computed_steps, result.config.last_computed_steps) == (2, 0)
+    split = [e for e in result.evaluations if (e["first_computed_steps"], e["last_computed_steps"]) == (2, 0)]
+    assert len(split) >= 3 and all(e["psnr_mean"] < 53.0 for e in split if e["computed_fraction"] < least)
+
+
+def test_forced_steps_search_skips_a_split_with_the_same_schedules():
+    """Near full compute the forced steps are computed anyway: a split's candidate that takes the
+    steps of one already run is not run again."""
+    _, compiled, backend = _compiled(BASE)
+    result = calibrate(_sampler(compiled), backend, runs=2, min_psnr=58.0, base=BASE, forced_steps=[(3, 1)],
+                       progress=False)
+    assert all((e["first_computed_steps"], e["last_computed_steps"]) == (1, 2) for e in result.evaluations)
+
+
+@pytest.mark.parametrize("forced_steps", ["all", [(0, 2)], [(2, -1)], [(2,)], [(2.0, 1)], [(True, 1)]])
+def test_bad_forced_steps_raise_naming_the_field(forced_steps):
+    backend = adacache_backend(BASE, inner="eager")
+    with pytest.raises(ValueError, match="forced_steps"):
+        calibrate(lambda i: None, backend, computed_fraction=0.5, forced_steps=forced_steps, progress=False)
