@@ -4,7 +4,7 @@ backend today) against each residual branch's core forecast with the glue run fr
 
 An emulation, not the backend, in the manner of ``schedule_study.py``: eager, in the same sampling
 loop (30 steps, guidance 3 as one batch), on the reference model, on the 12 prompts and seeds of
-that study (none used by the e2e benchmark or the calibration). Both modes compute the steps of
+that study (generations neither the e2e benchmark nor the calibration makes). Both modes compute the steps of
 the backend's own ``{inf: rate}`` schedule (1, 2, every ``rate``, the last two):
 
 - **stack**: the block list runs on computed steps; on the others it returns its input plus the

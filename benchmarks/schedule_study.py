@@ -6,7 +6,7 @@ that runs the blocks on the steps of a given schedule and, on the others, adds t
 delta (its output minus its input) extrapolated from the last computed steps, eagerly, in the
 same sampling loop as everywhere else (30 steps, guidance 3 as one batch). That lets any schedule
 be scored directly, not only the ones a codebook produces. PSNR is against the uncached video of
-the same prompt and seed; 12 prompts that neither the e2e benchmark nor the calibration use
+the same prompt and seed; 12 prompt-seed pairs that neither the e2e benchmark nor the calibration generates
 (every 17th of the 234, seeds 500+).
 
 1. sensitivity: reuse one window of 5 steps (all others computed): what an error costs where;
@@ -22,6 +22,9 @@ the same prompt and seed; 12 prompts that neither the e2e benchmark nor the cali
    warm-up of 3 steps, then every third step, none forced at the end).
 
     python -m benchmarks.schedule_study --threads 1     # writes benchmarks/results/schedule_study.{md,json}
+    python -m benchmarks.schedule_study --threads 1 --prompt-set e2e --only-forced-steps --name schedule_study_e2e
+    python -m benchmarks.schedule_study --threads 1 --prompt-set calibration --only-forced-steps \
+        --name schedule_study_calibration     # section 6 on the e2e benchmark's prompts / its calibration prompts
 
 (from the repository root).
 """
@@ -33,7 +36,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import machine, machine_markdown, write_results
+from benchmarks.common import command_line, machine, machine_markdown, write_results
 from benchmarks.e2e.analysis import spearman
 from benchmarks.e2e.methods import fixed_schedule
 from examples.reference import load_reference_model, sample
@@ -124,14 +127,33 @@ def evened(rate: int, n: int = STEPS) -> list:
     return sorted(set(steps + [n - 1, n]))
 
 
+PROMPT_SETS = {
+    "study": "12 prompts and seeds that neither the e2e benchmark nor the calibration generates (every 17th, "
+             "seeds 500+; one prompt, blue circle shrinking, is also an e2e prompt, with another seed)",
+    "e2e": "the e2e benchmark's 16 scored prompts (seed = index)",
+    "calibration": "the 4 prompts the e2e benchmark calibrates AdaCache on (seeds 1000+)",
+}
+
+
+def prompt_set(name: str) -> list:
+    """``[(prompt, seed)]`` of one of ``PROMPT_SETS``, with the seeds their users give them."""
+    if name == "e2e":
+        from benchmarks.e2e.protocol import PROMPTS
+        return [(p, i) for i, p in enumerate(PROMPTS)]
+    if name == "calibration":
+        from benchmarks.e2e.protocol import ADACACHE_CALIBRATION_PROMPTS
+        return [(p, 1000 + i) for i, p in enumerate(ADACACHE_CALIBRATION_PROMPTS)]
+    specs = all_specs()
+    return [(specs[(17 * i + 5) % len(specs)].prompt, 500 + i) for i in range(12)]
+
+
 class Study:
-    def __init__(self):
+    def __init__(self, prompts: str = "study"):
         self.transformer, self.tokenizer = load_reference_model()
         self.emu = _Emulation()
         self.transformer.blocks = torch.nn.ModuleList([StackWithCache(self.transformer.blocks, self.emu)])
         self.null = self.tokenizer([""])
-        specs = all_specs()
-        self.prompts = [(specs[(17 * i + 5) % len(specs)].prompt, 500 + i) for i in range(12)]
+        self.prompts = prompt_set(prompts)
         self.baseline = [self.generate(p, s)[0] for p, s in self.prompts]
 
     def generate(self, prompt, seed, schedule=None, mode="linear", record=False):
@@ -160,19 +182,29 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.schedule_study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prompt-set", default="study", choices=list(PROMPT_SETS))
+    ap.add_argument("--only-forced-steps", action="store_true", help="section 6 alone")
+    ap.add_argument("--name", default="schedule_study", help="the results' file name (without .md / .json)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    study = Study()
-    out = {"machine": machine(), "command": "python -m benchmarks.schedule_study " + " ".join(argv or []),
+    study = Study(a.prompt_set)
+    out = {"machine": machine(), "command": command_line("benchmarks.schedule_study", argv),
            "prompts": study.prompts}
     lines = ["# Where computed steps should go, and which forecast holds up (reference model)", "",
              f"Command: `{out['command'].strip()}`", "", machine_markdown(out["machine"]), "",
              "An emulation of caching the whole block stack (see the script's docstring): 30 steps, guidance 3, "
-             "12 prompts that neither the e2e benchmark nor the calibration uses; PSNR against the uncached "
-             "video, mean / worst in dB.", ""]
+             f"{PROMPT_SETS[a.prompt_set]}; PSNR against the uncached video, mean / worst in dB.", ""]
+    if not a.only_forced_steps:
+        _sections_1_to_5(study, out, lines)
+    _section_6(study, out, lines)
+    write_results(a.out, a.name, lines, out)
+    return out
+
+
+def _sections_1_to_5(study: Study, out: dict, lines: list) -> None:
     # 1. sensitivity
     windows = [list(range(s, s + 5)) for s in range(3, 25, 3)] + [[27, 28]]
     out["sensitivity"] = []
@@ -230,7 +262,9 @@ def main(argv=None) -> dict:
     lines += ["", f"Spearman, distance 2-7 against the PSNR at 9 computed steps: "
               f"{out['per_video']['spearman_distance_2_7_vs_psnr_rate_5']:.2f}; against the gain from 8 to 10 "
               f"computed steps: {out['per_video']['spearman_distance_2_7_vs_gain_8_to_10_steps']:.2f} (12 prompts).", ""]
-    # 6. forced steps
+
+
+def _section_6(study: Study, out: dict, lines: list) -> None:
     out["forced_steps"] = []
     lines += ["## 6. The steps always computed: warm-up and end (linear forecast)", "",
               "At fixed rates, the backend's schedule with `first_computed_steps` / `last_computed_steps` "
@@ -245,8 +279,6 @@ def main(argv=None) -> dict:
                                     "linear": [r["psnr_mean"], r["psnr_worst"]], "psnr": r["psnr"]})
         lines.append(f"| {rate} | {split} | {len(schedule)} | {schedule} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} |")
     lines.append("")
-    write_results(a.out, "schedule_study", lines, out)
-    return out
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ MoReg can lower the compute of every video whose motion score sits below 0.385. 
    a computed-step fraction (at most that much compute), a mean PSNR against the uncached outputs
    (at least that many dB) or a mean MS-GMSD against them (at most that much; perceptual, see
    ``quality``), the last two searched by bisection over the predicted schedules;
-5. tries the steps always computed at the start and the end (``forced_steps``: by default the
-   base's own and warm-ups of 10-20% of the steps with 0 or 1 forced last steps,
+5. optionally (``forced_steps``), tries other steps always computed at the start and the end
+   (``"auto"``: warm-ups of 10-20% of the steps with 0 or 1 forced last steps,
    ``fit.forced_step_splits``): each split's candidate with at most the chosen one's predicted compute
    is run, and the best measured one is kept (within a compute target: the best quality; for a
-   quality target: the least compute, the winning split then bisected further down). Where a
-   reused step costs most depends on the model: on the reference model, near the start.
+   quality target: the least compute, the winning split then bisected further down). Off by
+   default: on the reference model it won on the calibration prompts and lost on held-out ones
+   (``docs/calibration.md``); with a handful of runs the best of several splits is partly noise.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
               computed_fraction: Optional[float] = None, min_psnr: Optional[float] = None,
               max_ms_gmsd: Optional[float] = None, base: Optional[AdaCacheConfig] = None,
               data_range: Optional[float] = None, max_checks: int = 8,
-              forced_steps: Union[str, Sequence, None] = "auto", apply: bool = True,
+              forced_steps: Union[str, Sequence, None] = None, apply: bool = True,
               progress: Union[bool, Callable[[str], None]] = True) -> CalibrationResult:
     """Calibrate ``backend`` (an ``AdaCacheBackend`` the model is compiled with) on ``runs``
     generations ``sample(0) .. sample(runs - 1)``.
@@ -118,8 +119,8 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     ``max_checks``: at most that many cached evaluations (``runs`` generations each) to meet the
     target, plus one per other forced-step split and, for a quality target, up to ``max_checks``
     more in the winning split. ``forced_steps``: the ``(first_computed_steps, last_computed_steps)``
-    pairs tried: ``"auto"`` (``fit.forced_step_splits``), a list of pairs, or None (only the
-    base's). ``apply``: leave the backend on the calibrated config (else on the one it had)."""
+    pairs tried besides the base's: None (default: only the base's), ``"auto"``
+    (``fit.forced_step_splits``) or a list of pairs; each costs one more evaluation. ``apply``: leave the backend on the calibrated config (else on the one it had)."""
     _check_target(computed_fraction, min_psnr, max_ms_gmsd)
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")

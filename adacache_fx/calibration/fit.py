@@ -133,7 +133,9 @@ def candidates(base: AdaCacheConfig, trajectories: list) -> list:
 # official split (first 1, last 2) gave 35.30 / 27.29 dB mean / worst PSNR and a warm-up of 4
 # with no forced end 36.86 / 32.33; at 10 computed 32.11 / 21.00 vs 33.25 / 27.99
 # (``benchmarks/results/schedule_study.md``, section 6). Peers warm up too: TaylorSeer computes the
-# first 3 steps, MagCache the first 20%.
+# first 3 steps, MagCache the first 20%. But chosen by calibration among these on 4 prompts, with
+# the codebook refitted, the winner did worse on 16 held-out prompts than the official split
+# (``benchmarks/results/e2e_forced_steps/``): ``calibrate`` tries them only when asked.
 WARMUP_SHARES = (0.1, 0.133, 0.2)
 
 

@@ -34,3 +34,16 @@ def test_taylorseer_schedule_is_diffusers_own():
     assert taylorseer_schedule(3, 30) == [1, 2, 3, 5, 8, 11, 14, 17, 20, 23, 26, 29]
     assert len(taylorseer_schedule(3, 30)) == 12
     assert taylorseer_schedule(5, 12) == [1, 2, 3, 5, 10]
+
+
+def test_prompt_sets_are_the_ones_their_users_run():
+    """Section 6 on other prompt sets must score the very generations the e2e benchmark and its
+    calibration make: the same prompts with the same seeds."""
+    from benchmarks.e2e.protocol import ADACACHE_CALIBRATION_PROMPTS, PROMPTS
+    from benchmarks.schedule_study import prompt_set
+
+    assert prompt_set("e2e") == [(p, i) for i, p in enumerate(PROMPTS)]
+    assert prompt_set("calibration") == [(p, 1000 + i) for i, p in enumerate(ADACACHE_CALIBRATION_PROMPTS)]
+    study = prompt_set("study")   # generations neither of them makes (one prompt is shared, with another seed)
+    assert len(study) == 12 and not set(study) & (set(prompt_set("e2e")) | set(prompt_set("calibration")))
+    assert {p for p, _ in study} & set(PROMPTS) == {"blue circle shrinking"}

@@ -345,3 +345,15 @@ def test_bad_forced_steps_raise_naming_the_field(forced_steps):
     backend = adacache_backend(BASE, inner="eager")
     with pytest.raises(ValueError, match="forced_steps"):
         calibrate(lambda i: None, backend, computed_fraction=0.5, forced_steps=forced_steps, progress=False)
+
+
+@pytest.mark.parametrize("steps,expected", [
+    (30, [(1, 2), (3, 0), (3, 1), (4, 0), (4, 1), (6, 0), (6, 1)]),
+    (50, [(1, 2), (5, 0), (5, 1), (7, 0), (7, 1), (10, 0), (10, 1)]),
+    (8, [(1, 2), (2, 0), (2, 1)]),          # warm-ups of at least 2; the forced steps leave half the steps
+    (5, [(1, 2), (2, 0)]),
+])
+def test_auto_forced_steps_are_warm_ups_of_10_to_20_percent(steps, expected):
+    from adacache_fx.calibration.fit import forced_step_splits
+
+    assert forced_step_splits(AdaCacheConfig(num_steps=steps), steps) == expected
