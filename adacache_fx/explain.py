@@ -87,7 +87,6 @@ class Explanation:
         return "\n".join(parts)
 
 
-
 def explain(model: torch.nn.Module, *args, config: AdaCacheConfig = None, capture_data_dependent: bool = True,
             **kwargs) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and run the analysis passes on each graph.

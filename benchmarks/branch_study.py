@@ -33,9 +33,9 @@ import time
 import torch
 
 from benchmarks.common import command_line, machine, machine_markdown, write_results
-from benchmarks.schedule_study import STEPS, StackWithCache, _Emulation, fixed, forecast, taylorseer_schedule
+from benchmarks.schedule_study import (STEPS, StackWithCache, _Emulation, fixed, forecast, prompt_set,
+                                       taylorseer_schedule)
 from examples.reference import load_reference_model, sample
-from examples.reference.data import all_specs
 from examples.reference.quality import ms_gmsd, psnr
 
 CORE_SHARE = 0.1   # a block's child holding at least this share of its weights is a core
@@ -79,8 +79,7 @@ class BranchStudy:
         self.core_names = [n for n, c in self.transformer.blocks[0].named_children() if isinstance(c, CoreWithCache)]
         self.transformer.blocks = torch.nn.ModuleList([StackWithCache(self.transformer.blocks, self.stack)])
         self.null = self.tokenizer([""])
-        specs = all_specs()
-        self.prompts = [(specs[(17 * i + 5) % len(specs)].prompt, 500 + i) for i in range(prompts)]
+        self.prompts = prompt_set("study")[:prompts]
         self.baseline = [self.generate(p, s)[0] for p, s in self.prompts]
 
     def generate(self, prompt, seed, schedule=None, granularity="stack", mode="linear"):

@@ -120,7 +120,8 @@ def calibrate(sample: Callable[[int], object], backend, *, runs: int = 4,
     target, plus one per other forced-step split and, for a quality target, up to ``max_checks``
     more in the winning split. ``forced_steps``: the ``(first_computed_steps, last_computed_steps)``
     pairs tried besides the base's: None (default: only the base's), ``"auto"``
-    (``fit.forced_step_splits``) or a list of pairs; each costs one more evaluation. ``apply``: leave the backend on the calibrated config (else on the one it had)."""
+    (``fit.forced_step_splits``) or a list of pairs; each costs one more evaluation. ``apply``:
+    leave the backend on the calibrated config (else on the one it had)."""
     _check_target(computed_fraction, min_psnr, max_ms_gmsd)
     if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
@@ -308,8 +309,9 @@ def _search_forced_steps(family, trajectories, splits: list, chosen: Candidate, 
         options = candidates(replace(family, first_computed_steps=first, last_computed_steps=last), trajectories)
         family_options[(first, last)] = options
         at_most = [o for o in options if o.predicted <= chosen.predicted + 1e-9]
-        if at_most and _schedules(at_most[0], family, trajectories) not in seen:
-            seen.add(_schedules(at_most[0], family, trajectories))
+        steps = _schedules(at_most[0], family, trajectories) if at_most else None
+        if steps is not None and steps not in seen:
+            seen.add(steps)
             evaluate(at_most[0])
     best = goal.best(evaluate.results, chosen)
     if not goal.compute_bound and (best.first, best.last) in family_options:

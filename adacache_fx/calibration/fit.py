@@ -147,6 +147,6 @@ def forced_step_splits(base: AdaCacheConfig, num_steps: int) -> list:
     for share in WARMUP_SHARES:
         first = max(2, round(share * num_steps))
         for last in (0, 1):
-            if (first, last) not in splits and max(first, 2) + last <= num_steps // 2:
+            if (first, last) not in splits and first + last <= num_steps // 2:
                 splits.append((first, last))
     return splits
