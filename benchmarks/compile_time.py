@@ -196,16 +196,17 @@ def _inner_seconds(run: dict) -> float:
     return sum(seconds for _ops, seconds in run.get("inner_compiles") or [])
 
 
-def first_call_gap(ours: dict, regional: dict) -> str:
-    """Where one adacache run's first call differs from one regional run's, phase by phase (the
-    terms add up to the difference): ": X s more: ..." ("" without Dynamo's timers)."""
+def first_call_terms(ours: dict, regional: dict) -> list:
+    """Where one adacache run's first call differs from one regional run's, phase by phase:
+    ``[(phase, seconds more, detail)]``, adding up to the difference of the first calls ([] without
+    Dynamo's timers)."""
     if not ours.get("phases") or not regional.get("phases"):
-        return ""
+        return []
     a, b = ours["phases"], regional["phases"]
     inner = _inner_seconds(ours)
     rest = lambda r: r["first_call_s"] - r["phases"]["dynamo_s"]  # noqa: E731
     other = lambda p: p["dynamo_s"] - p["tracing_s"] - p["backend_s"] - p["guards_s"]  # noqa: E731
-    terms = [
+    return [
         ("Dynamo's trace", a["tracing_s"] - b["tracing_s"],
          f"{a['tracing_s']:.1f} s for the whole model, of which {a['region_lookup_s']:.1f} s of reuse checks and "
          f"{a['region_stamp_s']:.1f} s of stamp-outs for the blocks after the first, against {b['tracing_s']:.1f} s "
@@ -216,8 +217,37 @@ def first_call_gap(ours: dict, regional: dict) -> str:
         ("the rest of Dynamo", other(a) - other(b), "outside its trace, the backend and the guards"),
         ("the first run and the rest", rest(ours) - rest(regional), f"{rest(ours):.1f} s against {rest(regional):.1f} s"),
     ]
-    return (f": {ours['first_call_s'] - regional['first_call_s']:+.1f} s = " +
+
+
+def first_call_gap(ours: dict, regional: dict) -> str:
+    """``first_call_terms`` as the tail of a goal line ("" without Dynamo's timers)."""
+    terms = first_call_terms(ours, regional)
+    if not terms:
+        return ""
+    return (f"; the rounds nearest the medians differ by {ours['first_call_s'] - regional['first_call_s']:+.1f} s = " +
             ", ".join(f"{name} {delta:+.1f} s ({detail})" for name, delta, detail in terms))
+
+
+def goal_lines(summary: list) -> list:
+    """The issue's goals against ``by_method``'s rows, per depth: the first call against
+    ``compile_repeated_blocks``' (with where the difference went) and the warm computed step against
+    plain ``torch.compile``'s."""
+    lines = []
+    for blocks in sorted({r["blocks"] for r in summary}):
+        rows = {r["method"]: r for r in summary if r["blocks"] == blocks}
+        ours = rows.get("adacache-off-once")
+        if ours is None:
+            continue
+        if "regional" in rows:
+            lines.append(f"- {blocks} blocks: first call {ours['first_call_s']:.1f} s against compile_repeated_blocks' "
+                         f"{rows['regional']['first_call_s']:.1f} s "
+                         f"({ours['first_call_s'] / rows['regional']['first_call_s']:.2f}x; goal <= 1.00x)" +
+                         first_call_gap(ours["median_run"], rows["regional"]["median_run"]))
+        if "plain" in rows:
+            lines.append(f"- {blocks} blocks: warm computed step {ours['warm_computed_s']:.2f} s against plain "
+                         f"torch.compile's {rows['plain']['warm_computed_s']:.2f} s "
+                         f"({ours['warm_computed_s'] / rows['plain']['warm_computed_s']:.3f}x; goal <= 1.03x)")
+    return lines
 
 
 def markdown(result: dict, info: dict, command: str) -> list:
@@ -243,7 +273,7 @@ def markdown(result: dict, info: dict, command: str) -> list:
     if runs:
         lines += ["", "## Where the first call goes", "",
                   "Dynamo's own timers (`torch._dynamo.utils.compile_times`) after the first call, for the round whose "
-                  "first call is the median. Dynamo: its whole compile, the backend's call included; nested regions: "
+                  "first call is nearest the median (its own first call in the table). Dynamo: its whole compile, the backend's call included; nested regions: "
                   "the first block's trace, the reuse check of every other block, their stamp-outs (adacache only: "
                   "`compile_model` marks the blocks); the backend: the user compiler Dynamo calls (for regional and plain "
                   "that is inductor itself; for adacache the passes and the inner compiles); the first run and the rest: "
@@ -258,21 +288,7 @@ def markdown(result: dict, info: dict, command: str) -> list:
             lines.append(f"| {r['blocks']} | {r['method']} | {r['first_call_s']:.1f} | {p['dynamo_s']:.1f} | "
                          f"{p['tracing_s']:.1f} | {regions} | {p['backend_s']:.1f} | {inner} | {p['guards_s']:.1f} | "
                          f"{r['first_call_s'] - p['dynamo_s']:.1f} |")
-    lines += ["", "## Goal", ""]
-    for blocks in sorted({r["blocks"] for r in result["rows"]}):
-        rows = {r["method"]: r for r in summary if r["blocks"] == blocks}
-        ours = rows.get("adacache-off-once")
-        if ours is None:
-            continue
-        if "regional" in rows:
-            lines.append(f"- {blocks} blocks: first call {ours['first_call_s']:.1f} s against compile_repeated_blocks' "
-                         f"{rows['regional']['first_call_s']:.1f} s "
-                         f"({ours['first_call_s'] / rows['regional']['first_call_s']:.2f}x; goal <= 1.00x)" +
-                         first_call_gap(ours["median_run"], rows["regional"]["median_run"]))
-        if "plain" in rows:
-            lines.append(f"- {blocks} blocks: warm computed step {ours['warm_computed_s']:.2f} s against plain "
-                         f"torch.compile's {rows['plain']['warm_computed_s']:.2f} s "
-                         f"({ours['warm_computed_s'] / rows['plain']['warm_computed_s']:.3f}x; goal <= 1.03x)")
+    lines += ["", "## Goal", ""] + goal_lines(summary)
     return lines
 
 
@@ -287,6 +303,9 @@ def main(argv=None):
                         help="run every method this many times, interleaved (the table gives medians)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="only combine earlier outputs (e.g. 30 and 40 blocks run as two commands)")
+    parser.add_argument("--more-rounds", action="store_true",
+                        help="with --merge: the outputs are rounds of one measurement (every run kept, the "
+                             "medians taken over all of them) instead of the later replacing the earlier")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one method
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -295,13 +314,18 @@ def main(argv=None):
     if a.merge:
         parts = [json.load(open(path)) for path in a.merge]
         rows: dict = {}
+        offset = 0
         for part in parts:   # a later measurement of the same method and depth replaces the earlier
             latest: dict = {}
             for r in part["rows"]:
+                r = dict(r, round=r.get("round", 0) + offset) if a.more_rounds else r
                 latest.setdefault((r["blocks"], r["method"]), []).append(r)
-            rows.update(latest)
-        result = dict(parts[0], rows=[r for runs in rows.values() for r in runs],
-                      command=" ; ".join(p["command"] for p in parts))
+            for key, runs in latest.items():
+                rows[key] = rows.get(key, []) + runs if a.more_rounds else runs
+            offset += part.get("rounds", 1)
+        rounds = max(len(runs) for runs in rows.values())
+        result = dict(parts[0], rows=[r for runs in rows.values() for r in runs], rounds=rounds,
+                      command=" ; ".join([p["command"] for p in parts] + [command_line("benchmarks.compile_time", argv)]))
         write_results(a.out, "compile_time", markdown(result, result["machine"], result["command"]), result)
         return
     if a.one:

@@ -334,14 +334,15 @@ def compile_time_section() -> list:
              "call min-max in brackets):", "",
              "| blocks | method | first call (s) | warm computed step (s) | warm reused step (s) | peak RSS (GiB) |",
              "|---|---|---|---|---|---|"]
-    from benchmarks.compile_time import by_method
-    for r in by_method(d["rows"]):   # medians over the rounds, the methods interleaved
+    from benchmarks.compile_time import by_method, goal_lines
+    summary = by_method(d["rows"])   # medians over the rounds, the methods interleaved
+    for r in summary:
         reused = "-" if r["warm_reused_s"] is None else f"{r['warm_reused_s']:.2f}"
         runs = r["first_call_runs"]
         spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
         lines.append(f"| {r['blocks']} | {r['method']} | {r['first_call_s']:.1f}{spread} | {r['warm_computed_s']:.2f} | "
                      f"{reused} | {r['peak_rss_gib']:.1f} |")
-    return lines
+    return lines + ["", "Against the goals (adacache caching off):", ""] + goal_lines(summary)
 
 
 def branch_study_section() -> list:
