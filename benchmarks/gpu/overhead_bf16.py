@@ -6,11 +6,14 @@ ffn 8960, patch (1, 2, 2), text_dim 4096, freq_dim 256) and random weights, bf16
 a flow-matching Euler loop whose input changes every step. Methods, on the same weights:
 
 * ``plain``: ``torch.compile(model)`` (inductor),
-* ``off``:   adacache backend, caching off (``AdaCacheConfig.no_cache``: every step computed),
-* ``fixed``: adacache backend, fixed codebook ``{inf: 3}`` (speedup vs the ideal steps / computed),
+* ``off``:   ``compile_model`` on a copy, caching off (``AdaCacheConfig.no_cache``: every step computed),
+* ``fixed``: ``compile_model`` on a copy, fixed codebook ``{inf: 3}`` (speedup vs the ideal steps / computed),
 * ``regional``: diffusers' ``compile_repeated_blocks`` on a copy (each block class compiled once, the
-  rest eager): the startup a diffusers user compares against (adacache compiles each repeated block
-  once too, ``compile_blocks="once"``, the default).
+  rest eager): the startup a diffusers user compares against. ``compile_model`` is the entry point
+  users call: Dynamo traces one block and stamps the others out, and each repeated block is
+  compiled once (``compile_blocks="auto"`` at this depth), as ``benchmarks/compile_time.py``
+  measures on the CPU; the first call, the first reused call, the warm steps, the peak memory and
+  the cache's bytes are reported here for the same methods at 480p.
 
 The first generation of each compiles (its first call is reported as the compile time); then
 the methods' generations are timed interleaved (order rotating every round), as many rounds as
@@ -46,7 +49,7 @@ def _run(rep: PartReport, args, device):
     require_diffusers()
     from torch._dynamo.utils import counters
 
-    from adacache_fx import AdaCacheConfig, adacache_backend
+    from adacache_fx import AdaCacheConfig, compile_model
 
     raise_dynamo_limits()
     steps = args.steps or (5 if args.dry_run else 8)
@@ -59,14 +62,12 @@ def _run(rep: PartReport, args, device):
             "backends get the host timestep through `backend.step(t)`",
             f"- compilers: plain `torch.compile(model, backend={inner!r})`; adacache `inner={inner!r}`", "")
     sigmas = flow_sigmas(steps)
-    backends = {"off": adacache_backend(AdaCacheConfig.no_cache(steps), inner=inner),
-                "fixed": adacache_backend(AdaCacheConfig(codebook={INF: 3}, num_steps=steps), inner=inner)}
-    regional = copy.deepcopy(model)
-    regional.compile_repeated_blocks(fullgraph=True, backend=inner, dynamic=False)
-    fns = {"plain": torch.compile(model, backend=inner, dynamic=False),
-           "off": torch.compile(model, backend=backends["off"], dynamic=False),
-           "fixed": torch.compile(model, backend=backends["fixed"], dynamic=False),
-           "regional": regional}
+    configs = {"off": AdaCacheConfig.no_cache(steps), "fixed": AdaCacheConfig(codebook={INF: 3}, num_steps=steps)}
+    copies = {name: copy.deepcopy(model) for name in ("regional", *configs)}   # each compiled in place
+    backends = {name: compile_model(copies[name], config, inner=inner, dynamic=False) for name, config in configs.items()}
+    copies["regional"].compile_repeated_blocks(fullgraph=True, backend=inner, dynamic=False)
+    fns = {"plain": torch.compile(model, backend=inner, dynamic=False), **copies}
+    fns = {name: fns[name] for name in ("plain", "off", "fixed", "regional")}
     counters.clear()
     first = {}
     for name, fn in fns.items():  # the first generation compiles (first call) and warms up
@@ -83,6 +84,11 @@ def _run(rep: PartReport, args, device):
         rep.check(not r.uncached_graphs, f"{name}: graphs ran uncached: {r.uncached_graphs}")
         rep.check(bool(r.regions), f"{name}: no cached region found")
     rep.check(breaks == 0, f"{breaks} graph breaks")
+    fixed = backends["fixed"].report()
+    reused = [i for i in range(1, steps + 1) if i not in fixed.computed_steps]
+    if reused:   # the first reused call of the first generation: what a skip costs before anything is warm
+        rep.add(f"- fixed: first reused call (step {reused[0]}) {1000 * first['fixed']['step_s'][reused[0] - 1]:.1f} ms; "
+                f"cache {fixed.cache_bytes / 2**20:.2f} MiB")
     rep.add("")
     # preliminary numbers from the warm steps (2..N) of the first generations, replaced by the timed rounds
     warm = {n: 1000 * median(first[n]["step_s"][1:]) for n in fns}

@@ -72,6 +72,11 @@ def test_part_specific_numbers(dry_run):
         return
     assert re.search(r"per step: plain \d+\.\d+ ms, caching off \d+\.\d+ ms", res["overhead_bf16"])
     assert re.search(r"reused step \d+\.\d+ ms", res["overhead_bf16"])   # the dry run has a reused step
+    # the startup measurement at 480p: the first reused call and the cache, beside the first calls
+    details = (out / "overhead_bf16.md").read_text()
+    assert re.search(r"fixed: first reused call \(step \d+\) \d+\.\d+ ms; cache \d+\.\d+ MiB", details)
+    assert re.search(r"compile \(first call\): plain [\d.]+ s, off [\d.]+ s, fixed [\d.]+ s, regional [\d.]+ s",
+                     res["overhead_bf16"])
     assert re.search(r"speedup \*\*\d+\.\d+x\*\*", res["demo"])
     assert re.search(r"PSNR \d+\.\d+ dB", res["demo"])
     assert re.search(r"reused \d+\.\d+ ms", res["cudagraphs"])
