@@ -18,11 +18,13 @@ nothing is reused from an earlier compile), one generation of 6 steps with a cha
 (``--generations 2`` for two). Reported: the first call (compile + run), the first reused call (step
 3), the warm computed and reused steps (medians over the calls after the first of the last
 generation: computed steps 2, 5, 6 and reused step 4 with ``{inf: 3}``), the process's peak
-resident memory and ``report().cache_bytes``.
+resident memory and ``report().cache_bytes``; and, after each first call, Dynamo's own timers (``PHASES``):
+where that first call went, and the gap to ``compile_repeated_blocks``' phase by phase.
 
     python -m benchmarks.compile_time --threads 1                 # every method, 30 and 40 blocks
     python -m benchmarks.compile_time --blocks 30 --methods plain adacache-off-once --threads 1
     python -m benchmarks.compile_time --blocks 30 --rounds 3 --threads 1   # every method 3 times, interleaved
+    python -m benchmarks.compile_time --merge a/compile_time.json b/compile_time.json --more-rounds   # 2 runs as rounds
 """
 from __future__ import annotations
 
