@@ -323,7 +323,7 @@ def main(argv=None):
                 r = dict(r, round=r.get("round", 0) + offset) if a.more_rounds else r
                 latest.setdefault((r["blocks"], r["method"]), []).append(r)
             for key, runs in latest.items():
-                rows[key] = rows.get(key, []) + runs if a.more_rounds else runs
+                rows[key] = (rows.get(key, []) + runs) if a.more_rounds else runs
             offset += part.get("rounds", 1)
         rounds = max(len(runs) for runs in rows.values())
         result = dict(parts[0], rows=[r for runs in rows.values() for r in runs], rounds=rounds,

@@ -66,8 +66,8 @@ def _run(rep: PartReport, args, device):
     copies = {name: copy.deepcopy(model) for name in ("regional", *configs)}   # each compiled in place
     backends = {name: compile_model(copies[name], config, inner=inner, dynamic=False) for name, config in configs.items()}
     copies["regional"].compile_repeated_blocks(fullgraph=True, backend=inner, dynamic=False)
-    fns = {"plain": torch.compile(model, backend=inner, dynamic=False), **copies}
-    fns = {name: fns[name] for name in ("plain", "off", "fixed", "regional")}
+    fns = {"plain": torch.compile(model, backend=inner, dynamic=False), "off": copies["off"],
+           "fixed": copies["fixed"], "regional": copies["regional"]}
     counters.clear()
     first = {}
     for name, fn in fns.items():  # the first generation compiles (first call) and warms up

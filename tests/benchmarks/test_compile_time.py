@@ -1,13 +1,14 @@
 """The startup benchmark's account of a first call (benchmarks/compile_time.py): Dynamo's own timers
 are read under the names torch uses (a renamed timer would read 0 and hide where the time went),
 and the phase-by-phase gap to regional compilation adds up to the gap of the first calls."""
+import json
 import math
 
 import pytest
 import torch
 
 from adacache_fx import AdaCacheConfig, compile_model
-from benchmarks.compile_time import PHASES, dynamo_phases, first_call_gap, first_call_terms, markdown
+from benchmarks.compile_time import PHASES, dynamo_phases, first_call_gap, first_call_terms, main, markdown
 from models.toy_models import ToyDiT, seeded
 
 
@@ -59,7 +60,6 @@ def test_the_results_say_where_each_first_call_went():
 
 
 def _output(tmp_path, name, rows):
-    import json
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "test", "date": "today"}, "command": name,
                                 "generations": 1, "rounds": 1}))
@@ -68,9 +68,6 @@ def _output(tmp_path, name, rows):
 
 @pytest.mark.parametrize("more_rounds", [False, True])
 def test_merged_outputs_are_more_rounds_or_replace_the_earlier(tmp_path, more_rounds):
-    import json
-
-    from benchmarks.compile_time import main
     first = _output(tmp_path, "first", [OURS, REGIONAL])
     second = _output(tmp_path, "second", [dict(OURS, first_call_s=41.0)])
     main(["--merge", first, second, "--out", str(tmp_path / "out")] + (["--more-rounds"] if more_rounds else []))
